@@ -1,0 +1,223 @@
+"""Configs as dataclasses: the model, named presets, and helpers to read, write and override them.
+
+Kept free of torch so that `gptlab --help` and `gptlab size` start instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptlab.errors import GptlabError
+
+
+@dataclass
+class GPTConfig:
+    """The shape of a GPT-2-style model."""
+
+    vocab_size: int = field(default=50257, metadata={"help": "number of token ids the model knows"})
+    context_length: int = field(default=1024, metadata={"help": "longest sequence the model attends over"})
+    n_layer: int = field(default=12, metadata={"help": "number of transformer blocks"})
+    n_head: int = field(default=12, metadata={"help": "attention heads per block"})
+    n_embd: int = field(default=768, metadata={"help": "width of the residual stream"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings, attention and residuals"})
+    qkv_bias: bool = field(default=True, metadata={"help": "bias on the fused query/key/value projection"})
+    bias: bool = field(default=True, metadata={"help": "bias on the other linear layers and LayerNorms"})
+    tie_embeddings: bool = field(default=True, metadata={"help": "share the LM head with the token embedding"})
+    layer_norm_epsilon: float = field(default=1e-5, metadata={"help": "LayerNorm epsilon"})
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise GptlabError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise GptlabError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
+                f"try n_head={_nearest_divisor(self.n_embd, self.n_head)}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptlabError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.layer_norm_epsilon <= 0:
+            raise GptlabError(f"model.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def _nearest_divisor(n: int, near: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: abs(d - near))
+
+
+# Named model shapes. vocab_size of the small presets is a default: training sets it from the tokenizer.
+# The GPT-3 rows follow Table 2.1 of "Language Models are Few-Shot Learners" (for sizing; GPT-3's
+# alternating sparse attention is not modelled). Two paper rows are not self-consistent and are
+# rounded to the nearest valid shape: 1.3B lists 24 heads of 128 for d_model 2048 (we use 16 heads),
+# 13B lists d_model 5140 (we use 5120, as 40 heads of 128).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "gpt3-small": dict(n_layer=12, n_head=12, n_embd=768, context_length=2048),
+    "gpt3-medium": dict(n_layer=24, n_head=16, n_embd=1024, context_length=2048),
+    "gpt3-large": dict(n_layer=24, n_head=16, n_embd=1536, context_length=2048),
+    "gpt3-xl": dict(n_layer=24, n_head=16, n_embd=2048, context_length=2048),
+    "gpt3-2.7b": dict(n_layer=32, n_head=32, n_embd=2560, context_length=2048),
+    "gpt3-6.7b": dict(n_layer=32, n_head=32, n_embd=4096, context_length=2048),
+    "gpt3-13b": dict(n_layer=40, n_head=40, n_embd=5120, context_length=2048),
+    "gpt3-175b": dict(n_layer=96, n_head=96, n_embd=12288, context_length=2048),
+    # Small shapes for CPUs: tests, demos and the speed benchmarks.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, context_length=64, vocab_size=512),
+    "demo": dict(n_layer=4, n_head=4, n_embd=128, context_length=128, vocab_size=2048, qkv_bias=False),
+    "char-small": dict(n_layer=4, n_head=4, n_embd=128, context_length=64, vocab_size=65),
+    "bpe-mini": dict(n_layer=6, n_head=6, n_embd=384, context_length=256),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> GPTConfig:
+    """The GPTConfig of a named preset, with fields overridden."""
+    if name not in PRESETS:
+        raise GptlabError(f"unknown model preset {name!r}{_suggest(name, PRESETS)}; known: {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from and how it is tokenized and batched."""
+
+    source: str = field(
+        default="", metadata={"help": "text file, folder, .jsonl, or named data set; empty: the embedded default"}
+    )
+    tokenizer: str = field(default="bpe", metadata={"help": "tokenizer kind: gpt2, bpe or byte"})
+    vocab_size: int = field(default=2048, metadata={"help": "vocabulary size of a trained bpe tokenizer"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of the corpus held out for validation"})
+    sampler: str = field(default="random", metadata={"help": "random windows or sequential (the book's stride)"})
+    stride: int | None = field(default=None, metadata={"help": "sequential sampler step; default: context length"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: optimisation, schedule, evaluation, checkpoints and devices."""
+
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps to train"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
+    tokens_per_step: int | None = field(
+        default=None, metadata={"help": "target tokens per optimizer step (gradient accumulation); default: one batch"}
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay floor as a fraction of the peak"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
+    decay_embeddings: bool = field(default=True, metadata={"help": "apply weight decay to embeddings too"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
+    eval_interval: int = field(default=100, metadata={"help": "evaluate every N steps"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation"})
+    log_interval: int = field(default=10, metadata={"help": "print progress every N steps"})
+    checkpoint_interval: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at evaluations)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept besides the best"})
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["The"], metadata={"help": "prompts sampled at each evaluation"}
+    )
+    sample_tokens: int = field(default=40, metadata={"help": "tokens generated per sample"})
+    seed: int = field(default=1337, metadata={"help": "seed for weights, data order and sampling"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA), fp32 or bf16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0: all physical cores)"})
+    peak_flops: float = field(default=0.0, metadata={"help": "device peak FLOP/s for MFU (0: measure once)"})
+
+
+# ---------------------------------------------------------------- dataclass helpers
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain, YAML-serialisable dict of a (nested) config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a dict, refusing unknown fields with a suggestion."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise GptlabError(f"unknown config field {where}{key!r}{_suggest(key, known)}")
+        hint = _field_type(cls, key)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = config_from_dict(hint, value, where=f"{where}{key}.")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _field_type(cls: type, name: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[name]
+
+
+def parse_value(cls: type, name: str, text: str) -> Any:
+    """Turn the command-line text for field `name` of `cls` into the field's type."""
+    hint = _field_type(cls, name)
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = origin in (typing.Union, types.UnionType) and len(args) == 1
+    if optional:
+        if text.lower() in ("none", "null", ""):
+            return None
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint in (int, float, str):
+            return hint(text)
+        if origin is list:
+            (item,) = typing.get_args(hint) or (str,)
+            return [item(part) for part in text.split(",") if part != ""]
+    except ValueError:
+        raise GptlabError(f"invalid value {text!r} for {name}: expected {getattr(hint, '__name__', hint)}") from None
+    return text
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) config file into a dict."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise GptlabError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise GptlabError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GptlabError(f"config file {path} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def dump_yaml(values: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)

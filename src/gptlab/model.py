@@ -1,0 +1,213 @@
+"""The GPT: GPT-2's architecture exactly, read top to bottom. Config, attention, MLP, block, model, KV cache.
+
+Shapes in comments: B batch, T new positions, S attended positions (cache included), C width,
+H heads, D head width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptlab.config import GPTConfig
+from gptlab.errors import GptlabError
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection and PyTorch's SDPA kernels."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask=None, causal=True, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal and mask is None
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network: 4x wider, GELU with GPT-2's tanh approximation."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, causal=True, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), mask, causal, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Token + learned position embeddings, a stack of blocks, a final LayerNorm and the LM head."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding = nn.Embedding(config.context_length, config.n_embd)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+        # Positions as a buffer so decoding slices it instead of allocating each step.
+        self.register_buffer("position_ids", torch.arange(config.context_length), persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layer).
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameters counted once (a tied head is the embedding); optionally without the embeddings."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.token_embedding.weight.numel() + self.position_embedding.weight.numel()
+        return total
+
+    def hidden_states(self, idx, attention_mask=None, positions=None, cache: KVCache | None = None):
+        """The final normalised hidden states (B, T, C), before the LM head.
+
+        attention_mask (B, T) marks real tokens (1) and padding (0); positions (B, T) override the
+        position ids (by default counted over real tokens only, so left padding does not shift them).
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.context_length:
+            raise GptlabError(
+                f"sequence of {past + T} positions exceeds the model's context length "
+                f"{self.config.context_length}; shorten the input or slide the window"
+            )
+        mask, causal = None, True
+        if cache is not None:
+            positions, mask, causal = cache.prepare(T, attention_mask, positions, self.position_ids)
+        elif attention_mask is not None:
+            mask = padding_causal_mask(attention_mask.bool(), T, 0)
+            if positions is None:
+                positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        if positions is None:
+            positions = self.position_ids[past : past + T]
+        x = self.embedding_dropout(self.token_embedding(idx) + self.position_embedding(positions))  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, mask, causal, cache, layer)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+    def forward(self, idx, attention_mask=None, positions=None, cache: KVCache | None = None):
+        """Logits (B, T, V) for every position."""
+        return self.lm_head(self.hidden_states(idx, attention_mask, positions, cache))
+
+
+def padding_causal_mask(key_mask, T: int, past: int):
+    """Boolean mask (B, 1, T, S): query i sees key j when j <= past + i and key j is not padding.
+
+    Every query also sees itself, so a padding query never has an all-masked row (SDPA would give NaN).
+    """
+    S = key_mask.shape[1]
+    query_pos = torch.arange(past, past + T, device=key_mask.device)[:, None]  # (T, 1)
+    key_pos = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
+    causal = key_pos <= query_pos  # (T, S)
+    return ((causal & key_mask[:, None, :]) | (key_pos == query_pos))[:, None]  # (B, 1, T, S)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, filled by a prefill and then one position per step.
+
+    Tracks which cached positions are padding and the next position id of each row, so batches of
+    prompts of different lengths decode together.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_length: int | None = None, device=None, dtype=None):
+        max_length = max_length or config.context_length
+        if max_length > config.context_length:
+            raise GptlabError(f"KV cache length {max_length} exceeds the context length {config.context_length}")
+        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_length = max_length
+        self.length = 0
+        self.has_padding = False
+
+    def reset(self) -> None:
+        self.length = 0
+        self.has_padding = False
+        self.key_mask.fill_(True)
+        self.next_position.zero_()
+
+    def prepare(self, T: int, attention_mask, positions, position_ids):
+        """Record the new positions' padding; return (positions, attention mask, causal flag) for them."""
+        start, end = self.length, self.length + T
+        if end > self.max_length:
+            raise GptlabError(f"KV cache is full: {end} positions requested, {self.max_length} allocated")
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+            self.key_mask[:, start:end] = attention_mask
+            self.has_padding = self.has_padding or not bool(attention_mask.all())
+        if positions is None:
+            if attention_mask is None and not self.has_padding:
+                positions = position_ids[start:end]
+            else:
+                real = attention_mask if attention_mask is not None else torch.ones_like(self.key_mask[:, :T])
+                positions = self.next_position[:, None] + (real.long().cumsum(1) - 1).clamp(min=0)
+        step_real = T if attention_mask is None else attention_mask.long().sum(1)
+        self.next_position += step_real
+        if not self.has_padding:
+            # Plain causal attention: a single new position sees everything cached, a longer chunk
+            # after a non-empty cache needs an offset mask (SDPA's is_causal aligns top-left).
+            if T == 1 or start == 0:
+                return positions, None, start == 0
+        return positions, padding_causal_mask(self.key_mask[:, :end], T, start), False
+
+    def update(self, layer: int, k, v):
+        """Store new keys/values (B, H, T, D) of one layer; return all cached ones (B, H, S, D)."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.length += T

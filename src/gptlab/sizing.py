@@ -1,0 +1,149 @@
+"""Model arithmetic without building the model: parameters, FLOPs, memory, KV cache, training time.
+
+Torch-free, so `gptlab size gpt3-175b` answers instantly without allocating 700 GB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptlab.config import GPTConfig
+
+
+@dataclass
+class ParameterCounts:
+    token_embedding: int
+    position_embedding: int
+    attention: int  # all blocks
+    mlp: int  # all blocks
+    layer_norms: int  # all blocks and the final one
+    lm_head: int  # 0 when tied to the token embedding
+
+    @property
+    def total(self) -> int:
+        return (
+            self.token_embedding + self.position_embedding + self.attention + self.mlp + self.layer_norms + self.lm_head
+        )
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.token_embedding - self.position_embedding
+
+
+def count_parameters(config: GPTConfig) -> ParameterCounts:
+    C, L = config.n_embd, config.n_layer
+    bias = int(config.bias)
+    attention = L * (3 * C * C + 3 * C * int(config.qkv_bias) + C * C + C * bias)
+    mlp = L * (8 * C * C + 5 * C * bias)
+    layer_norms = (2 * L + 1) * (C + C * bias)
+    return ParameterCounts(
+        token_embedding=config.vocab_size * C,
+        position_embedding=config.context_length * C,
+        attention=attention,
+        mlp=mlp,
+        layer_norms=layer_norms,
+        lm_head=0 if config.tie_embeddings else config.vocab_size * C,
+    )
+
+
+def forward_flops_per_token(config: GPTConfig, sequence_length: int | None = None) -> int:
+    """Forward FLOPs per token: 2 per multiply-add of every matrix (LM head included) plus attention.
+
+    Attention scores and the weighted sum cost 2 * 2 * T * C per layer and token; like PaLM's MFU
+    convention we count the full T x T product, not the causal half.
+    """
+    T = sequence_length or config.context_length
+    C, L = config.n_embd, config.n_layer
+    matmul_params = L * 12 * C * C + config.vocab_size * C
+    return 2 * matmul_params + 4 * L * T * C
+
+
+def train_flops_per_token(config: GPTConfig, sequence_length: int | None = None) -> int:
+    """A training step costs the forward pass plus a backward pass of twice its FLOPs."""
+    return 3 * forward_flops_per_token(config, sequence_length)
+
+
+def kv_cache_bytes_per_token(config: GPTConfig, bytes_per_value: int = 2) -> int:
+    return 2 * config.n_layer * config.n_embd * bytes_per_value
+
+
+def training_memory_bytes(n_params: int) -> dict[str, dict[str, int]]:
+    """Weights, gradients and AdamW's two moments, in fp32 and in bf16."""
+    return {
+        dtype: {"weights": n_params * size, "gradients": n_params * size, "adamw_states": 2 * n_params * size}
+        for dtype, size in (("fp32", 4), ("bf16", 2))
+    }
+
+
+def gpu_hours(config: GPTConfig, tokens: float, peak_flops: float, mfu: float) -> float:
+    """Device-hours to train on `tokens` at `mfu` of a device's `peak_flops` FLOP/s."""
+    return train_flops_per_token(config) * tokens / (peak_flops * mfu) / 3600.0
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M'; bytes with unit='B' use binary prefixes."""
+    if unit == "B":
+        for prefix in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if abs(n) < 1024 or prefix == "TiB":
+                return f"{n:.2f} {prefix}" if prefix != "B" else f"{int(n)} B"
+            n /= 1024
+    for prefix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{prefix}"
+    return f"{n:.0f}"
+
+
+def size_report(
+    config: GPTConfig, tokens: float = 300e9, peak_flops: float = 989e12, mfu: float = 0.4
+) -> dict[str, object]:
+    """Everything `gptlab size` prints, as data."""
+    counts = count_parameters(config)
+    return {
+        "config": config,
+        "parameters": counts,
+        "forward_flops_per_token": forward_flops_per_token(config),
+        "train_flops_per_token": train_flops_per_token(config),
+        "memory": training_memory_bytes(counts.total),
+        "kv_cache_bytes_per_token": {
+            "fp32": kv_cache_bytes_per_token(config, 4),
+            "bf16": kv_cache_bytes_per_token(config, 2),
+        },
+        "tokens": tokens,
+        "peak_flops": peak_flops,
+        "mfu": mfu,
+        "gpu_hours": gpu_hours(config, tokens, peak_flops, mfu),
+    }
+
+
+def format_size_report(report: dict[str, object]) -> str:
+    config: GPTConfig = report["config"]  # type: ignore[assignment]
+    counts: ParameterCounts = report["parameters"]  # type: ignore[assignment]
+    rows = [
+        ("shape", f"{config.n_layer} layers, {config.n_head} heads, width {config.n_embd}, "
+                  f"context {config.context_length}, vocabulary {config.vocab_size}"),
+        ("parameters, total", f"{counts.total:,} ({human(counts.total)})"),
+        ("parameters, non-embedding", f"{counts.non_embedding:,} ({human(counts.non_embedding)})"),
+        ("  token embedding", f"{counts.token_embedding:,}"),
+        ("  position embedding", f"{counts.position_embedding:,}"),
+        ("  attention (all blocks)", f"{counts.attention:,}"),
+        ("  MLP (all blocks)", f"{counts.mlp:,}"),
+        ("  LayerNorms", f"{counts.layer_norms:,}"),
+        ("  LM head", f"{counts.lm_head:,}" + (" (tied to the token embedding)" if config.tie_embeddings else "")),
+        ("FLOPs per token, forward", f"{human(report['forward_flops_per_token'])}"),
+        ("FLOPs per token, training step", f"{human(report['train_flops_per_token'])}"),
+    ]  # fmt: skip
+    for dtype, parts in report["memory"].items():  # type: ignore[union-attr]
+        total = sum(parts.values())
+        rows.append(
+            (f"memory {dtype}: weights / grads / AdamW", " / ".join(human(v, "B") for v in parts.values())
+             + f"  (total {human(total, 'B')})")
+        )  # fmt: skip
+    kv = report["kv_cache_bytes_per_token"]
+    rows.append(("KV cache per token, fp32 / bf16", f"{human(kv['fp32'], 'B')} / {human(kv['bf16'], 'B')}"))  # type: ignore[index]
+    rows.append(
+        (f"training on {human(report['tokens'])} tokens",
+         f"{report['gpu_hours']:,.1f} device-hours at {human(report['peak_flops'])}FLOP/s peak, "
+         f"{report['mfu']:.0%} MFU")
+    )  # fmt: skip
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -1,0 +1,157 @@
+import pytest
+import torch
+
+from gptlab.config import GPTConfig, get_preset
+from gptlab.errors import GptlabError
+from gptlab.interop import state_dict_from_hf, state_dict_to_hf
+from gptlab.model import GPT, KVCache
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = [
+    GPTConfig(vocab_size=97, context_length=32, n_layer=2, n_head=2, n_embd=32),
+    GPTConfig(vocab_size=128, context_length=48, n_layer=3, n_head=4, n_embd=64),
+    GPTConfig(vocab_size=50, context_length=16, n_layer=1, n_head=1, n_embd=16, tie_embeddings=True),
+]
+
+
+def hf_model(config: GPTConfig):
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        layer_norm_epsilon=config.layer_norm_epsilon, tie_word_embeddings=config.tie_embeddings, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():  # random non-zero biases so the conversion of every tensor is exercised
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.02)
+    return model
+
+
+def gptlab_from_hf(model, config):
+    ours = GPT(config).eval()
+    ours.load_state_dict(state_dict_from_hf(model.state_dict(), config), strict=True)
+    return ours
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("seq_len", [1, 7, 16])
+def test_logits_equal_transformers_gpt2(config, seq_len):
+    hf = hf_model(config)
+    ours = gptlab_from_hf(hf, config)
+    idx = torch.randint(0, config.vocab_size, (2, seq_len))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        got = ours(idx)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_parameter_count_equals_transformers():
+    for config in CONFIGS:
+        hf = hf_model(config)
+        assert GPT(config).num_parameters() == hf.num_parameters()
+
+
+def test_state_dict_round_trip_through_transformers_layout():
+    config = CONFIGS[1]
+    model = GPT(config)
+    back = state_dict_from_hf(state_dict_to_hf(model.state_dict(), config), config)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back[name], tensor), name
+
+
+@pytest.mark.parametrize("chunks", [[12], [5, 1, 1, 1, 4], [1] * 12])
+def test_kv_cached_decoding_equals_full_forward(chunks):
+    config = CONFIGS[1]
+    model = GPT(config).eval()
+    idx = torch.randint(0, config.vocab_size, (3, sum(chunks)))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(config, batch_size=3)
+        pieces, start = [], 0
+        for size in chunks:
+            pieces.append(model(idx[:, start : start + size], cache=cache))
+            start += size
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_left_padded_batch_matches_rows_alone():
+    config = CONFIGS[1]
+    model = GPT(config).eval()
+    short = torch.randint(0, config.vocab_size, (1, 4))
+    long = torch.randint(0, config.vocab_size, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        cache = KVCache(config, batch_size=2)
+        logits = model(batch, attention_mask=mask, cache=cache)
+        step = torch.tensor([[3], [7]])
+        next_logits = model(step, cache=cache)
+        alone_short = model(torch.cat([short, step[:1]], 1))
+        alone_long = model(torch.cat([long, step[1:]], 1))
+        no_cache = model(batch, attention_mask=mask)
+    assert torch.allclose(logits[0, -1], alone_short[0, -2], atol=1e-5)
+    assert torch.allclose(next_logits[0, -1], alone_short[0, -1], atol=1e-5)
+    assert torch.allclose(next_logits[1, -1], alone_long[0, -1], atol=1e-5)
+    assert torch.allclose(no_cache[0, -1], alone_short[0, -2], atol=1e-5)
+    assert torch.isfinite(logits).all()
+
+
+def test_positions_past_context_raise_clear_error():
+    config = CONFIGS[2]
+    model = GPT(config)
+    with pytest.raises(GptlabError, match="context length"):
+        model(torch.zeros(1, config.context_length + 1, dtype=torch.long))
+    cache = KVCache(config, batch_size=1)
+    model(torch.zeros(1, config.context_length, dtype=torch.long), cache=cache)
+    with pytest.raises(GptlabError, match="context length"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_gpt2_initialisation_scales_residual_projections():
+    config = GPTConfig(vocab_size=64, context_length=16, n_layer=8, n_head=4, n_embd=256)
+    model = GPT(config)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert model.lm_head.weight is model.token_embedding.weight
+
+
+def test_untied_head_and_no_qkv_bias_switches():
+    config = GPTConfig(
+        vocab_size=64, context_length=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False, qkv_bias=False
+    )
+    model = GPT(config)
+    assert model.lm_head.weight is not model.token_embedding.weight
+    assert model.blocks[0].attn.qkv.bias is None
+
+
+def test_no_stored_attention_mask_buffer():
+    model = GPT(get_preset("tiny"))
+    assert all(buf.numel() <= model.config.context_length for buf in model.buffers())
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(n_embd=100, n_head=3), "divisible"),
+        (dict(n_layer=0), "positive"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+    ],
+)
+def test_invalid_config_raises_clear_error(fields, message):
+    with pytest.raises(GptlabError, match=message):
+        GPTConfig(**fields)
+
+
+def test_dropout_is_active_only_in_training():
+    config = GPTConfig(vocab_size=64, context_length=16, n_layer=1, n_head=2, n_embd=16, dropout=0.5)
+    model = GPT(config)
+    idx = torch.randint(0, 64, (2, 8))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
