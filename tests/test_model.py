@@ -155,3 +155,32 @@ def test_dropout_is_active_only_in_training():
     assert not torch.equal(model(idx), model(idx))
     model.eval()
     assert torch.equal(model(idx), model(idx))
+
+
+@pytest.mark.parametrize("chunk_elements", [64, 1 << 24])
+def test_chunked_loss_and_gradients_equal_full_cross_entropy(monkeypatch, chunk_elements):
+    import gptlab.model as model_module
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 11, (37,))
+    targets[::5] = -100
+    loss = model_module.linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(h2 @ w2.t(), targets, ignore_index=-100)
+    expected.backward()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(hidden.grad, h2.grad, atol=1e-6)
+    assert torch.allclose(weight.grad, w2.grad, atol=1e-6)
+
+
+def test_forward_with_targets_equals_cross_entropy_of_logits():
+    config = CONFIGS[0]
+    model = GPT(config)
+    idx = torch.randint(0, config.vocab_size, (2, 10))
+    targets = torch.randint(0, config.vocab_size, (2, 10))
+    expected = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    assert torch.allclose(model(idx, targets), expected, atol=1e-6)
+    assert model(idx, last_only=True).shape == (2, 1, config.vocab_size)

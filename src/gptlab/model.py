@@ -135,9 +135,90 @@ class GPT(nn.Module):
             cache.advance(T)
         return self.ln_f(x)
 
-    def forward(self, idx, attention_mask=None, positions=None, cache: KVCache | None = None):
-        """Logits (B, T, V) for every position."""
-        return self.lm_head(self.hidden_states(idx, attention_mask, positions, cache))
+    def forward(
+        self, idx, targets=None, attention_mask=None, positions=None, cache: KVCache | None = None, last_only=False
+    ):
+        """Logits (B, T, V), or (B, 1, V) with `last_only`; with `targets` (B, T), the mean next-token loss.
+
+        The loss lives in forward (not in a separate call on the head) so that DDP, FSDP and
+        torch.compile see the whole computation; it is computed in chunks so the (B*T, V) logits
+        are never held at once (ignore_index -100 marks positions without a target).
+        """
+        hidden = self.hidden_states(idx, attention_mask, positions, cache)
+        if targets is not None:
+            return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden)
+
+
+# Logits chunks of about this many elements (64 MiB in fp32) bound the loss's memory.
+LOSS_CHUNK_ELEMENTS = 1 << 24
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, without materialising all logits.
+
+    hidden (N, C), weight (V, C), targets (N,). In training the gradients are computed chunk by chunk
+    during the forward pass (softmax minus one-hot), so only one chunk of logits exists at a time
+    and nothing is recomputed; the softmax and the loss are always in fp32.
+    """
+    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
+    return _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, None)[0]
+
+
+def _compute_dtype(tensor):
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+def _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, grads):
+    """Loss over chunks of rows; when `grads` is (grad_hidden, grad_weight) fill them too."""
+    dtype = _compute_dtype(hidden)
+    w = weight.to(dtype)
+    count = (targets != ignore_index).sum().clamp(min=1)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h = hidden[start : start + chunk_rows].to(dtype)  # (n, C)
+        t = targets[start : start + chunk_rows]
+        keep = t != ignore_index
+        safe_t = t.clamp(min=0)[:, None]
+        logits = (h @ w.t()).float()  # (n, V)
+        lse = logits.logsumexp(dim=-1)
+        loss_sum += ((lse - logits.gather(1, safe_t).squeeze(1)) * keep).sum()
+        if grads is not None:
+            grad_hidden, grad_weight = grads
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs.scatter_add_(1, safe_t, -torch.ones_like(safe_t, dtype=probs.dtype))
+            probs.mul_((keep.float() / count)[:, None])
+            g = probs.to(dtype)  # d loss / d logits, (n, V)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_rows] = g @ w
+            if grad_weight is not None:
+                grad_weight.add_(g.t() @ h)
+    return loss_sum / count, grads
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows):
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        loss, _ = _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, (grad_hidden, grad_weight))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
 
 
 def padding_causal_mask(key_mask, T: int, past: int):
