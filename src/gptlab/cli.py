@@ -117,3 +117,273 @@ def run_size(args: argparse.Namespace) -> int:
     else:
         print(format_size_report(report))
     return 0
+
+
+# ---------------------------------------------------------------- gptlab lora
+
+
+def _lora_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="lora_action", metavar="ACTION", required=True)
+    merge_help = "fold a LoRA run's adapters into its base weights and write a plain run"
+    merge = actions.add_parser("merge", help=merge_help, description=merge_help)
+    merge.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    merge.add_argument("run_dir", metavar="RUN", help="the LoRA run directory or checkpoint folder")
+    merge.add_argument("out", metavar="OUT_RUN", help="the new run directory to write")
+    merge.add_argument(
+        "--checkpoint", choices=["latest", "best"], default="latest", help="which checkpoint of RUN (default latest)"
+    )
+
+
+@command("lora", "low-rank adapters: merge a LoRA run into a plain run", _lora_arguments)
+def run_lora(args: argparse.Namespace) -> int:
+    from gptlab.lora import merge_run
+
+    checkpoint = merge_run(args.run_dir, args.out, which=args.checkpoint)
+    print(f"merged {args.run_dir} into {checkpoint}")
+    return 0
+
+
+# ---------------------------------------------------------------- run configs on the command line
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -> None:
+    """One `--section.field` option per config field, documented from the dataclass."""
+    import dataclasses
+
+    from gptlab.config import RUN_FIELDS, section_types
+
+    types_by_name = section_types()
+    parser.add_argument("--config", metavar="FILE", help="YAML run config (a recipe); options below override it")
+    for name, help_text in RUN_FIELDS.items():
+        flag = "--out" if name == "out_dir" else f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, dest=f"run.{name}", default=argparse.SUPPRESS, help=help_text)
+    for section in sections:
+        cls = types_by_name[section]
+        group = parser.add_argument_group(f"{section} ({cls.__name__})")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            group.add_argument(
+                f"--{section}.{f.name}",
+                dest=f"{section}.{f.name}",
+                metavar="V",
+                default=argparse.SUPPRESS,
+                help=f"{f.metadata.get('help', '')} (default: {default!r})",
+            )
+
+
+def collect_config(args: argparse.Namespace, base: dict | None = None) -> tuple[dict, dict]:
+    """(run config values, explicit overrides) from --config, the base and the dotted options."""
+    from gptlab.config import load_config_file, parse_value, section_types, set_dotted
+
+    values = dict(base or {})
+    if getattr(args, "config", None):
+        for key, value in load_config_file(args.config).items():
+            values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    overrides: dict = {}
+    types_by_name = section_types()
+    for dest, text in vars(args).items():
+        if "." not in dest:
+            continue
+        section, name = dest.split(".", 1)
+        value = text if section == "run" else parse_value(types_by_name[section], name, text)
+        set_dotted(overrides, name if section == "run" else dest, value)
+    for key, value in overrides.items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    return values, overrides
+
+
+# ---------------------------------------------------------------- gptlab pretrain
+
+
+def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", metavar="RUN", help="continue a run exactly where its last checkpoint left it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    parser.add_argument(
+        "--allow-config-change", action="store_true", help="resume even though options change the run's config"
+    )
+    add_config_arguments(parser, ["model", "data", "train"])
+
+
+@command("pretrain", "pretrain a GPT by next-token prediction (no arguments: the demo on the embedded corpus)",
+         _pretrain_arguments)  # fmt: skip
+def run_pretrain(args: argparse.Namespace) -> int:
+    from gptlab.checkpoint import read_run_config
+    from gptlab.train import pretrain
+
+    base = {}
+    if args.resume:
+        base = read_run_config(args.resume)
+        base["out_dir"] = args.resume
+    values, _ = collect_config(args, base)
+    result, run_dir = pretrain(
+        values, resume=bool(args.resume), overwrite=args.overwrite, allow_config_change=args.allow_config_change,
+        log=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    print(f"\ndone: {result.step} steps in {result.elapsed:.0f} s ({result.tokens_per_second:,.0f} tokens/s)")
+    if result.last_eval:
+        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))
+    for sample in result.samples:
+        print(f"sample: {sample}")
+    print(
+        f"run directory: {run_dir}\nloss curve:    {run_dir / 'loss.png'}\nmetrics:       {run_dir / 'metrics.jsonl'}"
+    )
+    print(f'generate with: gptlab generate {run_dir} "The"')
+    return 0
+
+
+# ---------------------------------------------------------------- gptlab generate
+
+
+def _generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per GenerationConfig field (`--top-k 50`, `--stop TEXT` repeatable), plus device and dtype."""
+    import dataclasses
+
+    from gptlab.config import GenerationConfig
+
+    group = parser.add_argument_group("decoding (GenerationConfig)")
+    for f in dataclasses.fields(GenerationConfig):
+        flag = f"--{f.name.replace('_', '-')}"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata['help']} (default: {default!r})"
+        if f.name == "stop":
+            group.add_argument(flag, action="append", metavar="TEXT", default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, metavar="V", default=argparse.SUPPRESS, help=help_text)
+    group.add_argument("--greedy", action="store_true", help="pick the most likely token (same as --temperature 0)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), fp32 or bf16")
+
+
+def _generation_config(args: argparse.Namespace, **overrides):
+    """The GenerationConfig the options describe."""
+    import dataclasses
+
+    from gptlab.config import GenerationConfig, parse_value
+
+    values = {}
+    for f in dataclasses.fields(GenerationConfig):
+        if f.name in vars(args):
+            text = getattr(args, f.name)
+            values[f.name] = text if f.name == "stop" else parse_value(GenerationConfig, f.name, text)
+    if args.greedy:
+        values["temperature"] = 0.0
+    return GenerationConfig(**{**values, **overrides})
+
+
+def _warnings_to_stderr():
+    """A context in which Python warnings print as one `warning: ...` line."""
+    import warnings
+
+    context = warnings.catch_warnings()
+    context.__enter__()
+    warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
+    return context
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_OR_CHECKPOINT", help="a run directory or a checkpoint folder")
+    parser.add_argument("prompt", nargs="?", help="the text to continue (empty: start from end-of-text)")
+    parser.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE ('-': standard input)")
+    parser.add_argument("--num-samples", type=int, default=1, help="completions of the prompt (default 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _generation_arguments(parser)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    if args.prompt_file is not None and args.prompt is not None:
+        raise GptlabError("give the prompt as an argument or with --prompt-file, not both")
+    if args.prompt_file is None:
+        return args.prompt or ""
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise GptlabError(f"prompt file {path} not found")
+    return path.read_text()
+
+
+@command("generate", "continue a prompt with a trained model, streaming the text", _generate_arguments)
+def run_generate(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from gptlab.generate import load_generator, stream
+
+    if args.num_samples < 1:
+        raise GptlabError(f"--num-samples must be at least 1, got {args.num_samples}")
+    prompt = _read_prompt(args)
+    config = _generation_config(args)
+    run = load_generator(args.run_dir, args.device, args.dtype)
+    completions = []
+    with _warnings_to_stderr():
+        for i in range(args.num_samples):
+            # Sample i is seeded with seed + i: reproducible, and the samples differ.
+            seed = None if config.seed is None else config.seed + i
+            pieces = stream(run.model, run.tokenizer, prompt, dataclasses.replace(config, seed=seed))
+            if args.json:
+                completions.append("".join(pieces))
+                continue
+            if i:
+                print("\n" + "-" * 40)
+            sys.stdout.write(prompt)
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    if args.json:
+        result = {
+            "run": str(run.run_dir),
+            "checkpoint": str(run.checkpoint),
+            "prompt": prompt,
+            "completions": completions,
+            "config": dataclasses.asdict(config),
+        }
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+# ---------------------------------------------------------------- gptlab chat
+
+
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN", help="a run directory or a checkpoint folder")
+    parser.add_argument("--system", help="system message (default: the template's own)")
+    parser.add_argument("--template", help="prompt template (default: the run's; none for plain continuation)")
+    _generation_arguments(parser)
+
+
+CHAT_HELP = "/reset forgets the conversation, /quit (or Ctrl-D) leaves"
+
+
+@command("chat", "talk to an instruction-tuned model (a plain model continues your text)", _chat_arguments)
+def run_chat(args: argparse.Namespace) -> int:
+    from gptlab.generate import Chat, load_generator
+
+    run = load_generator(args.run_dir, args.device, args.dtype)
+    template = args.template or run.config.get("template")
+    chat = Chat(run.model, run.tokenizer, _generation_config(args), template, args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        mode = f"template {template}" if template else "no template: free continuation"
+        print(f"chatting with {run.run_dir} ({mode}); {CHAT_HELP}", file=sys.stderr)
+    with _warnings_to_stderr():
+        while True:
+            try:
+                message = input("> " if interactive else "")
+            except EOFError:
+                break
+            if message.strip() in ("/quit", "/exit"):
+                break
+            if message.strip() == "/reset":
+                chat.reset()
+                continue
+            if not message.strip():
+                continue
+            for piece in chat.send(message):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    return 0

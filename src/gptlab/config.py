@@ -138,6 +138,70 @@ class TrainConfig:
     peak_flops: float = field(default=0.0, metadata={"help": "device peak FLOP/s for MFU (0: measure once)"})
 
 
+@dataclass
+class GenerationConfig:
+    """How text is decoded: length, sampling strategy, stopping, and long prompts (see gptlab.generate)."""
+
+    max_new_tokens: int = field(default=100, metadata={"help": "most tokens generated per prompt"})
+    temperature: float = field(default=0.8, metadata={"help": "divides the logits before sampling (0: greedy)"})
+    top_k: int | None = field(default=None, metadata={"help": "sample only among the k most likely tokens"})
+    top_p: float = field(default=1.0, metadata={"help": "sample from the smallest set holding this probability"})
+    min_p: float = field(default=0.0, metadata={"help": "drop tokens below this fraction of the top probability"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "above 1 discourages tokens already seen"})
+    seed: int | None = field(default=None, metadata={"help": "seed for reproducible sampling (none: torch's RNG)"})
+    stop: list[str] = field(default_factory=list, metadata={"help": "strings that end generation (not included)"})
+    stop_at_eot: bool = field(default=True, metadata={"help": "end generation at <|endoftext|>"})
+    prompt_overflow: str = field(
+        default="truncate",
+        metadata={"help": "prompt longer than the context: truncate (keep the end, warn) or error"},
+    )
+    use_cache: bool = field(default=True, metadata={"help": "decode with the KV cache (off: recompute every step)"})
+    batch_size: int = field(default=16, metadata={"help": "prompts decoded together in one forward pass"})
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GptlabError(f"{name} must be a positive integer, got {value!r}")
+        if self.temperature < 0:
+            raise GptlabError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise GptlabError(f"top_k must be at least 1 (or none for all tokens), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GptlabError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise GptlabError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise GptlabError(f"repetition_penalty must be positive (1: off), got {self.repetition_penalty}")
+        if self.prompt_overflow not in ("truncate", "error"):
+            raise GptlabError(f"prompt_overflow must be 'truncate' or 'error', got {self.prompt_overflow!r}")
+        if any(not s for s in self.stop):
+            raise GptlabError("stop strings must not be empty")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the model's linear layers (see gptlab.lora)."""
+
+    rank: int = field(default=8, metadata={"help": "rank r of each adapter's A (r x in) and B (out x r)"})
+    alpha: float = field(default=16.0, metadata={"help": "the adapter's output is scaled by alpha / rank"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
+    targets: list[str] = field(
+        default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"],
+        metadata={"help": "linear layers to adapt, by name suffix: attn.qkv, attn.proj, mlp.fc, mlp.proj, lm_head"},
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise GptlabError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise GptlabError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptlabError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise GptlabError("lora.targets is empty; name at least one linear layer, e.g. attn.qkv")
+
+
 # ---------------------------------------------------------------- dataclass helpers
 
 
@@ -221,3 +285,73 @@ def dump_yaml(values: dict[str, Any]) -> str:
     import yaml
 
     return yaml.safe_dump(values, sort_keys=False)
+
+
+# ---------------------------------------------------------------- run configs
+
+
+def section_types() -> dict[str, type]:
+    """The config sections a run may hold, by name; each finetuning mode adds its section here."""
+    sections: dict[str, type] = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
+    sections["lora"] = LoRAConfig
+    return sections
+
+
+# Top-level run fields besides the sections.
+RUN_FIELDS: dict[str, str] = {
+    "task": "what the run trains: pretrain, classify, instruct or preference",
+    "preset": "named model shape the model section starts from (see `gptlab size`)",
+    "out_dir": "run directory to write",
+    "init_from": "run or checkpoint whose weights start training (continued pretraining, finetuning)",
+}
+
+
+def resolve_run_config(values: dict[str, Any], sections: list[str]) -> dict[str, Any]:
+    """Validate a run config dict: every section becomes its dataclass, unknown fields are refused.
+
+    The model section starts from `preset` (if any) and is overridden field by field.
+    """
+    types_by_name = section_types()
+    resolved: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in RUN_FIELDS and key not in types_by_name:
+            raise GptlabError(f"unknown config field {key!r}{_suggest(key, [*RUN_FIELDS, *types_by_name])}")
+        if key in RUN_FIELDS:
+            resolved[key] = value
+    for name in sections:
+        section = dict(values.get(name) or {})
+        if not isinstance(section, dict):
+            raise GptlabError(f"config section {name!r} must be a mapping of fields")
+        if name == "model":
+            preset = values.get("preset")
+            base = dict(PRESETS[preset]) if preset in PRESETS else {}
+            if preset and preset not in PRESETS:
+                get_preset(preset)  # raises the unknown-preset error with a suggestion
+            section = {**base, **section}
+        resolved[name] = config_from_dict(types_by_name[name], section, where=f"{name}.")
+    return resolved
+
+
+def run_config_to_dict(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: (config_to_dict(v) if dataclasses.is_dataclass(v) else v) for k, v in config.items()}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two config dicts."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return names
+
+
+def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """values['train']['max_steps'] = value for dotted 'train.max_steps'."""
+    *parents, leaf = dotted.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value

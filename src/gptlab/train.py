@@ -1,0 +1,620 @@
+"""The one training loop. Pretraining and every finetuning mode run through `train`, each with its own
+objective (gptlab.objectives): the objective supplies micro-batches, the loss on one, and evaluation.
+
+Around the loop: device and precision choice, AdamW with decoupled weight decay on matrices only,
+warm-up then cosine schedule, gradient accumulation and clipping, progress lines, metrics as JSON
+lines with a loss-curve PNG, atomic checkpoints, and exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from gptlab import checkpoint as ckpt
+from gptlab.config import TrainConfig
+from gptlab.errors import GptlabError
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class Objective(Protocol):
+    """What the loop trains on. Implementations live in gptlab.objectives."""
+
+    tokens_per_batch: int  # tokens in one training micro-batch (for throughput and accumulation)
+    flops_per_token: float  # training FLOPs per token of the model (for MFU)
+
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def evaluate(self, model: torch.nn.Module, runtime: Runtime) -> dict[str, float]: ...
+
+    def samples(self, model: torch.nn.Module, runtime: Runtime) -> list[str]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# ---------------------------------------------------------------- device, precision, threads
+
+
+@dataclass
+class Runtime:
+    """Where and how the computation runs: device, autocast dtype, and this process's rank."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        non_blocking = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then MPS, then the CPU; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise GptlabError("device 'cuda' requested but CUDA is not available; use --train.device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise GptlabError("device 'mps' requested but MPS is not available; use --train.device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise GptlabError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX-512 BF16); otherwise bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `dtype` on `device`, or None for plain fp32.
+
+    `auto` is bf16 on CUDA (when supported) and fp32 elsewhere; `bf16` on a CPU without bf16 units
+    falls back to fp32, since emulated bf16 is slower than fp32 there.
+    """
+    if dtype not in ("auto", "fp32", "bf16"):
+        raise GptlabError(f"unknown dtype {dtype!r}; use auto, fp32 or bf16")
+    if dtype == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if dtype == "bf16" and (device.type == "mps" or cpu_has_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (hyper-threads slow matrix kernels down)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:
+        available = os.cpu_count() or 1
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        siblings = [int(line.split(":")[1]) for line in cpuinfo.splitlines() if line.startswith("siblings")]
+        cores = [int(line.split(":")[1]) for line in cpuinfo.splitlines() if line.startswith("cpu cores")]
+        if siblings and cores and siblings[0] > cores[0]:
+            return max(1, available * cores[0] // siblings[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(1, available)
+
+
+def configure_threads(threads: int = 0) -> int:
+    n = threads or physical_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
+    """The matrix-multiply FLOP/s this device reaches (measured once, cached), the base of MFU."""
+    from gptlab.download import cache_dir
+
+    dtype = dtype or torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}-{torch.get_num_threads()}t"
+    key = f"{name}|{dtype}|torch-{torch.__version__}"
+    cache_file = cache_dir() / "peak_flops.json"
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return float(cached[key])
+    n = 4096 if device.type == "cuda" else 1024
+    # A private generator: measuring must not move the global RNG (exact resume depends on it).
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    best = math.inf
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    flops = 2 * n**3 / best
+    cached[key] = flops
+    with contextlib.suppress(OSError):
+        ckpt.atomic_write_text(cache_file, json.dumps(cached, indent=1))
+    return flops
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW that decays matrices only: biases and norms never, embeddings as configured."""
+    embedding_params = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and not config.decay_embeddings
+    }
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (decay if param.dim() >= 2 and id(param) not in embedding_params else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if not decay and not no_decay:
+        raise GptlabError("the model has no trainable parameters; check what is frozen")
+    fused = device.type in ("cuda", "mps") or None
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=config.learning_rate,
+        betas=(config.beta1, config.beta2),
+        fused=fused,
+    )
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to the peak, then cosine decay to `min_lr_ratio` of it at `max_steps`."""
+    peak = config.learning_rate
+    if config.warmup_steps and step < config.warmup_steps:
+        return peak * (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = peak * config.min_lr_ratio
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def accumulation_steps(config: TrainConfig, tokens_per_batch: int, world_size: int = 1) -> int:
+    """Micro-batches per optimizer step to reach `tokens_per_step` across all ranks."""
+    if not config.tokens_per_step:
+        return 1
+    per_round = tokens_per_batch * world_size
+    if config.tokens_per_step < per_round:
+        raise GptlabError(
+            f"train.tokens_per_step {config.tokens_per_step} is smaller than one batch on all ranks "
+            f"({per_round} tokens); lower train.batch_size or raise train.tokens_per_step"
+        )
+    return max(1, round(config.tokens_per_step / per_round))
+
+
+def validate_train_config(config: TrainConfig) -> None:
+    positive = ("max_steps", "batch_size", "eval_interval", "eval_batches", "log_interval")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise GptlabError(f"train.{name} must be positive, got {getattr(config, name)}")
+    if config.learning_rate <= 0:
+        raise GptlabError(f"train.learning_rate must be positive, got {config.learning_rate}")
+    if not 0 <= config.min_lr_ratio <= 1:
+        raise GptlabError(f"train.min_lr_ratio must be in [0, 1], got {config.min_lr_ratio}")
+    if config.warmup_steps < 0 or config.weight_decay < 0 or config.grad_clip < 0:
+        raise GptlabError("train.warmup_steps, train.weight_decay and train.grad_clip must not be negative")
+    if not (0 <= config.beta1 < 1 and 0 <= config.beta2 < 1):
+        raise GptlabError("train.beta1 and train.beta2 must be in [0, 1)")
+
+
+# ---------------------------------------------------------------- RNG state for exact resume
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype("int64")), np_pos, np_has_gauss, np_gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype("uint32"), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- metrics and plots
+
+
+class MetricsLog:
+    """Metrics as JSON lines, one object per event, each with its step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut short by a kill
+                continue
+        return records
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records a killed run wrote after its last checkpoint, so a resumed log has no duplicates."""
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        ckpt.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_metrics(records: list[dict[str, Any]], path: Path, tokens_per_step: float) -> None:
+    """Train and validation loss against steps (bottom axis) and tokens (top axis), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("split") == "val" and "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / max(tokens_per_step, 1e-9)))
+    top.set_xlabel("tokens seen")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float
+    best_val_loss: float
+    last_eval: dict[str, float] = field(default_factory=dict)
+    samples: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+    tokens_per_second: float = 0.0
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def train(
+    model: torch.nn.Module,
+    objective: Objective,
+    config: TrainConfig,
+    run_dir: str | Path,
+    runtime: Runtime,
+    resume_from: Path | None = None,
+    log: Callable[[str], None] = lambda line: None,
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    save_weights: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None,
+) -> TrainResult:
+    """Train `model` on `objective` until `config.max_steps`, checkpointing into `run_dir`.
+
+    `model` must already be on `runtime.device`. `resume_from` restores weights, optimizer, data
+    position and RNG from a checkpoint so the run continues exactly. `wrap_model` wraps the model for
+    the steps (DDP, FSDP, torch.compile); `save_weights` picks what a checkpoint stores (LoRA: adapters).
+    """
+    validate_train_config(config)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(run_dir / METRICS_FILE)
+    optimizer = build_optimizer(model, config, runtime.device)
+    accum = accumulation_steps(config, objective.tokens_per_batch, runtime.world_size)
+    tokens_per_step = objective.tokens_per_batch * accum * runtime.world_size
+    save_weights = save_weights or (lambda m: m.state_dict())
+
+    step, tokens_seen, elapsed_before, best_val = 0, 0, 0.0, math.inf
+    if resume_from is not None:
+        state = ckpt.load_trainer_state(resume_from)
+        ckpt.load_model_state(model, ckpt.load_weights(resume_from / ckpt.WEIGHTS_FILE, runtime.device), strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        objective.load_state_dict(state["objective"])
+        set_rng_state(state["rng"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        elapsed_before, best_val = state["elapsed"], state["best_val"]
+        if runtime.is_main:
+            metrics.truncate_after(step)
+            log(f"resumed from {resume_from} at step {step}")
+
+    peak_flops = config.peak_flops or measure_peak_flops(runtime.device, runtime.autocast_dtype)
+    stepper = wrap_model(model) if wrap_model else model
+    start_step, start_time = step, time.perf_counter()
+    window_time, window_tokens, window_losses = time.perf_counter(), 0, []
+    last_eval: dict[str, float] = {}
+    samples: list[str] = []
+    train_loss = math.nan
+
+    def save(best: bool) -> None:
+        state = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "elapsed": elapsed_before + time.perf_counter() - start_time,
+            "best_val": best_val,
+            "optimizer": optimizer.state_dict(),
+            "objective": objective.state_dict(),
+            "rng": rng_state(),
+            "world_size": runtime.world_size,
+        }
+        if runtime.is_main:
+            ckpt.save_checkpoint(run_dir, step, save_weights(model), state, keep=config.keep_checkpoints, best=best)
+
+    model.train()
+    while step < config.max_steps:
+        lr = learning_rate(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=runtime.device)
+        for micro in range(accum):
+            batch = runtime.to_device(objective.next_batch())
+            sync = micro == accum - 1 or not hasattr(stepper, "no_sync")
+            with contextlib.nullcontext() if sync else stepper.no_sync(), runtime.autocast():
+                loss = objective.loss(stepper, batch) / accum
+            loss.backward()
+            step_loss += loss.detach()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        train_loss = step_loss.item()
+        if not math.isfinite(train_loss):
+            raise GptlabError(
+                f"the training loss became {train_loss} at step {step + 1}; the last good checkpoint is kept in "
+                f"{run_dir / ckpt.CHECKPOINTS}; lower train.learning_rate or check the data"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
+        window_losses.append(train_loss)
+
+        if runtime.is_main and (step % config.log_interval == 0 or step == config.max_steps):
+            _sync(runtime.device)
+            now = time.perf_counter()
+            tokens_per_second = window_tokens / max(now - window_time, 1e-9)
+            mfu = tokens_per_second * objective.flops_per_token / peak_flops
+            elapsed = now - start_time
+            left = elapsed / (step - start_step) * (config.max_steps - step)
+            mean_loss = sum(window_losses) / len(window_losses)
+            record = {
+                "step": step, "split": "train", "loss": mean_loss, "lr": lr, "tokens": tokens_seen,
+                "tokens_per_second": tokens_per_second, "mfu": mfu, "elapsed": elapsed_before + elapsed,
+            }  # fmt: skip
+            metrics.append(record)
+            log(
+                f"step {step:>6}/{config.max_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                f"{tokens_per_second:,.0f} tok/s | MFU {mfu:.1%} | {format_duration(elapsed_before + elapsed)} "
+                f"elapsed | {format_duration(left)} left"
+            )
+            window_time, window_tokens, window_losses = time.perf_counter(), 0, []
+
+        evaluate_now = step % config.eval_interval == 0 or step == config.max_steps
+        checkpoint_now = config.checkpoint_interval and step % config.checkpoint_interval == 0
+        if evaluate_now:
+            model.eval()
+            with torch.no_grad(), runtime.autocast():
+                last_eval = objective.evaluate(model, runtime)
+                samples = objective.samples(model, runtime) if runtime.is_main else []
+            model.train()
+            val_loss = last_eval.get("val_loss", math.inf)
+            improved = val_loss < best_val
+            best_val = min(best_val, val_loss)
+            if runtime.is_main:
+                metrics.append({"step": step, "split": "val", "tokens": tokens_seen, **last_eval})
+                log(f"eval   {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                for sample in samples:
+                    log(f"sample | {sample!r}")
+                plot_metrics(metrics.read(), run_dir / PLOT_FILE, tokens_per_step)
+            save(best=improved)
+        elif checkpoint_now:
+            save(best=False)
+
+    total = elapsed_before + time.perf_counter() - start_time
+    return TrainResult(
+        step=step,
+        train_loss=train_loss,
+        best_val_loss=best_val,
+        last_eval=last_eval,
+        samples=samples,
+        elapsed=total,
+        tokens_per_second=(tokens_seen / total) if total else 0.0,
+    )
+
+
+# ---------------------------------------------------------------- runs: start, resume, pretrain
+
+
+def make_runtime(config: TrainConfig) -> Runtime:
+    """Device, precision and threads for a run."""
+    configure_threads(config.threads)
+    device = resolve_device(config.device)
+    return Runtime(device=device, autocast_dtype=resolve_autocast(config.dtype, device))
+
+
+def open_run_dir(
+    run_dir: Path, config: dict[str, Any], resume: bool, overwrite: bool, allow_config_change: bool
+) -> Path | None:
+    """Make `run_dir` ready: refuse to clobber a run by accident; on resume, refuse a changed config.
+
+    Returns the checkpoint to resume from (None for a fresh start).
+    """
+    from gptlab.config import config_differences
+
+    if resume:
+        stored = ckpt.read_run_config(run_dir)
+        changed = [d for d in config_differences(stored, config) if not d.startswith("out_dir")]
+        if changed and not allow_config_change:
+            raise GptlabError(
+                f"the config differs from the run's in {', '.join(changed)}; resume with the run's own config, "
+                "or pass --allow-config-change"
+            )
+        try:
+            return ckpt.find_checkpoint(run_dir)
+        except GptlabError:
+            return None  # killed before its first checkpoint: start over in the same directory
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise GptlabError(
+                f"run directory {run_dir} already exists; continue it with --resume {run_dir} "
+                "or replace it with --overwrite"
+            )
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def init_weights_from(model: torch.nn.Module, source: str) -> Any:
+    """Load the weights of run or checkpoint `source` into `model`; returns the source's run config."""
+    checkpoint = ckpt.find_checkpoint(source)
+    ckpt.load_model_state(model, ckpt.load_weights(checkpoint / ckpt.WEIGHTS_FILE))
+    return ckpt.read_run_config(ckpt.run_dir_of(checkpoint))
+
+
+def pretrain(
+    values: dict[str, Any],
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    log: Callable[[str], None] = lambda line: None,
+) -> tuple[TrainResult, Path]:
+    """Pretrain a GPT by next-token prediction as the run config `values` describes.
+
+    With `init_from`, training continues from another run's weights (and uses its tokenizer and
+    model shape): continued pretraining for domain adaptation.
+    """
+    import dataclasses
+
+    from gptlab.config import GPTConfig, resolve_run_config, run_config_to_dict
+    from gptlab.data import prepare_corpus
+    from gptlab.model import GPT
+    from gptlab.objectives import NextTokenObjective
+    from gptlab.tokenizer import load_tokenizer
+
+    values = {"task": "pretrain", "out_dir": "runs/pretrain", "preset": "demo", **values}
+    run_dir = Path(values["out_dir"])
+    tokenizer, init_config = None, None
+    if resume:
+        tokenizer = load_tokenizer(run_dir / "tokenizer")
+    elif values.get("init_from"):
+        init_checkpoint = ckpt.find_checkpoint(values["init_from"])
+        init_config = ckpt.read_run_config(ckpt.run_dir_of(init_checkpoint))
+        tokenizer = load_tokenizer(ckpt.run_dir_of(init_checkpoint) / "tokenizer")
+        values = {**values, "preset": None, "model": init_config["model"]}
+    config = resolve_run_config(values, ["model", "data", "train"])
+    runtime = make_runtime(config["train"])
+    log(
+        f"preparing data ({config['data'].source or 'the embedded default corpus'}, {config['data'].tokenizer} tokenizer)"
+    )
+    corpus = prepare_corpus(config["data"], tokenizer=tokenizer)
+    if corpus.tokenizer.vocab_size > config["model"].vocab_size or init_config is None:
+        config["model"] = dataclasses.replace(config["model"], vocab_size=corpus.tokenizer.vocab_size)
+    model_config: GPTConfig = config["model"]
+    stored = run_config_to_dict(config)
+    resume_from = open_run_dir(run_dir, stored, resume, overwrite, allow_config_change)
+    if not resume:
+        ckpt.write_run_config(run_dir, stored)
+        corpus.tokenizer.save(run_dir / "tokenizer")
+
+    seed_everything(config["train"].seed)
+    model = GPT(model_config)
+    if init_config is not None:
+        init_weights_from(model, values["init_from"])
+    model.to(runtime.device)
+    log(
+        f"model: {model.num_parameters():,} parameters ({model_config.n_layer} layers, width {model_config.n_embd}, "
+        f"context {model_config.context_length}, vocabulary {model_config.vocab_size}); "
+        f"{len(corpus.train_tokens):,} training tokens on {runtime.device}"
+        + (f" with {runtime.autocast_dtype} autocast" if runtime.autocast_dtype else "")
+    )
+    objective = NextTokenObjective(corpus, model_config, config["data"], config["train"])
+    wrap = torch.compile if config["train"].compile else None
+    result = train(
+        model, objective, config["train"], run_dir, runtime, resume_from=resume_from, log=log, wrap_model=wrap
+    )
+    return result, run_dir

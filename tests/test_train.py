@@ -1,0 +1,183 @@
+import json
+import math
+
+import pytest
+import torch
+
+from gptlab import checkpoint as ckpt
+from gptlab.config import GPTConfig, TrainConfig
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+from gptlab.sizing import train_flops_per_token
+from gptlab.train import (
+    Runtime,
+    accumulation_steps,
+    build_optimizer,
+    learning_rate,
+    resolve_autocast,
+    resolve_device,
+    train,
+)
+
+CONFIG = GPTConfig(vocab_size=32, context_length=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+
+
+class RandomWindows:
+    """A small objective over a fixed token stream, with its own seeded generator (resumable)."""
+
+    def __init__(self, batch_size=4, seed=0):
+        self.tokens = torch.arange(400) % 7 + (torch.arange(400) // 50) % 3
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batch_size = batch_size
+        self.tokens_per_batch = batch_size * CONFIG.context_length
+        self.flops_per_token = train_flops_per_token(CONFIG)
+
+    def _batch(self, generator):
+        T = CONFIG.context_length
+        starts = torch.randint(0, len(self.tokens) - T - 1, (self.batch_size,), generator=generator)
+        x = torch.stack([self.tokens[s : s + T] for s in starts])
+        y = torch.stack([self.tokens[s + 1 : s + T + 1] for s in starts])
+        return x, y
+
+    def next_batch(self):
+        x, y = self._batch(self.generator)
+        return {"input": x, "target": y}
+
+    def loss(self, model, batch):
+        return model(batch["input"], batch["target"])
+
+    def evaluate(self, model, runtime):
+        x, y = self._batch(torch.Generator().manual_seed(123))
+        return {"val_loss": model(x, y).item()}
+
+    def samples(self, model, runtime):
+        return []
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+def train_config(**overrides):
+    fields = dict(max_steps=12, batch_size=4, learning_rate=3e-3, warmup_steps=2, eval_interval=4,
+                  log_interval=2, eval_batches=1, peak_flops=1e11, seed=0)  # fmt: skip
+    return TrainConfig(**{**fields, **overrides})
+
+
+def run(tmp_path, config, resume_from=None, objective=None, model=None):
+    torch.manual_seed(0)
+    model = model or GPT(CONFIG)
+    objective = objective or RandomWindows()
+    return train(model, objective, config, tmp_path, Runtime(torch.device("cpu")), resume_from=resume_from), model
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(max_steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
+    assert learning_rate(0, config) == pytest.approx(0.1)
+    assert learning_rate(9, config) == pytest.approx(1.0)
+    assert learning_rate(10, config) == pytest.approx(1.0)
+    assert learning_rate(55, config) == pytest.approx(0.55)
+    assert learning_rate(100, config) == pytest.approx(0.1)
+    steps = [learning_rate(s, config) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(steps, steps[1:], strict=False))
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(CONFIG)
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1, decay_embeddings=False), torch.device("cpu"))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.blocks[0].attn.qkv.weight) in decayed
+    assert id(model.blocks[0].attn.qkv.bias) not in decayed
+    assert id(model.ln_f.weight) not in decayed
+    assert id(model.token_embedding.weight) not in decayed
+    total = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    assert total == model.num_parameters()
+
+
+def test_accumulation_reaches_target_tokens():
+    assert accumulation_steps(TrainConfig(tokens_per_step=None), 64) == 1
+    assert accumulation_steps(TrainConfig(tokens_per_step=256), 64) == 4
+    assert accumulation_steps(TrainConfig(tokens_per_step=256), 64, world_size=2) == 2
+    with pytest.raises(GptlabError, match="tokens_per_step"):
+        accumulation_steps(TrainConfig(tokens_per_step=32), 64)
+
+
+def test_accumulated_step_equals_one_big_batch(tmp_path):
+    config = GPTConfig(vocab_size=32, context_length=16, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    base = GPT(config)
+    x = torch.randint(0, 32, (8, 16))
+    y = torch.randint(0, 32, (8, 16))
+    big = GPT(config)
+    big.load_state_dict(base.state_dict())
+    big(x, y).backward()
+    small = GPT(config)
+    small.load_state_dict(base.state_dict())
+    for half in (slice(0, 4), slice(4, 8)):
+        (small(x[half], y[half]) / 2).backward()
+    for (name, a), b in zip(big.named_parameters(), small.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_training_lowers_the_loss_and_writes_metrics_plot_checkpoints(tmp_path):
+    result, _ = run(tmp_path, train_config(max_steps=24, eval_interval=8))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert train_losses[-1] < train_losses[0]
+    assert {"tokens_per_second", "mfu", "lr", "elapsed"} <= set(records[0])
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "latest").read_text().strip() == "step-0000024"
+    assert (tmp_path / "best").is_file()
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert len(kept) <= 3 and "step-0000024" in kept
+    assert result.step == 24 and math.isfinite(result.best_val_loss)
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, full_model = run(tmp_path / "full", train_config(keep_checkpoints=10))
+    midway = tmp_path / "full" / "checkpoints" / "step-0000008"
+    resumed, resumed_model = run(tmp_path / "resumed", train_config(), resume_from=midway)
+    assert resumed.train_loss == full.train_loss  # bitwise, dropout included
+    for a, b in zip(full_model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    full_log = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    resumed_log = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in full_log if r["split"] == "train" and r["step"] > 8] == [
+        r["loss"] for r in resumed_log if r["split"] == "train"
+    ]
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
+    run(tmp_path, train_config(max_steps=4))
+
+    class Exploding(RandomWindows):
+        def loss(self, model, batch):
+            return model(batch["input"], batch["target"]) * float("nan")
+
+    latest = ckpt.find_checkpoint(tmp_path)
+    with pytest.raises(GptlabError, match="loss became nan"):
+        run(tmp_path, train_config(max_steps=8), resume_from=latest, objective=Exploding())
+    assert ckpt.find_checkpoint(tmp_path) == latest
+    assert ckpt.load_trainer_state(latest)["step"] == 4
+
+
+@pytest.mark.parametrize("field, value", [("max_steps", 0), ("learning_rate", -1.0), ("beta2", 1.0)])
+def test_invalid_train_config_is_refused(tmp_path, field, value):
+    with pytest.raises(GptlabError, match=field):
+        run(tmp_path, train_config(**{field: value}))
+
+
+def test_device_and_dtype_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(GptlabError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(GptlabError, match="unknown device"):
+        resolve_device("tpu")
+    assert resolve_autocast("fp32", torch.device("cpu")) is None
+    assert resolve_autocast("auto", torch.device("cpu")) is None
+    with pytest.raises(GptlabError, match="unknown dtype"):
+        resolve_autocast("fp8", torch.device("cpu"))
