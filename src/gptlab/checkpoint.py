@@ -287,7 +287,32 @@ def build_model(run_config: dict[str, Any]) -> torch.nn.Module:
     from gptlab.model import GPT
 
     model_config = config_from_dict(GPTConfig, run_config["model"], where="model.")
-    return GPT(model_config)
+    model = GPT(model_config)
+    if run_config.get("lora"):
+        from gptlab.config import LoRAConfig
+        from gptlab.lora import apply_lora
+
+        apply_lora(model, config_from_dict(LoRAConfig, run_config["lora"], where="lora."))
+    return model
+
+
+def checkpoint_weights(checkpoint: Path, run_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint's model weights. A LoRA run stores only its adapters: they are laid over the weights
+    of its base checkpoint, the run's `init_from` (absolute, or relative to the working directory)."""
+    weights = load_weights(checkpoint / WEIGHTS_FILE)
+    if not run_config.get("lora"):
+        return weights
+    if not run_config.get("init_from"):
+        raise GptlabError(f"LoRA run {run_dir_of(checkpoint)} names no base run (init_from in {CONFIG_FILE})")
+    if not Path(run_config["init_from"]).exists():
+        raise GptlabError(
+            f"LoRA run {run_dir_of(checkpoint)} needs its base run {run_config['init_from']}, which does not exist; "
+            "restore it, or keep LoRA runs as merged runs (gptlab lora merge)"
+        )
+    base = find_checkpoint(run_config["init_from"])
+    if read_run_config(run_dir_of(base)).get("lora"):
+        raise GptlabError(f"base run {base} is itself a LoRA run; merge it first with `gptlab lora merge`")
+    return {**load_weights(base / WEIGHTS_FILE), **weights}
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", which: str = "latest") -> LoadedRun:
@@ -298,6 +323,6 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", which: str = 
     run_dir = run_dir_of(checkpoint)
     config = read_run_config(run_dir)
     model = build_model(config)
-    load_model_state(model, load_weights(checkpoint / WEIGHTS_FILE))
+    load_model_state(model, checkpoint_weights(checkpoint, config))
     model.to(device).eval()
     return LoadedRun(model, load_tokenizer(run_dir / "tokenizer"), config, run_dir, checkpoint)
