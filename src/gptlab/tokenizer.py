@@ -7,8 +7,10 @@ directory so generation and serving use exactly the tokenizer the model was trai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -20,6 +22,25 @@ KINDS = ("gpt2", "bpe", "byte")
 
 # GPT-2's pre-tokenisation pattern (from OpenAI's encoder.py), used when building from local files.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# Where text can be cut without changing a single token: after a newline that is a whitespace run of its
+# own and before printable ASCII, no GPT-2-style pre-tokenizer pattern spans the cut.
+SAFE_BREAK = r"(?<=[!-~]\n)(?=[!-~])"
+_SAFE_BREAK = re.compile(SAFE_BREAK)
+
+
+def safe_chunks(text: str, size: int) -> list[str]:
+    """`text` cut at safe breaks into pieces of about `size` characters (longer where no break is near),
+    so long texts encode piece by piece into exactly the ids of the whole."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        found = _SAFE_BREAK.search(text, start + size)
+        if found is None:
+            break
+        pieces.append(text[start : found.start()])
+        start = found.start()
+    pieces.append(text[start:])
+    return pieces
 
 
 class Tokenizer:
@@ -44,6 +65,10 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> None:
         raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A string that changes whenever the mapping from text to ids changes (keys prepared data)."""
+        return self.kind
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size})"
@@ -128,6 +153,9 @@ def load_gpt2_encoding():
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
 
 
+BPE_PIECE_CHARS = 1 << 14
+
+
 class BPETokenizer(Tokenizer):
     """A byte-level BPE trained on your corpus (Hugging Face tokenizers), saved as `tokenizer.json`."""
 
@@ -152,10 +180,7 @@ class BPETokenizer(Tokenizer):
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        if vocab_size < 257:
-            raise GptlabError(
-                f"BPE vocabulary size {vocab_size} is too small: it needs 256 byte tokens plus {EOT}; use 257 or more"
-            )
+        check_bpe_vocab_size(vocab_size)
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -169,10 +194,18 @@ class BPETokenizer(Tokenizer):
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        # Hugging Face tokenizers slows down superlinearly on long strings: encode safe pieces instead.
+        if len(text) <= BPE_PIECE_CHARS:
+            return self._tok.encode(text).ids
+        return [i for e in self._tok.encode_batch(safe_chunks(text, BPE_PIECE_CHARS)) for i in e.ids]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts))]
+        if all(len(text) <= BPE_PIECE_CHARS for text in texts):
+            return [e.ids for e in self._tok.encode_batch(list(texts))]
+        return [self.encode(text) for text in texts]
+
+    def fingerprint(self) -> str:
+        return "bpe-" + hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
 
     def _token_bytes(self, i: int) -> bytes:
         cached = self._id_to_bytes.get(i)
@@ -192,6 +225,14 @@ class BPETokenizer(Tokenizer):
         directory.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(directory / "tokenizer.json"))
         _write_config(directory, {"kind": self.kind})
+
+
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    """A byte-level BPE needs its 256 byte tokens and the special tokens before any merge."""
+    if vocab_size < 257:
+        raise GptlabError(
+            f"BPE vocabulary size {vocab_size} is too small: it needs 256 byte tokens plus {EOT}; use 257 or more"
+        )
 
 
 def _bytes_to_unicode() -> dict[int, str]:
