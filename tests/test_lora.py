@@ -109,12 +109,30 @@ def test_training_moves_only_the_adapters():
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     idx = tokens()
     for _ in range(3):
-        loss = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        loss = model(idx[:, :-1], targets=idx[:, 1:])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     assert all(torch.equal(model.state_dict()[name], t) for name, t in frozen.items())
     assert all(not torch.equal(lora_state_dict(model)[name], t) for name, t in adapters.items())
+
+
+def test_the_models_loss_and_its_gradients_include_an_adapted_head():
+    model = apply_lora(GPT(CONFIG), LoRAConfig(rank=4, targets=["lm_head"]))
+    randomise_adapters(model)
+    idx = tokens()
+    gradients = []
+    for loss_of in (
+        lambda: model(idx[:, :-1], targets=idx[:, 1:]),
+        lambda: torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()),
+    ):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        gradients.append((loss.detach(), model.lm_head.lora_A.grad.clone(), model.lm_head.lora_B.grad.clone()))
+    for fused, reference in zip(*gradients, strict=True):
+        assert torch.allclose(fused, reference, atol=1e-6)
+    assert gradients[0][1].abs().sum() > 0
 
 
 def test_target_matching_no_layer_is_a_one_line_error():

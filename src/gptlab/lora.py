@@ -50,6 +50,12 @@ class LoRALinear(nn.Module):
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., rank) -> (..., out)
         return F.linear(x, self.weight, self.bias) + update * self.scaling
 
+    def matmul_operands(self, x):
+        """(inputs, weight) whose product inputs @ weight^T is this layer's output less its bias, for a loss
+        that takes the head's weight (the GPT's chunked cross-entropy): [x, s * dropout(x) A^T] @ [W, B]^T."""
+        update_input = F.linear(self.dropout(x), self.lora_A) * self.scaling  # (..., rank)
+        return torch.cat([x, update_input], dim=-1), torch.cat([self.weight, self.lora_B], dim=1)
+
     def delta_weight(self) -> torch.Tensor:
         """The update as a full matrix (out, in), computed in fp32."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling

@@ -146,7 +146,10 @@ class GPT(nn.Module):
         """
         hidden = self.hidden_states(idx, attention_mask, positions, cache)
         if targets is not None:
-            return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
+            hidden, weight = hidden.flatten(0, 1), self.lm_head.weight
+            if hasattr(self.lm_head, "matmul_operands"):  # a head with LoRA adapters (gptlab.lora)
+                hidden, weight = self.lm_head.matmul_operands(hidden)
+            return linear_cross_entropy(hidden, weight, targets.flatten())
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)
