@@ -10,6 +10,7 @@ so `gptlab prepare` and the tokenizing processes start fast.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -111,14 +112,13 @@ def _resolve_source(source: str) -> tuple[str, list[_Unit]]:
         if path.stat().st_size == 0:
             raise GptlabError(f"{path} is empty; give a file with text in it")
         return f"file {path}", [_file_unit(path, path.name)]
-    if source not in DATASETS:
-        get_dataset(source)  # raises with the known names
-    dataset = DATASETS[source]
-    if not dataset.corpus:
-        corpora = ", ".join(name for name, d in DATASETS.items() if d.corpus)
-        raise GptlabError(
-            f"data set {source!r} is task data ({dataset.description}), not a corpus to pretrain on; use {corpora}"
-        )
+    try:
+        dataset = get_dataset(source)
+    except GptlabError as exc:
+        raise GptlabError(f"no file or folder {source!r}, and {exc}") from None
+    if dataset.use != "corpus":
+        corpora = ", ".join(name for name, d in DATASETS.items() if d.use == "corpus")
+        raise GptlabError(f"data set {source!r} ({dataset.description}) is not a corpus to pretrain on; use {corpora}")
     return f"data set {source}", [_file_unit(dataset_path(source), source)]
 
 
@@ -360,6 +360,7 @@ class PreparedCorpus:
     train_tokens: np.ndarray
     val_tokens: np.ndarray
     meta: dict
+    reused: bool = False  # found already prepared, nothing tokenized
 
 
 def load_prepared(directory: str | Path) -> PreparedCorpus:
@@ -397,15 +398,26 @@ def prepare_corpus(
         raise GptlabError(f"val_fraction must be between 0 and 1 (exclusive), got {config.val_fraction}")
     if encoding_errors not in ("strict", "replace"):
         raise GptlabError(f"encoding_errors must be strict or replace, got {encoding_errors!r}")
-    spec = tokenizer.fingerprint() if tokenizer else _tokenizer_spec(config)
+    # A given tokenizer is identified by its fingerprint; it also matches shards prepared by training the
+    # same tokenizer from the config (a resumed run passes the tokenizer it saved).
+    specs = [tokenizer.fingerprint()] if tokenizer else []
+    if tokenizer is None or tokenizer.kind == config.tokenizer:
+        specs.append(_tokenizer_spec(config))
     description, units = _resolve_source(config.source)
     source_sha256, files = _source_sha256(units)
-    key = hashlib.sha256(
-        json.dumps([FORMAT_VERSION, source_sha256, spec, config.val_fraction, encoding_errors]).encode()
-    ).hexdigest()[:20]
-    directory = Path(out) if out is not None else Path(cache or cache_dir() / "prepared") / key
-    if _is_prepared(directory, key):
-        return load_prepared(directory)
+    identity = {
+        "format": FORMAT_VERSION,
+        "source_sha256": source_sha256,
+        "val_fraction": config.val_fraction,
+        "encoding_errors": encoding_errors,
+    }
+    root = Path(cache or cache_dir() / "prepared")
+    keys = [hashlib.sha256(json.dumps([identity, spec]).encode()).hexdigest()[:20] for spec in specs]
+    directories = [Path(out)] if out is not None else [root / key for key in keys]
+    for directory in directories:
+        if _is_prepared(directory, identity, specs[-1], tokenizer):
+            return dataclasses.replace(load_prepared(directory), reused=True)
+    directory = directories[0]
     if directory.exists() and not (directory / META_FILE).is_file() and any(directory.iterdir()):
         raise GptlabError(f"{directory} exists and is not a prepared corpus; choose an empty or new folder")
 
@@ -438,10 +450,9 @@ def prepare_corpus(
                         progress(done, total)
         tokenizer.save(tmp)
         meta = {
-            "format": FORMAT_VERSION,
-            "key": key,
+            **identity,
+            "tokenizer_spec": specs[0],
             "source": description,
-            "source_sha256": source_sha256,
             "files": files,
             "tokenizer": {
                 "kind": tokenizer.kind,
@@ -451,8 +462,6 @@ def prepare_corpus(
             },
             "dtype": dtype.name,
             "split": split,
-            "val_fraction": config.val_fraction,
-            "encoding_errors": encoding_errors,
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
             "train_bytes": cut,
@@ -478,13 +487,20 @@ def _tokenizer_spec(config: DataConfig) -> str:
     return config.tokenizer
 
 
-def _is_prepared(directory: Path, key: str) -> bool:
+def _is_prepared(directory: Path, identity: dict[str, Any], spec: str, tokenizer: Tokenizer | None) -> bool:
+    """Whether `directory` holds complete shards of the same source, split and tokenizer."""
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         return False
     meta = json.loads(meta_path.read_text())
-    itemsize = np.dtype(meta.get("dtype", "uint8")).itemsize
-    return meta.get("key") == key and all(
+    if any(meta.get(name) != value for name, value in identity.items()):
+        return False
+    if tokenizer is not None and meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
+        return False
+    if tokenizer is None and meta["tokenizer_spec"] != spec:
+        return False
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    return all(
         (directory / f"{name}.bin").is_file()
         and (directory / f"{name}.bin").stat().st_size == meta[f"{name}_tokens"] * itemsize
         for name in SHARDS

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from gptlab.errors import GptlabError
 
-GPT2_FILES = ("encoder.json", "vocab.bpe")
 GPT2_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/124M"
 BOOK_URL = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main"
 DOWNLOAD_ATTEMPTS = 3
@@ -47,7 +46,7 @@ class Dataset:
     name: str
     description: str
     files: tuple[RemoteFile, ...]
-    corpus: bool  # plain text a language model can pretrain on (the others are task data)
+    use: str  # "corpus" (text to pretrain on), "task" (finetuning data) or "tokenizer"
 
 
 DATASETS: dict[str, Dataset] = {
@@ -64,7 +63,7 @@ DATASETS: dict[str, Dataset] = {
                     20479,
                 ),
             ),
-            corpus=True,
+            use="corpus",
         ),
         Dataset(
             "tinyshakespeare",
@@ -77,7 +76,7 @@ DATASETS: dict[str, Dataset] = {
                     1115394,
                 ),
             ),
-            corpus=True,
+            use="corpus",
         ),
         Dataset(
             "sms-spam",
@@ -91,7 +90,7 @@ DATASETS: dict[str, Dataset] = {
                     member="SMSSpamCollection",
                 ),
             ),
-            corpus=False,
+            use="task",
         ),
         Dataset(
             "instruction-data",
@@ -104,7 +103,7 @@ DATASETS: dict[str, Dataset] = {
                     203524,
                 ),
             ),
-            corpus=False,
+            use="task",
         ),
         Dataset(
             "instruction-preference",
@@ -117,7 +116,7 @@ DATASETS: dict[str, Dataset] = {
                     386968,
                 ),
             ),
-            corpus=False,
+            use="task",
         ),
         Dataset(
             "gpt2",
@@ -136,7 +135,7 @@ DATASETS: dict[str, Dataset] = {
                     456318,
                 ),
             ),
-            corpus=False,
+            use="tokenizer",
         ),
     )
 }
@@ -169,6 +168,11 @@ def dataset_files(name: str, download: bool = True) -> list[Path]:
     return [_local_file(remote, download) for remote in get_dataset(name).files]
 
 
+def is_available(name: str) -> bool:
+    """Whether every file of a named data set is already on this machine (no download needed)."""
+    return all(any((folder / f.path).is_file() for folder in data_dirs()) for f in get_dataset(name).files)
+
+
 def dataset_path(name: str) -> Path:
     """Local path of a named data set's main file (GPTLAB_DATA_DIR, the cache, else a download)."""
     return dataset_files(name)[0]
@@ -186,7 +190,7 @@ def _local_file(remote: RemoteFile, download: bool) -> Path:
             return path
     dest = cache_dir() / remote.path
     if not download:
-        raise GptlabError(f"{remote.path} is not downloaded; {_by_hand(remote, dest)}")
+        raise GptlabError(f"{remote.path} is not downloaded; fetch {remote.url} and {_by_hand(remote, dest)}")
     try:
         if remote.member is None:
             return download_file(remote.url, dest, remote.sha256, remote.size)
@@ -197,11 +201,8 @@ def _local_file(remote: RemoteFile, download: bool) -> Path:
 
 
 def _by_hand(remote: RemoteFile, dest: Path) -> str:
-    what = f"{remote.member} from the archive" if remote.member else "it"
-    return (
-        f"fetch {remote.url} by hand and put {what} at {dest} "
-        f"(or set GPTLAB_DATA_DIR to a folder holding {remote.path})"
-    )
+    what = f"{remote.member} from that archive" if remote.member else "the file"
+    return f"put {what} at {dest} by hand (or set GPTLAB_DATA_DIR to a folder holding {remote.path})"
 
 
 def _extract(archive: Path, remote: RemoteFile, dest: Path) -> Path:
@@ -306,18 +307,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.URLError):
         return f"{exc.reason}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def find_gpt2_files() -> tuple[Path, Path] | None:
-    """(encoder.json, vocab.bpe) if both are present locally, else None."""
-    for folder in data_dirs():
-        paths = [folder / "gpt2" / name for name in GPT2_FILES]
-        if all(p.is_file() for p in paths):
-            return paths[0], paths[1]
-    return None
-
-
-def gpt2_files_help() -> str:
-    where = cache_dir() / "gpt2"
-    urls = ", ".join(f"{GPT2_BASE_URL}/{name}" for name in GPT2_FILES)
-    return f"download {urls} into {where} (or set GPTLAB_DATA_DIR to a folder with a gpt2/ subfolder holding them)"

@@ -131,26 +131,38 @@ class GPT2Tokenizer(Tokenizer):
         _write_config(directory, {"kind": self.kind})
 
 
+# tiktoken's own copies of the GPT-2 files (the same bytes as the 124M model's), by the names its cache uses.
+TIKTOKEN_GPT2_URLS = tuple(
+    f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}" for name in ("encoder.json", "vocab.bpe")
+)
+
+
 def load_gpt2_encoding():
-    """GPT-2's tiktoken encoding: from the gptlab data folder or cache if the files are there, else
-    through tiktoken's own cache or download."""
+    """GPT-2's tiktoken encoding from, in order: encoder.json + vocab.bpe in GPTLAB_DATA_DIR or the gptlab
+    cache, tiktoken's own cache, else a sha256-verified download into the gptlab cache."""
     import tiktoken
-
-    from gptlab.download import find_gpt2_files
-
-    files = find_gpt2_files()
-    if files is None:
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except Exception as exc:  # tiktoken raises plain network errors when offline
-            from gptlab.download import gpt2_files_help
-
-            raise GptlabError(f"cannot load the GPT-2 tokenizer ({type(exc).__name__}); {gpt2_files_help()}") from None
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-    encoder_json, vocab_bpe = files
+    from gptlab.download import dataset_files, is_available
+
+    if not is_available("gpt2") and _in_tiktoken_cache():
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception:  # a damaged tiktoken cache (tiktoken then tries the network): fetch our own copy
+            pass
+    encoder_json, vocab_bpe = dataset_files("gpt2")
     ranks = data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json))
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+
+
+def _in_tiktoken_cache() -> bool:
+    """Whether tiktoken has the GPT-2 files cached (it looks where this does), so it needs no network."""
+    import tempfile
+
+    folder = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    folder = folder or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    names = [hashlib.sha1(url.encode()).hexdigest() for url in TIKTOKEN_GPT2_URLS]
+    return all(os.path.isfile(os.path.join(folder, name)) for name in names)
 
 
 BPE_PIECE_CHARS = 1 << 14
