@@ -34,17 +34,32 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         add_arguments(sub)
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, _parser=sub)
     return parser
+
+
+def _unknown_option_error(parser: argparse.ArgumentParser, unknown: list[str]) -> GptlabError:
+    """A one-line error for an unknown option, suggesting the closest known one."""
+    import difflib
+
+    option = next((arg for arg in unknown if arg.startswith("-")), unknown[0]).split("=")[0]
+    known = [s for action in parser._actions for s in action.option_strings]
+    close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else f"; see 'gptlab {parser.prog.split()[-1]} --help'"
+    return GptlabError(f"unknown option or argument {option!r}{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if getattr(args, "run", None) is None:
+        if unknown:
+            parser.parse_args(argv)  # argparse's own message and exit code
         parser.print_help()
         return 0
     try:
+        if unknown:
+            raise _unknown_option_error(args._parser, unknown)
         return int(args.run(args) or 0)
     except GptlabError as exc:
         if args.debug:
@@ -270,21 +285,25 @@ def _generation_config(args: argparse.Namespace, **overrides):
     return GenerationConfig(**{**values, **overrides})
 
 
-def _warnings_to_stderr():
-    """A context in which Python warnings print as one `warning: ...` line."""
-    import warnings
+class _WarningsToStderr:
+    """Within it, Python warnings (a truncated prompt, say) print as one `warning: ...` line."""
 
-    context = warnings.catch_warnings()
-    context.__enter__()
-    warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
-    return context
+    def __enter__(self):
+        import warnings
+
+        self._saved = warnings.catch_warnings()
+        self._saved.__enter__()
+        warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
+
+    def __exit__(self, *exc_info):
+        return self._saved.__exit__(*exc_info)
 
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_OR_CHECKPOINT", help="a run directory or a checkpoint folder")
     parser.add_argument("prompt", nargs="?", help="the text to continue (empty: start from end-of-text)")
     parser.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE ('-': standard input)")
-    parser.add_argument("--num-samples", type=int, default=1, help="completions of the prompt (default 1)")
+    parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions of the prompt (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _generation_arguments(parser)
 
@@ -317,7 +336,7 @@ def run_generate(args: argparse.Namespace) -> int:
     config = _generation_config(args)
     run = load_generator(args.run_dir, args.device, args.dtype)
     completions = []
-    with _warnings_to_stderr():
+    with _WarningsToStderr():
         for i in range(args.num_samples):
             # Sample i is seeded with seed + i: reproducible, and the samples differ.
             seed = None if config.seed is None else config.seed + i
@@ -368,7 +387,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if interactive:
         mode = f"template {template}" if template else "no template: free continuation"
         print(f"chatting with {run.run_dir} ({mode}); {CHAT_HELP}", file=sys.stderr)
-    with _warnings_to_stderr():
+    with _WarningsToStderr():
         while True:
             try:
                 message = input("> " if interactive else "")
@@ -387,3 +406,96 @@ def run_chat(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
             sys.stdout.flush()
     return 0
+
+
+# ---------------------------------------------------------------- gptlab prepare
+
+
+def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    from gptlab.config import DataConfig
+
+    defaults = DataConfig()
+    parser.add_argument(
+        "source",
+        nargs="?",
+        default="",
+        help="text file, folder of text files, .jsonl with a text field, or data set name "
+        "(default: the embedded Python documentation)",
+    )
+    parser.add_argument("--tokenizer", choices=("gpt2", "bpe", "byte"), default=defaults.tokenizer)
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=defaults.vocab_size,
+        help="ids of a trained bpe tokenizer (default %(default)s)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=defaults.val_fraction,
+        help="share held out for validation (default %(default)s)",
+    )
+    parser.add_argument("--out", help="folder for the shards (default: the cache, GPTLAB_CACHE/prepared/<key>)")
+    parser.add_argument(
+        "--encoding-errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="invalid UTF-8: stop with its place (strict) or substitute U+FFFD (replace)",
+    )
+    parser.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: one per core, up to 8)")
+    parser.add_argument("--chunk-mb", type=float, default=4.0, help="text per tokenizing task in MB (default 4)")
+    parser.add_argument("--list", action="store_true", help="list the named data sets and exit")
+
+
+@command("prepare", "tokenize a corpus into train/val token shards on disk", _prepare_arguments)
+def run_prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from gptlab.config import DataConfig
+    from gptlab.data import prepare_corpus
+
+    if args.list:
+        _print_datasets()
+        return 0
+    if args.workers < 0 or args.chunk_mb <= 0:
+        raise GptlabError("--workers must be 0 or more and --chunk-mb positive")
+    config = DataConfig(
+        source=args.source, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction
+    )
+    started = time.perf_counter()
+    with tqdm(total=0, unit="B", unit_scale=True, desc="tokenizing", disable=not sys.stderr.isatty()) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        corpus = prepare_corpus(
+            config,
+            progress=progress,
+            out=args.out,
+            chunk_bytes=int(args.chunk_mb * 2**20),
+            workers=args.workers or None,
+            encoding_errors=args.encoding_errors,
+        )
+    meta, tokenizer = corpus.meta, corpus.tokenizer
+    verb = "reused the shards of" if corpus.reused else "prepared"
+    print(
+        f"{verb} {meta['source']} with the {tokenizer.kind} tokenizer ({tokenizer.vocab_size:,} ids) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    for name in ("train", "val"):
+        tokens, size = meta[f"{name}_tokens"], meta[f"{name}_bytes"]
+        print(f"  {name:5s} {tokens:>13,} tokens  {size:>14,} bytes  {size / max(tokens, 1):.2f} bytes/token")
+    print(f"  split  {meta['split']} (val fraction {meta['val_fraction']})")
+    print(f"  shards {corpus.directory}/{{train,val}}.bin ({meta['dtype']}), meta.json, tokenizer")
+    return 0
+
+
+def _print_datasets() -> None:
+    from gptlab.download import DATASETS, is_available
+
+    for name, dataset in DATASETS.items():
+        where = "here" if is_available(name) else "download"
+        print(f"{name:24s} {dataset.use:9s} {where:8s} {dataset.description}")

@@ -587,6 +587,7 @@ def pretrain(
         tokenizer = load_tokenizer(ckpt.run_dir_of(init_checkpoint) / "tokenizer")
         values = {**values, "preset": None, "model": init_config["model"]}
     config = resolve_run_config(values, ["model", "data", "train"])
+    validate_train_config(config["train"])
     runtime = make_runtime(config["train"])
     log(
         f"preparing data ({config['data'].source or 'the embedded default corpus'}, {config['data'].tokenizer} tokenizer)"

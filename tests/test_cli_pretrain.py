@@ -1,0 +1,116 @@
+"""End-to-end tests of `gptlab pretrain`: the real CLI on tiny models, a real SIGKILL and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gptlab.cli import main
+
+TINY = [
+    "--preset", "tiny", "--data.tokenizer", "byte", "--train.batch_size", "4", "--train.warmup_steps", "2",
+    "--train.eval_batches", "2", "--train.sample_tokens", "8", "--train.peak_flops", "1e11",
+    "--model.context_length", "32", "--model.dropout", "0.1",
+]  # fmt: skip
+
+
+def verdict_args(shared_data: Path) -> list[str]:
+    return ["--data.source", str(shared_data / "the-verdict.txt")]
+
+
+def train_records(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def test_pretrain_writes_run_and_refuses_to_clobber(tmp_path, shared_data, capsys, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = ["pretrain", "--out", str(run), *TINY, *verdict_args(shared_data), "--train.max_steps", "6",
+            "--train.eval_interval", "3", "--train.log_interval", "1"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "MFU" in out and "left" in out and "sample" in out
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "latest", "best", "tokenizer/tokenizer_config.json"):
+        assert (run / name).exists(), name
+    assert len(train_records(run)) == 6
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_resume_with_changed_config_is_refused_with_the_fields(tmp_path, shared_data, capsys, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run), *TINY, *verdict_args(shared_data), "--train.max_steps", "4",
+                 "--train.eval_interval", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run), "--train.learning_rate", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "train.learning_rate" in err and "--allow-config-change" in err
+    assert main(["pretrain", "--resume", str(run), "--train.max_steps", "6", "--allow-config-change"]) == 0
+    assert [s for s, _ in train_records(run)][-1] == 6
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train.max_stepz", "3"], "did you mean --train.max_steps?"),
+        (["--preset", "tiny", "--model.n_head", "3"], "divisible"),
+        (["--train.max_steps", "abc"], "invalid value"),
+        (["--train.max_steps", "0"], "max_steps must be positive"),
+        (["--data.source", "no-such-data-set"], "no-such-data-set"),
+        (["--preset", "gpt5"], "unknown model preset"),
+    ],
+)
+def test_bad_input_fails_with_one_line(tmp_path, capsys, args, message):
+    assert main(["pretrain", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_unknown_field_in_config_file_suggests_closest(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  max_stepz: 3\n")
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "--config", str(recipe)]) == 2
+    assert "did you mean 'max_steps'" in capsys.readouterr().err
+
+
+def _cli(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gptlab", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reaches_the_same_losses_bitwise(tmp_path, shared_data):
+    env = {**os.environ, "GPTLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    common = [*TINY, *verdict_args(shared_data), "--train.max_steps", "40", "--train.eval_interval", "10",
+              "--train.checkpoint_interval", "1", "--train.log_interval", "1", "--train.threads", "1"]  # fmt: skip
+    reference = tmp_path / "reference"
+    done = _cli(["pretrain", "--out", str(reference), *common], env)
+    assert done.wait(timeout=300) == 0, done.stdout.read()
+
+    killed = tmp_path / "killed"
+    for kill_after_step in (7, 23):
+        if kill_after_step == 7:
+            proc = _cli(["pretrain", "--out", str(killed), *common], env)
+        else:
+            proc = _cli(["pretrain", "--resume", str(killed)], env)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            latest = killed / "latest"
+            if latest.is_file() and int(latest.read_text().strip().split("-")[1]) >= kill_after_step:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)  # mid-step or mid-checkpoint, whatever it was doing
+        proc.wait()
+    resumed = _cli(["pretrain", "--resume", str(killed)], env)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    assert train_records(killed) == train_records(reference)  # every step's loss, bitwise
