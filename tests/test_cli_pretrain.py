@@ -114,3 +114,17 @@ def test_sigkill_then_resume_reaches_the_same_losses_bitwise(tmp_path, shared_da
     assert resumed.returncode == 0, output
     assert "resumed from" in output
     assert train_records(killed) == train_records(reference)  # every step's loss, bitwise
+
+
+def test_init_from_continues_pretraining_from_another_runs_weights(tmp_path, shared_data, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    base, adapted = tmp_path / "base", tmp_path / "adapted"
+    common = [*TINY, "--train.eval_interval", "10", "--train.log_interval", "1"]
+    assert main(["pretrain", "--out", str(base), *common, *verdict_args(shared_data), "--train.max_steps", "30"]) == 0
+    source = ["--data.source", str(shared_data / "tinyshakespeare.txt"), "--train.max_steps", "2"]
+    assert main(["pretrain", "--out", str(adapted), *source, "--init-from", str(base), "--train.batch_size", "4"]) == 0
+    config = yaml.safe_load((adapted / "config.yaml").read_text())
+    assert Path(config["init_from"]).is_absolute() and config["model"]["context_length"] == 32
+    assert train_records(adapted)[0][1] < train_records(base)[0][1] - 1.0  # starts from trained weights

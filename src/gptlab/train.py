@@ -585,7 +585,8 @@ def pretrain(
         init_checkpoint = ckpt.find_checkpoint(values["init_from"])
         init_config = ckpt.read_run_config(ckpt.run_dir_of(init_checkpoint))
         tokenizer = load_tokenizer(ckpt.run_dir_of(init_checkpoint) / "tokenizer")
-        values = {**values, "preset": None, "model": init_config["model"]}
+        # Stored as an absolute checkpoint folder: a run directory's `latest` moves as that run goes on.
+        values = {**values, "init_from": str(init_checkpoint.resolve()), "preset": None, "model": init_config["model"]}
     config = resolve_run_config(values, ["model", "data", "train"])
     validate_train_config(config["train"])
     runtime = make_runtime(config["train"])
