@@ -1,0 +1,454 @@
+"""Text generation: decoding strategies, the KV-cached decoding loop, batching, stop strings, streaming, chat.
+
+Layers, lowest first:
+    sample_next(logits, config)              one token per row from last-position logits
+    decode_steps(model, prompt_ids, config)  every row's next token, step after step
+    generate_ids(model, prompt_ids, config)  the new token ids of each prompt
+    stream(model, tokenizer, prompt, config) the completion as text pieces, valid UTF-8 each
+    generate(model, tokenizer, prompts, config) the completion of each prompt
+    Chat                                     a conversation in a run's prompt template
+
+Rows of a batch are left-padded to a common length; the attention mask and per-row positions make
+each row's result the same as generating it alone. When a row outgrows the context length, its
+window slides: it keeps its most recent tokens and the cache is recomputed from them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from gptlab.config import GenerationConfig
+from gptlab.errors import GptlabError
+
+
+class GenerationWarning(UserWarning):
+    """Generation went on after changing the input, e.g. truncating a prompt longer than the context."""
+
+
+# ---------------------------------------------------------------- decoding strategies
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already seen (B, V bool) less likely: positive logits divided, negative multiplied (CTRL)."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits (B, V) with all but each row's k largest set to -inf."""
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def keep_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Logits with -inf outside each row's nucleus: the fewest most likely tokens whose probability reaches p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = probs.cumsum(dim=-1) - probs >= p  # the mass before this token already reaches p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Logits with -inf for tokens less likely than `min_p` times the row's most likely token."""
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    config: GenerationConfig,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token (B,) of each row from last-position logits (B, V) by the config's strategy.
+
+    Order: repetition penalty, then greedy (temperature 0) or temperature, top-k, top-p, min-p, sampling.
+    """
+    logits = logits.float()
+    if seen is not None and config.repetition_penalty != 1.0:
+        logits = penalize_repetition(logits, seen, config.repetition_penalty)
+    if config.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / config.temperature
+    if config.top_k is not None:
+        logits = keep_top_k(logits, config.top_k)
+    if config.top_p < 1.0:
+        logits = keep_top_p(logits, config.top_p)
+    if config.min_p > 0:
+        logits = keep_min_p(logits, config.min_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def make_generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
+    """A random generator seeded from the config, or None to use torch's global one."""
+    if config.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(config.seed)
+
+
+# ---------------------------------------------------------------- the decoding loop
+
+
+def sliding_keep(context_length: int) -> int:
+    """Tokens a row keeps when its window slides: the most recent three quarters of the context."""
+    return max(1, context_length - context_length // 4)
+
+
+def _slide_windows(rows: list[list[int]], starts: list[int], context_length: int) -> bool:
+    """Move the window start of each row that outgrew the context; True if any moved."""
+    slid = False
+    for i, row in enumerate(rows):
+        if len(row) - starts[i] > context_length:
+            starts[i] = len(row) - sliding_keep(context_length)
+            slid = True
+    return slid
+
+
+def _left_padded(windows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids (B, P) left-padded with 0 and the attention mask (None when no row is padded)."""
+    width = max(len(w) for w in windows)
+    ids = torch.tensor([[0] * (width - len(w)) + w for w in windows], device=device)
+    if all(len(w) == width for w in windows):
+        return ids, None
+    mask = torch.tensor([[0] * (width - len(w)) + [1] * len(w) for w in windows], device=device)
+    return ids, mask
+
+
+def _last_logits(model, ids, attention_mask=None, cache=None) -> torch.Tensor:
+    return model(ids, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+
+
+@torch.inference_mode()
+def decode_steps(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    generator: torch.Generator | None = None,
+) -> Iterator[list[int]]:
+    """Yield the next token of every row, step after step, up to `config.max_new_tokens` steps.
+
+    Prompts must be non-empty and fit the context (see `prepare_prompt`). Stopping a row early is the
+    caller's business: stop iterating when every row is done. With the cache, the prompts are
+    prefilled once and each step runs one position; without, each step recomputes every window.
+    """
+    from gptlab.model import KVCache
+
+    context = model.config.context_length
+    weight = next(model.parameters())
+    rows = [list(p) for p in prompt_ids]
+    starts = [0] * len(rows)
+    seen = None
+    if config.repetition_penalty != 1.0:
+        seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=weight.device)
+        for i, row in enumerate(rows):
+            seen[i, row] = True
+    cache = None
+    if config.use_cache:
+        longest = max(len(r) for r in rows)
+        max_length = min(context, longest + config.max_new_tokens - 1)
+        cache = KVCache(model.config, len(rows), max_length, device=weight.device, dtype=weight.dtype)
+
+    def prefill() -> torch.Tensor:
+        if cache is not None:
+            cache.reset()
+        ids, mask = _left_padded([row[start:] for row, start in zip(rows, starts, strict=True)], weight.device)
+        return _last_logits(model, ids, mask, cache)
+
+    was_training = model.training
+    model.eval()
+    try:
+        logits = prefill()
+        for step in range(config.max_new_tokens):
+            tokens = sample_next(logits, config, seen, generator)  # (B,)
+            new = tokens.tolist()
+            yield new
+            if step == config.max_new_tokens - 1:
+                return
+            if seen is not None:
+                seen.scatter_(1, tokens[:, None], True)
+            for row, token in zip(rows, new, strict=True):
+                row.append(token)
+            if _slide_windows(rows, starts, context) or cache is None:
+                logits = prefill()
+            else:
+                logits = _last_logits(model, tokens[:, None], cache=cache)
+    finally:
+        model.train(was_training)
+
+
+def prepare_prompt(ids: Sequence[int], context_length: int, config: GenerationConfig, eot_id: int | None) -> list[int]:
+    """A prompt ready to decode: an empty one starts from end-of-text; one longer than the context is
+    truncated to its most recent tokens (with a GenerationWarning) or refused, by `config.prompt_overflow`."""
+    ids = list(ids)
+    if not ids:
+        if eot_id is None:
+            raise GptlabError("the prompt is empty and no end-of-text id was given to start from; pass eot_id")
+        return [eot_id]
+    if len(ids) > context_length:
+        if config.prompt_overflow == "error":
+            raise GptlabError(
+                f"the prompt has {len(ids)} tokens but the context length is {context_length}; "
+                "shorten it or use prompt_overflow 'truncate'"
+            )
+        warnings.warn(
+            f"the prompt has {len(ids)} tokens, more than the context length {context_length}; "
+            f"keeping the last {context_length}",
+            GenerationWarning,
+            stacklevel=3,
+        )
+        ids = ids[-context_length:]
+    return ids
+
+
+def _check_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]]) -> None:
+    vocab = model.config.vocab_size
+    for prompt in prompts:
+        for i in prompt:
+            if not 0 <= i < vocab:
+                raise GptlabError(f"token id {i} is outside the model's vocabulary of {vocab}")
+
+
+def _batches(items: Sequence, size: int) -> Iterator[tuple[int, Sequence]]:
+    for start in range(0, len(items), size):
+        yield start, items[start : start + size]
+
+
+def generate_ids(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    config: GenerationConfig | None = None,
+    eot_id: int | None = None,
+) -> list[list[int]]:
+    """The new token ids of each prompt, in batches of `config.batch_size`.
+
+    A row ends at `max_new_tokens` or, when `eot_id` is given and `config.stop_at_eot`, at end-of-text
+    (not included). Stop strings are checked on text: use `generate` or `stream` for them.
+    """
+    config = config or GenerationConfig()
+    if config.stop:
+        raise GptlabError("stop strings are checked on decoded text; use generate() or stream() with a tokenizer")
+    _check_ids(model, prompt_ids)
+    context = model.config.context_length
+    prompts = [prepare_prompt(p, context, config, eot_id) for p in prompt_ids]
+    stop_id = eot_id if config.stop_at_eot else None
+    generator = make_generator(config, next(model.parameters()).device)
+    results: list[list[int]] = []
+    for _, batch in _batches(prompts, config.batch_size):
+        outputs: list[list[int]] = [[] for _ in batch]
+        active = set(range(len(batch)))
+        for tokens in decode_steps(model, batch, config, generator):
+            for i in list(active):
+                if tokens[i] == stop_id:
+                    active.discard(i)
+                else:
+                    outputs[i].append(tokens[i])
+            if not active:
+                break
+        results.extend(outputs)
+    return results
+
+
+# ---------------------------------------------------------------- text: stop strings, UTF-8, streaming
+
+
+class _RowText:
+    """One row's decoded text: bytes of a character split across tokens are held back until complete,
+    and so is any ending that could be the start of a stop string."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = tuple(stop)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""
+        self.done = False
+
+    def add(self, data: bytes) -> str:
+        """Take a token's bytes; return the text now safe to show (empty while held back)."""
+        self.pending += self.decoder.decode(data)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """End the row; return the rest of its text."""
+        self.pending += self.decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        found = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if found:
+            self.done = True
+            piece, self.pending = self.pending[: min(found)], ""
+            return piece
+        if final:
+            self.done = True
+            piece, self.pending = self.pending, ""
+            return piece
+        hold = self._stop_prefix_length()
+        cut = len(self.pending) - hold
+        piece, self.pending = self.pending[:cut], self.pending[cut:]
+        return piece
+
+    def _stop_prefix_length(self) -> int:
+        """Length of the longest ending of the pending text that begins some stop string."""
+        longest = min(max((len(s) for s in self.stop), default=1) - 1, len(self.pending))
+        for length in range(longest, 0, -1):
+            tail = self.pending[-length:]
+            if any(s.startswith(tail) for s in self.stop):
+                return length
+        return 0
+
+
+def _check_tokenizer(model: torch.nn.Module, tokenizer) -> None:
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise GptlabError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
+            "use the tokenizer saved with this model's run"
+        )
+
+
+def stream_rows(
+    model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int]], config: GenerationConfig
+) -> Iterator[tuple[int, str]]:
+    """An iterator of (prompt index, text piece) as the rows of each batch are decoded; every piece is
+    valid UTF-8. Bad input is refused here, before the iterator starts.
+
+    A row ends at `max_new_tokens`, at end-of-text (when `config.stop_at_eot`) or at a stop string,
+    which is found in the decoded text even when it spans several tokens and is not included.
+    """
+    _check_tokenizer(model, tokenizer)
+    _check_ids(model, prompt_ids)
+    context = model.config.context_length
+    prompts = [prepare_prompt(p, context, config, tokenizer.eot_id) for p in prompt_ids]
+    return _stream_batches(model, tokenizer, prompts, config)
+
+
+def _stream_batches(
+    model: torch.nn.Module, tokenizer, prompts: list[list[int]], config: GenerationConfig
+) -> Iterator[tuple[int, str]]:
+    stop_id = tokenizer.eot_id if config.stop_at_eot else None
+    generator = make_generator(config, next(model.parameters()).device)
+    for offset, batch in _batches(prompts, config.batch_size):
+        texts = [_RowText(config.stop) for _ in batch]
+        active = set(range(len(batch)))
+        for tokens in decode_steps(model, batch, config, generator):
+            for i in sorted(active):
+                text = texts[i]
+                piece = text.finish() if tokens[i] == stop_id else text.add(tokenizer.decode_bytes([tokens[i]]))
+                if piece:
+                    yield offset + i, piece
+                if text.done:
+                    active.discard(i)
+            if not active:
+                break
+        for i in sorted(active):
+            piece = texts[i].finish()
+            if piece:
+                yield offset + i, piece
+
+
+def stream(model: torch.nn.Module, tokenizer, prompt: str, config: GenerationConfig | None = None) -> Iterator[str]:
+    """The completion of one prompt as text pieces, as they are decoded (an empty prompt starts from end-of-text)."""
+    rows = stream_rows(model, tokenizer, [tokenizer.encode(prompt)], config or GenerationConfig())
+    return (piece for _, piece in rows)
+
+
+def generate(
+    model: torch.nn.Module, tokenizer, prompts: list[str] | str, config: GenerationConfig | None = None
+) -> list[str]:
+    """The completion (without the prompt) of each prompt, decoded in batches of different lengths."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    completions = [""] * len(prompts)
+    for i, piece in stream_rows(model, tokenizer, tokenizer.encode_batch(prompts), config or GenerationConfig()):
+        completions[i] += piece
+    return completions
+
+
+# ---------------------------------------------------------------- loading a model to generate with
+
+
+def load_generator(path: str, device: str = "auto", dtype: str = "auto"):
+    """A run's model, ready to generate: on `device` (auto: CUDA, MPS, then CPU), its weights in `dtype`
+    (the training rule: auto is bf16 on CUDA; bf16 needs a GPU or a CPU with bf16 units, else fp32),
+    checked to be a language model for its tokenizer. Returns a LoadedRun."""
+    from gptlab.checkpoint import load_run
+    from gptlab.train import resolve_autocast, resolve_device
+
+    target = resolve_device(device)
+    weights_dtype = resolve_autocast(dtype, target)
+    run = load_run(path, device=target)
+    head = getattr(run.model, "lm_head", None)
+    if head is None or head.out_features < run.tokenizer.vocab_size:
+        outputs = getattr(head, "out_features", "no")
+        raise GptlabError(
+            f"{path} has {outputs} outputs per position, not a language model over "
+            f"{run.tokenizer.vocab_size} tokens; generate needs a pretrained or instruction-tuned run"
+        )
+    if weights_dtype is not None:
+        run.model.to(weights_dtype)
+    return run
+
+
+# ---------------------------------------------------------------- chat
+
+
+class Chat:
+    """A conversation with a model. With a template (the run's `template`), messages are formatted as turns
+    and the oldest are dropped to fit the context; without one, the model freely continues the transcript."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        config: GenerationConfig,
+        template: str | None,
+        system: str | None = None,
+    ):
+        from gptlab.templates import get_template
+
+        self.model, self.tokenizer = model, tokenizer
+        self.template = get_template(template) if template else None
+        stop = list(config.stop) + list(self.template.stop if self.template else ())
+        self.config = dataclasses.replace(config, stop=stop)
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation."""
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
+        self.transcript = ""
+
+    def _budget(self) -> int:
+        """Prompt tokens that leave room for a full reply (at least half the context)."""
+        context = self.model.config.context_length
+        return max(context // 2, context - self.config.max_new_tokens)
+
+    def _prompt_ids(self, message: str) -> list[int]:
+        from gptlab.templates import fit_messages, format_messages
+
+        if self.template is None:
+            text = self.transcript + message
+        else:
+            self.messages = fit_messages(
+                self.template,
+                [*self.messages, {"role": "user", "content": message}],
+                lambda text: len(self.tokenizer.encode(text)),
+                self._budget(),
+            )
+            text = format_messages(self.template, self.messages)
+        return self.tokenizer.encode(text)[-self._budget() :]
+
+    def send(self, message: str) -> Iterator[str]:
+        """Stream the reply to `message`; the reply joins the history once it is complete."""
+        ids = self._prompt_ids(message)
+        reply = ""
+        for _, piece in stream_rows(self.model, self.tokenizer, [ids], self.config):
+            reply += piece
+            yield piece
+        if self.template is None:
+            self.transcript += message + reply
+        else:
+            self.messages.append({"role": "assistant", "content": reply.strip()})

@@ -1,0 +1,342 @@
+import warnings
+from itertools import pairwise
+
+import pytest
+import torch
+
+from gptlab.config import GenerationConfig, GPTConfig
+from gptlab.errors import GptlabError
+from gptlab.generate import (
+    Chat,
+    GenerationWarning,
+    decode_steps,
+    generate,
+    generate_ids,
+    keep_min_p,
+    keep_top_k,
+    keep_top_p,
+    penalize_repetition,
+    sample_next,
+    stream,
+)
+from gptlab.model import GPT
+from gptlab.templates import format_instruction
+from gptlab.tokenizer import ByteTokenizer
+
+EOT = 256
+GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=40, stop_at_eot=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models decode fastest on one thread (and a busy machine makes two threads wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_gpt(embedding_scale: float = 1.0) -> GPT:
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=257, context_length=24, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        gpt.token_embedding.weight.mul_(embedding_scale)
+    return gpt
+
+
+@pytest.fixture
+def model():
+    """A tiny random GPT whose (tied) embeddings are scaled up so greedy choices are far from ties."""
+    return tiny_gpt(embedding_scale=40)
+
+
+class ScriptedModel(torch.nn.Module):
+    """A stand-in whose next token is a fixed function of the last token, to script exact outputs.
+
+    Unmapped tokens lead to end-of-text. Records each forward's input and whether inference mode was on.
+    """
+
+    def __init__(self, table: dict[int, int], context_length: int = 64):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=257, context_length=context_length, n_layer=1, n_head=1, n_embd=4)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.table = torch.full((257,), EOT)
+        for token, following in table.items():
+            self.table[token] = following
+        self.inputs: list[torch.Tensor] = []
+        self.inference_mode: list[bool] = []
+
+    def forward(self, ids, attention_mask=None, cache=None, last_only=False):
+        self.inputs.append(ids.clone())
+        self.inference_mode.append(torch.is_inference_mode_enabled())
+        logits = torch.full((ids.shape[0], 1, 257), -10.0)
+        logits[torch.arange(ids.shape[0]), 0, self.table[ids[:, -1]]] = 10.0
+        return logits
+
+
+def script(text: str, start: str = "x") -> ScriptedModel:
+    """A model that continues `start` with `text` (distinct bytes) and then ends with end-of-text."""
+    data = (start[-1] + text).encode()
+    return ScriptedModel(dict(pairwise(data)) | {data[-1]: EOT})
+
+
+def greedy(**fields) -> GenerationConfig:
+    return GenerationConfig(**{"temperature": 0.0, "max_new_tokens": 40, "stop_at_eot": False, **fields})
+
+
+# ---------------------------------------------------------------- the decoding loop
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 10, 60])
+def test_greedy_with_cache_equals_without_cache_token_for_token(model, max_new_tokens):
+    prompts = [[1, 2, 3], list(range(40, 60)), [7]]
+    cached = generate_ids(model, prompts, greedy(max_new_tokens=max_new_tokens))
+    uncached = generate_ids(model, prompts, greedy(max_new_tokens=max_new_tokens, use_cache=False))
+    assert cached == uncached
+    assert [len(row) for row in cached] == [max_new_tokens] * 3
+
+
+def test_batched_rows_equal_generating_each_alone_stopping_on_their_own(model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [100], list(range(30, 50)), [200, 201, 202]]
+    free = generate_ids(model, prompts, greedy())
+    eot = free[0][6]  # a token the first row produces early: that row must stop there, the others need not
+    batched = generate_ids(model, prompts, greedy(stop_at_eot=True), eot_id=eot)
+    alone = [generate_ids(model, [p], greedy(stop_at_eot=True), eot_id=eot)[0] for p in prompts]
+    assert batched == alone
+    assert batched[0] == free[0][: free[0].index(eot)]
+    assert len({len(row) for row in batched}) > 1
+
+
+def test_batch_size_splits_prompts_without_changing_results(model):
+    prompts = [[i, i + 1] * (i % 4 + 1) for i in range(5)]
+    assert generate_ids(model, prompts, greedy(batch_size=2)) == generate_ids(model, prompts, greedy())
+
+
+def test_generation_past_the_context_slides_the_window(model):
+    context = model.config.context_length
+    (row,) = generate_ids(model, [[1, 2, 3]], greedy(max_new_tokens=3 * context))
+    assert len(row) == 3 * context
+    # Right after the first slide the model sees only the kept, most recent tokens, from position 0.
+    steps = decode_steps(model, [[1, 2, 3]], greedy(max_new_tokens=3 * context))
+    tokens = [1, 2, 3] + [next(steps)[0] for _ in range(context - 2)]
+    assert len(tokens) == context + 1
+    kept = tokens[-(context - context // 4) :]
+    expected = model(torch.tensor([kept]))[0, -1].argmax().item()
+    assert next(steps)[0] == expected
+
+
+def test_decoding_runs_in_inference_mode_and_restores_training_mode():
+    scripted = script("abc")
+    scripted.train()
+    generate(scripted, ByteTokenizer(), "x", greedy())
+    assert scripted.inference_mode and all(scripted.inference_mode)
+    assert scripted.training
+
+
+def test_cache_prefills_once_then_feeds_one_position_per_step():
+    scripted = script("abcdef")
+    generate(scripted, ByteTokenizer(), "hello x", greedy())
+    assert scripted.inputs[0].shape == (1, 7)
+    assert all(ids.shape == (1, 1) for ids in scripted.inputs[1:])
+
+
+def test_bf16_model_generates(model):
+    rows = generate_ids(model.to(torch.bfloat16), [[1, 2], [3]], greedy(max_new_tokens=30))
+    assert [len(r) for r in rows] == [30, 30]
+
+
+# ---------------------------------------------------------------- decoding strategies
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0]])
+    assert torch.isfinite(keep_top_k(logits, 2)).tolist() == [[False, True, False, True]]
+
+
+@pytest.mark.parametrize("p, kept", [(0.5, 1), (0.8, 2), (0.81, 3), (0.96, 4)])
+def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    order = [1, 3, 0, 2]  # most likely first
+    mask = torch.isfinite(keep_top_p(probs.log(), p))[0]
+    assert [bool(mask[i]) for i in order] == [True] * kept + [False] * (4 - kept)
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert torch.isfinite(keep_min_p(probs.log(), 0.25)).tolist() == [[True, True, True, False]]
+
+
+def test_repetition_penalty_makes_seen_tokens_less_likely():
+    logits = torch.tensor([[2.0, 1.5, -1.0]])
+    seen = torch.tensor([[True, False, True]])
+    penalized = penalize_repetition(logits, seen, 2.0)
+    assert penalized.tolist() == [[1.0, 1.5, -2.0]]
+    assert sample_next(logits, GenerationConfig(temperature=0, repetition_penalty=2.0), seen).item() == 1
+
+
+@pytest.mark.parametrize("fields", [dict(top_k=1), dict(top_p=0.01), dict(min_p=0.99)])
+def test_narrow_sampling_equals_greedy(model, fields):
+    prompts = [[1, 2, 3], [9]]
+    sampled = generate_ids(model, prompts, GenerationConfig(max_new_tokens=20, stop_at_eot=False, seed=0, **fields))
+    assert sampled == generate_ids(model, prompts, greedy(max_new_tokens=20))
+
+
+def test_sampling_follows_the_tempered_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = probs.log().repeat(20000, 1)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_next(logits, GenerationConfig(temperature=1.0), generator=generator), minlength=3)
+    assert torch.allclose(counts / 20000, probs, atol=0.015)
+    hot = sample_next(logits, GenerationConfig(temperature=2.0), generator=generator)
+    expected = probs.sqrt() / probs.sqrt().sum()
+    assert torch.allclose(torch.bincount(hot, minlength=3) / 20000, expected, atol=0.015)
+
+
+def test_seed_makes_sampling_reproducible():
+    model = tiny_gpt()
+    config = GenerationConfig(max_new_tokens=30, temperature=1.5, stop_at_eot=False, seed=7)
+    first = generate_ids(model, [[1, 2]], config)
+    assert generate_ids(model, [[1, 2]], config) == first
+    other = generate_ids(model, [[1, 2]], GenerationConfig(max_new_tokens=30, temperature=1.5, seed=8))
+    assert other != first
+
+
+# ---------------------------------------------------------------- text, stop strings and streaming
+
+
+def test_stop_string_split_across_tokens_stops_and_is_not_included():
+    scripted, tokenizer = script("abcdefgh"), ByteTokenizer()
+    config = GenerationConfig(temperature=0, stop=["def"])
+    assert generate(scripted, tokenizer, "x", config) == ["abc"]
+    pieces = list(stream(scripted, tokenizer, "x", config))
+    assert "".join(pieces) == "abc" and pieces == ["a", "b", "c"]
+
+
+def test_partial_stop_string_is_held_back_then_released():
+    scripted, tokenizer = script("abcdefgh"), ByteTokenizer()
+    pieces = list(stream(scripted, tokenizer, "x", GenerationConfig(temperature=0, stop=["dex"])))
+    assert pieces == ["a", "b", "c", "def", "g", "h"]
+
+
+def test_earliest_of_several_stop_strings_wins():
+    scripted = script("abcdefgh")
+    assert generate(scripted, ByteTokenizer(), "x", GenerationConfig(temperature=0, stop=["gh", "cd", "b"])) == ["a"]
+
+
+def test_stream_holds_back_characters_split_across_tokens():
+    text = "é€z"  # 2 + 3 + 1 bytes, one token per byte
+    data = b"x" + text.encode()
+    scripted = ScriptedModel(dict(pairwise(data)))
+    pieces = list(stream(scripted, ByteTokenizer(), "x", GenerationConfig(temperature=0)))
+    assert pieces == ["é", "€", "z"]
+
+
+def test_end_of_text_ends_a_row_and_is_not_included():
+    scripted = script("abc")
+    assert generate(scripted, ByteTokenizer(), ["x"], GenerationConfig(temperature=0)) == ["abc"]
+    assert generate(scripted, ByteTokenizer(), ["x"], greedy(max_new_tokens=4)) == ["abc<|endoftext|>"]
+
+
+def test_generate_batches_prompts_of_different_lengths_with_stop_strings(model):
+    tokenizer = ByteTokenizer()
+    prompts = ["Once upon", "a", "The quick brown fox"]
+    config = greedy(max_new_tokens=30)
+    batched = generate(model, tokenizer, prompts, config)
+    assert batched == [generate(model, tokenizer, p, config)[0] for p in prompts]
+    stop = batched[0][3:5]
+    stopped = generate(model, tokenizer, prompts, greedy(max_new_tokens=30, stop=[stop]))
+    assert stopped[0] == batched[0][: batched[0].index(stop)]
+
+
+def test_empty_prompt_starts_from_end_of_text():
+    scripted = ScriptedModel({EOT: ord("Q"), ord("Q"): ord("!")})
+    assert generate(scripted, ByteTokenizer(), "", GenerationConfig(temperature=0)) == ["Q!"]
+    assert scripted.inputs[0].tolist() == [[EOT]]
+
+
+def test_long_prompt_keeps_the_most_recent_tokens_with_a_warning():
+    scripted = script("ab", start="z")
+    prompt = "y" * 100 + "z"
+    with pytest.warns(GenerationWarning, match="keeping the last 64"):
+        assert generate(scripted, ByteTokenizer(), prompt, GenerationConfig(temperature=0)) == ["ab"]
+    assert scripted.inputs[0].shape == (1, 64)
+
+
+def test_long_prompt_is_refused_when_asked():
+    scripted = script("ab")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(GptlabError, match="context length is 64"):
+            generate(scripted, ByteTokenizer(), "y" * 65, GenerationConfig(prompt_overflow="error"))
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-3), "max_new_tokens"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(min_p=1.0), "min_p"),
+        (dict(prompt_overflow="drop"), "prompt_overflow"),
+        (dict(stop=[""]), "stop"),
+    ],
+)
+def test_invalid_generation_config_is_a_clear_error(fields, message):
+    with pytest.raises(GptlabError, match=message):
+        GenerationConfig(**fields)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(model):
+    with pytest.raises(GptlabError, match="outside the model's vocabulary"):
+        generate_ids(model, [[1, 999]], greedy())
+
+
+def test_tokenizer_larger_than_the_model_is_refused():
+    scripted = script("a")
+    scripted.config = GPTConfig(vocab_size=100, context_length=64, n_layer=1, n_head=1, n_embd=4)
+    with pytest.raises(GptlabError, match="tokenizer has 257 tokens"):
+        generate(scripted, ByteTokenizer(), "x", greedy())
+
+
+# ---------------------------------------------------------------- chat
+
+
+def test_chat_formats_turns_with_the_template_and_keeps_history():
+    tokenizer = ByteTokenizer()
+    scripted = ScriptedModel({ord("\n"): ord("O"), ord("O"): ord("K")}, context_length=512)
+    chat = Chat(scripted, tokenizer, GenerationConfig(temperature=0, max_new_tokens=10), "alpaca")
+    assert "".join(chat.send("Say ok")) == "OK"
+    assert tokenizer.decode(scripted.inputs[0][0].tolist()) == format_instruction("alpaca", "Say ok")
+    assert "".join(chat.send("Again")) == "OK"
+    second_prompt = tokenizer.decode(scripted.inputs[-3][0].tolist())
+    assert (
+        "### Instruction:\nSay ok\n\n### Response:\nOK\n\n### Instruction:\nAgain\n\n### Response:\n" in second_prompt
+    )
+    chat.reset()
+    chat_inputs = len(scripted.inputs)
+    "".join(chat.send("Fresh"))
+    assert tokenizer.decode(scripted.inputs[chat_inputs][0].tolist()) == format_instruction("alpaca", "Fresh")
+
+
+def test_chat_history_is_trimmed_to_fit_the_context():
+    tokenizer = ByteTokenizer()
+    scripted = ScriptedModel({ord("\n"): ord("O"), ord("O"): ord("K")}, context_length=256)
+    chat = Chat(scripted, tokenizer, GenerationConfig(temperature=0, max_new_tokens=8), "chat")
+    for i in range(20):
+        assert "".join(chat.send(f"message number {i}")) == "OK"
+    prompt = tokenizer.decode(scripted.inputs[-3][0].tolist())
+    assert len(prompt) <= 256 - 8
+    assert prompt.endswith("<|user|>\nmessage number 19\n<|assistant|>\n")
+    assert "message number 0\n" not in prompt
+
+
+def test_chat_without_template_continues_the_transcript():
+    tokenizer = ByteTokenizer()
+    scripted = ScriptedModel({ord("a"): ord("b"), ord("c"): ord("d")})
+    chat = Chat(scripted, tokenizer, GenerationConfig(temperature=0), None)
+    assert "".join(chat.send("a")) == "b"
+    assert "".join(chat.send("c")) == "d"
+    assert tokenizer.decode(scripted.inputs[-2][0].tolist()) == "abc"
