@@ -111,6 +111,13 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], str
     """Load weights saved by `save_weights`, restoring a tied head that was stored once."""
     if "lm_head.weight" not in state and getattr(getattr(model, "config", None), "tie_embeddings", False):
         state = {**state, "lm_head.weight": state["token_embedding.weight"]}
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise GptlabError(
+                f"the weights do not fit the model ({name} is {tuple(tensor.shape)} in the checkpoint, "
+                f"{tuple(own[name].shape)} in the model); is this checkpoint from another model?"
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
