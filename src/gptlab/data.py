@@ -157,7 +157,7 @@ class _Piece:
 
 
 def _safe_break(unit: _Unit, position: int) -> int:
-    """The first position at or after `position` where cutting the text changes no token (else a
+    """The first position at or after `position` where cutting the text changes no token (else the next
     character boundary), or the unit's end."""
     if position >= unit.size:
         return unit.size
@@ -166,8 +166,6 @@ def _safe_break(unit: _Unit, position: int) -> int:
         found = pattern.search(window)
         if found:
             return position + found.start()
-    if position + len(window) >= unit.size:
-        return unit.size
     offset = 0
     while offset < len(window) and 0x80 <= window[offset] < 0xC0:  # UTF-8 continuation bytes
         offset += 1
