@@ -178,6 +178,13 @@ def test_invalid_utf8_says_where_and_offers_replacement(tmp_path):
     assert "bad \ufffd byte" in decoded(corpus, "train") + decoded(corpus, "val")
 
 
+def test_invalid_utf8_deep_in_a_file_tokenized_in_parallel_chunks(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"a good line\n" * 4000 + b"\xc3\x28 broken\n" + b"a good line\n" * 4000)
+    with pytest.raises(GptlabError, match=r"invalid UTF-8 at byte 48000 \(line 4001\)"):
+        prepare(path, tokenizer="byte", chunk_bytes=5000, workers=2, val_fraction=0.6)
+
+
 def test_json_line_without_text_names_the_line(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "fine"}\n{"text": "fine"}\n{"body": "no text"}\n{"text": "fine"}\n')

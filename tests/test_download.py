@@ -229,8 +229,9 @@ def test_unknown_data_set_suggests_the_closest_name():
 
 
 def test_gpt2_files_are_downloaded_when_nothing_is_cached(shared_data, server, empty_cache, monkeypatch, tmp_path):
-    from gptlab.tokenizer import GPT2Tokenizer
+    from gptlab.tokenizer import GPT2Tokenizer, load_gpt2_encoding
 
+    load_gpt2_encoding.cache_clear()  # loaded from elsewhere by an earlier test
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "no-tiktoken-cache"))
     bodies = {f"gpt2/{name}": (shared_data / "gpt2" / name).read_bytes() for name in ("encoder.json", "vocab.bpe")}
     serve_dataset(monkeypatch, server, "gpt2", bodies)
@@ -239,8 +240,9 @@ def test_gpt2_files_are_downloaded_when_nothing_is_cached(shared_data, server, e
 
 
 def test_gpt2_comes_from_the_tiktoken_cache_offline(shared_data, empty_cache, monkeypatch):
-    from gptlab.tokenizer import GPT2Tokenizer
+    from gptlab.tokenizer import GPT2Tokenizer, load_gpt2_encoding
 
+    load_gpt2_encoding.cache_clear()  # loaded from elsewhere by an earlier test
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(shared_data / "tiktoken-cache"))
     assert GPT2Tokenizer().encode("Hello, world") == [15496, 11, 995]
     assert not Path(empty_cache).exists()

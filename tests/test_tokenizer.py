@@ -109,9 +109,11 @@ def test_end_of_text_is_one_token_in_every_kind(tokenizers):
         assert tok.decode([tok.eot_id]) == EOT
 
 
-def test_byte_tokenizer_rejects_ids_outside_its_vocabulary():
-    with pytest.raises(GptlabError, match="outside"):
-        ByteTokenizer().decode([257])
+def test_ids_outside_the_vocabulary_are_refused(tokenizers):
+    for tok in tokenizers:
+        for bad in (tok.vocab_size, -1):
+            with pytest.raises(GptlabError, match=f"token id {bad} is outside"):
+                tok.decode([0, bad])
 
 
 def test_save_and_load_beside_a_run(tmp_path, tokenizers):

@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -330,7 +331,10 @@ def _tokenized(
         for task in tasks:
             yield _tokenize_task(task, tokenizer, encoding_errors)
         return
-    context = multiprocessing.get_context("spawn")  # fork is unsafe after torch or tokenizers start threads
+    # Fork on Linux, as torch's DataLoader does: workers start at once, need no `__main__` guard in the
+    # caller's script and only run tokenizers. Elsewhere fork is unsafe, so spawn.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else Hugging Face warns in every forked worker
     with ProcessPoolExecutor(workers, context, _init_worker, (tokenizer, encoding_errors)) as pool:
         pending: deque = deque()
         queued = iter(tasks)

@@ -7,6 +7,7 @@ directory so generation and serving use exactly the tokenizer the model was trai
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -125,7 +126,11 @@ class GPT2Tokenizer(Tokenizer):
         return self._encoding.encode_batch(list(texts), allowed_special={EOT})
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return self._encoding.decode_bytes([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        outside = [i for i in ids if not 0 <= i < self.vocab_size]
+        if outside:
+            raise GptlabError(f"token id {outside[0]} is outside the GPT-2 vocabulary of {self.vocab_size}")
+        return self._encoding.decode_bytes(ids)
 
     def save(self, directory: str | Path) -> None:
         _write_config(directory, {"kind": self.kind})
@@ -137,6 +142,7 @@ TIKTOKEN_GPT2_URLS = tuple(
 )
 
 
+@functools.lru_cache(maxsize=1)
 def load_gpt2_encoding():
     """GPT-2's tiktoken encoding from, in order: encoder.json + vocab.bpe in GPTLAB_DATA_DIR or the gptlab
     cache, tiktoken's own cache, else a sha256-verified download into the gptlab cache."""
@@ -222,7 +228,7 @@ class BPETokenizer(Tokenizer):
     def _token_bytes(self, i: int) -> bytes:
         cached = self._id_to_bytes.get(i)
         if cached is None:
-            token = self._tok.id_to_token(i)
+            token = self._tok.id_to_token(i) if 0 <= i < self.vocab_size else None
             if token is None:
                 raise GptlabError(f"token id {i} is outside the BPE vocabulary of {self.vocab_size}")
             cached = token.encode() if i == self.eot_id else bytes(self._char_to_byte[ch] for ch in token)
