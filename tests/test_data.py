@@ -77,13 +77,15 @@ def test_folder_is_read_recursively_and_split_by_whole_files(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"Document number {i}.\n" * 20)
     (folder / ".hidden.txt").write_text("never read")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("never read either")
     (folder / "empty.txt").write_text("")
     corpus = prepare(folder, tokenizer="byte", val_fraction=0.2)
     train, val = decoded(corpus, "train"), decoded(corpus, "val")
     assert corpus.meta["split"] == "documents"
     assert train.count(EOT) == 8 and val.count(EOT) == 2
     assert val == "".join(f"Document number {i}.\n" * 20 + EOT for i in (8, 9))
-    assert "never read" not in train + val
+    assert "never" not in train + val
 
 
 def test_json_lines_documents_end_with_end_of_text(tmp_path):
@@ -93,6 +95,13 @@ def test_json_lines_documents_end_with_end_of_text(tmp_path):
     corpus = prepare(path, tokenizer="byte", val_fraction=0.1)
     assert decoded(corpus, "train") + decoded(corpus, "val") == "".join(r["text"] + EOT for r in rows)
     assert decoded(corpus, "val") == "".join(r["text"] + EOT for r in rows[18:])
+
+
+def test_a_validation_split_of_blank_lines_is_refused(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "two"}\n' + "\n" * 5)
+    with pytest.raises(GptlabError, match="validation split .* holds no text"):
+        prepare(path, tokenizer="byte", val_fraction=0.2)
 
 
 def test_named_data_set_with_gpt2_tokens(shared_data):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -102,10 +103,9 @@ def _resolve_source(source: str) -> tuple[str, list[_Unit]]:
         ]
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts[-1:])
-        )
-        units = [_file_unit(p, p.relative_to(path).as_posix()) for p in files if p.stat().st_size > 0]
+        names = sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file())
+        visible = [name for name in names if not any(part.startswith(".") for part in name.parts)]
+        units = [_file_unit(path / name, name.as_posix()) for name in visible if (path / name).stat().st_size > 0]
         if not units:
             raise GptlabError(f"folder {path} holds no non-empty files to read")
         return f"folder {path}", units
@@ -336,17 +336,11 @@ def _tokenized(
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else Hugging Face warns in every forked worker
     with ProcessPoolExecutor(workers, context, _init_worker, (tokenizer, encoding_errors)) as pool:
-        pending: deque = deque()
         queued = iter(tasks)
-        for task in queued:
-            pending.append(pool.submit(_tokenize_in_worker, task))
-            if len(pending) >= 2 * workers:
-                break
+        pending = deque(pool.submit(_tokenize_in_worker, task) for task in itertools.islice(queued, 2 * workers))
         while pending:
             result = pending.popleft().result()
-            task = next(queued, None)
-            if task is not None:
-                pending.append(pool.submit(_tokenize_in_worker, task))
+            pending.extend(pool.submit(_tokenize_in_worker, task) for task in itertools.islice(queued, 1))
             yield result
 
 
@@ -450,6 +444,11 @@ def prepare_corpus(
                     done += sum(p.end - p.start for p in task)
                     if progress:
                         progress(done, total)
+        if not counts["train"] or not counts["val"]:
+            empty = "train" if not counts["train"] else "validation"
+            raise GptlabError(
+                f"the {empty} split of {description} holds no text; add documents or change --val-fraction"
+            )
         tokenizer.save(tmp)
         meta = {
             **identity,
