@@ -19,7 +19,13 @@ from gptlab.tokenizer import (
     safe_chunks,
 )
 
-TEXT_FILES = ("the-verdict.txt", "tinyshakespeare.txt", "instruction-data.json", "spam/SMSSpamCollection")
+TEXT_FILES = (
+    "the-verdict.txt",
+    "tinyshakespeare.txt",
+    "instruction-data.json",
+    "instruction-data-with-preference.json",
+    "spam/SMSSpamCollection",
+)
 
 
 @pytest.fixture(scope="module")
