@@ -420,30 +420,18 @@ def prepare_corpus(
     started = time.perf_counter()
     cut, split = _split_point(units, config.val_fraction)
     total = sum(u.size for u in units)
-    ranges = {"train": (0, cut), "val": (cut, total)}
     if tokenizer is None:
         train_texts = (
             text for p in _pieces(units, 0, cut, chunk_bytes) for text, _ in _piece_texts(p, encoding_errors)
         )
         tokenizer = build_tokenizer(config.tokenizer, train_texts, config.vocab_size)
-    dtype = token_dtype(tokenizer.vocab_size)
-    workers = workers or min(os.cpu_count() or 1, 8)
 
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    counts, done = {}, 0
     try:
-        for name, (lo, hi) in ranges.items():
-            tasks = list(_tasks(_pieces(units, lo, hi, chunk_bytes), chunk_bytes))
-            counts[name] = 0
-            with open(tmp / f"{name}.bin", "wb") as f:
-                for task, ids in zip(tasks, _tokenized(tasks, tokenizer, encoding_errors, workers), strict=True):
-                    f.write(ids.tobytes())
-                    counts[name] += len(ids)
-                    done += sum(p.end - p.start for p in task)
-                    if progress:
-                        progress(done, total)
+        ranges = {"train": (0, cut), "val": (cut, total)}
+        counts = _write_shards(tmp, units, ranges, tokenizer, chunk_bytes, workers, encoding_errors, progress)
         if not counts["train"] or not counts["val"]:
             empty = "train" if not counts["train"] else "validation"
             raise GptlabError(
@@ -461,7 +449,7 @@ def prepare_corpus(
                 "eot_id": tokenizer.eot_id,
                 "fingerprint": tokenizer.fingerprint(),
             },
-            "dtype": dtype.name,
+            "dtype": token_dtype(tokenizer.vocab_size).name,
             "split": split,
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
@@ -476,6 +464,33 @@ def prepare_corpus(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(directory)
+
+
+def _write_shards(
+    folder: Path,
+    units: list[_Unit],
+    ranges: dict[str, tuple[int, int]],
+    tokenizer: Tokenizer,
+    chunk_bytes: int,
+    workers: int | None,
+    encoding_errors: str,
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, int]:
+    """Tokenize each named byte range of the corpus into `folder/<name>.bin`; the token count of each."""
+    workers = workers or min(os.cpu_count() or 1, 8)
+    total = sum(hi - lo for lo, hi in ranges.values())
+    counts, done = {}, 0
+    for name, (lo, hi) in ranges.items():
+        tasks = list(_tasks(_pieces(units, lo, hi, chunk_bytes), chunk_bytes))
+        counts[name] = 0
+        with open(folder / f"{name}.bin", "wb") as f:
+            for task, ids in zip(tasks, _tokenized(tasks, tokenizer, encoding_errors, workers), strict=True):
+                f.write(ids.tobytes())
+                counts[name] += len(ids)
+                done += sum(p.end - p.start for p in task)
+                if progress:
+                    progress(done, total)
+    return counts
 
 
 def _tokenizer_spec(config: DataConfig) -> str:
