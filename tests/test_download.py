@@ -114,6 +114,16 @@ def test_verified_file_is_not_downloaded_again(server, tmp_path):
     assert len(server.requests) == 1
 
 
+def test_a_damaged_cached_copy_is_downloaded_again(shared_data, server, empty_cache, monkeypatch):
+    body = (shared_data / "the-verdict.txt").read_bytes()
+    serve_dataset(monkeypatch, server, "the-verdict", {"the-verdict.txt": body})
+    damaged = empty_cache / "the-verdict.txt"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(body[:100])
+    assert dataset_path("the-verdict").read_bytes() == body
+    assert len(server.requests) == 1
+
+
 def test_dropped_connection_resumes_with_a_range_request(server, tmp_path):
     server.drop_after = 300_000
     dest = tmp_path / "body.bin"

@@ -179,16 +179,19 @@ def dataset_path(name: str) -> Path:
 
 
 def _local_file(remote: RemoteFile, download: bool) -> Path:
-    for folder in data_dirs():
-        path = folder / remote.path
+    """A verified local copy: the user's in GPTLAB_DATA_DIR, else the cache's (fetched again if damaged)."""
+    if os.environ.get("GPTLAB_DATA_DIR"):
+        path = Path(os.environ["GPTLAB_DATA_DIR"]) / remote.path
         if path.is_file():
             if file_sha256(path) != remote.sha256:
                 raise GptlabError(
-                    f"{path} does not match the published sha256 of {remote.path}; delete it or replace it "
-                    f"with the file from {remote.url}"
+                    f"{path} does not match the published sha256 of {remote.path}; replace it with the file "
+                    f"from {remote.url}"
                 )
             return path
     dest = cache_dir() / remote.path
+    if dest.is_file() and file_sha256(dest) == remote.sha256:
+        return dest
     if not download:
         raise GptlabError(f"{remote.path} is not downloaded; fetch {remote.url} and {_by_hand(remote, dest)}")
     try:
@@ -238,7 +241,7 @@ def download_file(
             _verify(dest, url, sha256, expected_size)
             return dest
         except GptlabError:
-            dest.unlink()
+            pass  # _verify deleted the damaged copy: download it again
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
     for _ in range(DOWNLOAD_ATTEMPTS):
