@@ -32,7 +32,7 @@ TEXT = "Hello world, it's 3.14 naïve café 🙂!" + EOT + "  The end\n"
 def save_hf_gpt2(directory: Path, tie: bool = True, vocab_size: int = GPT2_VOCAB, **save_kwargs):
     """A transformers GPT-2 with random weights (biases too), saved to `directory`; returns the model."""
     config = transformers.GPT2Config(
-        vocab_size=vocab_size, n_positions=24, n_embd=16, n_layer=2, n_head=2, tie_word_embeddings=tie,
+        vocab_size=vocab_size, n_positions=64, n_embd=16, n_layer=2, n_head=2, tie_word_embeddings=tie,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
     )  # fmt: skip
     model = transformers.GPT2LMHeadModel(config).eval()

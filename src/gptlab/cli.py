@@ -23,6 +23,29 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
     return register
 
 
+def command_group(name: str, help: str):
+    """Register `gptlab NAME ACTION ...`; returns a decorator like @command that registers one action."""
+    actions: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+    def add_actions(parser: argparse.ArgumentParser) -> None:
+        subparsers = parser.add_subparsers(dest=f"{name}_action", metavar="ACTION", required=True)
+        for action, (help_text, add_arguments, run) in actions.items():
+            sub = subparsers.add_parser(action, help=help_text, description=help_text)
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+            add_arguments(sub)
+            sub.set_defaults(run=run, _parser=sub)
+
+    def action(action_name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+        def register(run: Callable[[argparse.Namespace], int]):
+            actions[action_name] = (help_text, add_arguments, run)
+            return run
+
+        return register
+
+    COMMANDS[name] = (help, add_actions, lambda args: 0)  # argparse demands an action, so this never runs
+    return action
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptlab",
@@ -499,3 +522,82 @@ def _print_datasets() -> None:
     for name, dataset in DATASETS.items():
         where = "here" if is_available(name) else "download"
         print(f"{name:24s} {dataset.use:9s} {where:8s} {dataset.description}")
+
+
+# ---------------------------------------------------------------- gptlab import / export
+
+importing = command_group("import", "make a gptlab run of GPT-2's published weights or a transformers directory")
+
+
+def _import_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("--out", metavar="RUN", help=f"the run directory to create (default {default_out})")
+    parser.add_argument("--force", action="store_true", help="replace RUN if it already exists")
+    parser.add_argument(
+        "--dropout", type=float, metavar="P", help="dropout for later finetuning (default: config.json's resid_pdrop)"
+    )
+
+
+def _import_gpt2_arguments(parser: argparse.ArgumentParser) -> None:
+    from gptlab.config import PRESETS
+
+    parser.add_argument(
+        "--size",
+        default="gpt2",
+        choices=[name for name in PRESETS if name.startswith("gpt2")],
+        help="which GPT-2 (default gpt2: 124M parameters)",
+    )
+    _import_common_arguments(parser, "runs/SIZE")
+
+
+@importing("gpt2", "download GPT-2's published weights (once, into the cache) and make a run of them",
+           _import_gpt2_arguments)  # fmt: skip
+def run_import_gpt2(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gptlab.interop import import_gpt2
+
+    run = import_gpt2(args.size, args.out or Path("runs") / args.size, args.force, dropout=args.dropout)
+    print(f"imported {args.size} into {run}; try: gptlab generate {run} 'Hello'")
+    return 0
+
+
+def _import_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", metavar="DIR", help="the directory holding config.json and the weights")
+    parser.add_argument(
+        "--tokenizer",
+        choices=["auto", "gpt2", "bpe", "byte"],
+        default="auto",
+        help="the model's tokenizer (auto: the one a gptlab export recorded, GPT-2's, or DIR/tokenizer.json)",
+    )
+    _import_common_arguments(parser, "runs/DIR")
+
+
+@importing("hf", "make a run of a local transformers GPT-2 directory (safetensors, or pytorch_model.bin)",
+           _import_hf_arguments)  # fmt: skip
+def run_import_hf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gptlab.interop import import_hf
+
+    out = args.out or Path("runs") / Path(args.directory).resolve().name
+    run = import_hf(args.directory, out, args.tokenizer, args.force, dropout=args.dropout)
+    print(f"imported {args.directory} into {run}; try: gptlab generate {run} 'Hello'")
+    return 0
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN", help="a run directory or a checkpoint folder")
+    parser.add_argument("out", metavar="OUT_DIR", help="the transformers directory to write")
+    parser.add_argument(
+        "--checkpoint", choices=["latest", "best"], default="latest", help="which checkpoint of RUN (default latest)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it already exists")
+
+
+@command("export", "write a run as a transformers directory (from_pretrained loads it)", _export_arguments)
+def run_export(args: argparse.Namespace) -> int:
+    from gptlab.interop import export_run
+
+    out = export_run(args.run_dir, args.out, which=args.checkpoint, force=args.force)
+    print(f"exported {args.run_dir} to {out}; transformers loads it with AutoModelForCausalLM.from_pretrained")
+    return 0
