@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,10 +175,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int = 2,
     best: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a complete checkpoint folder, then point `latest` (and `best`) at it; prune old ones.
 
-    The folder is assembled under a temporary name and renamed only when every file is on disk.
+    The folder is assembled under a temporary name and renamed only when every file is on disk;
+    `extra` adds more to it first (an FSDP run's sharded optimizer state).
     """
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS
@@ -191,6 +194,8 @@ def save_checkpoint(
         atomic_write_bytes(tmp / WEIGHTS_FILE, weights_bytes(model_state))
         atomic_write_bytes(tmp / STATE_TENSORS_FILE, save(tensors))
         atomic_write_text(tmp / STATE_FILE, json.dumps(skeleton))
+        if extra is not None:
+            extra(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -6,6 +6,8 @@ Heavy imports (torch, numpy) happen inside the commands, so `gptlab --help` star
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 
@@ -72,6 +74,20 @@ def _unknown_option_error(parser: argparse.ArgumentParser, unknown: list[str]) -
     return GptlabError(f"unknown option or argument {option!r}{hint}")
 
 
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def _stdout_on_rank_zero():
+    """Under torchrun only rank 0 prints progress: the other ranks would repeat it."""
+    if _is_rank_zero():
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -83,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if unknown:
             raise _unknown_option_error(args._parser, unknown)
-        return int(args.run(args) or 0)
+        with _stdout_on_rank_zero():
+            return int(args.run(args) or 0)
     except GptlabError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if _is_rank_zero():  # every rank raises it: gptlab.distributed brings one rank's mistakes to all
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -207,6 +225,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -
                 default=argparse.SUPPRESS,
                 help=f"{f.metadata.get('help', '')} (default: {default!r})",
             )
+    if "train" in sections:
+        parser.add_argument(
+            "--activation-checkpointing", dest="train.activation_checkpointing", action="store_const", const="true",
+            default=argparse.SUPPRESS, help="same as --train.activation_checkpointing true",
+        )  # fmt: skip
 
 
 def collect_config(args: argparse.Namespace, base: dict | None = None) -> tuple[dict, dict]:

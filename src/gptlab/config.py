@@ -136,6 +136,13 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0: all physical cores)"})
     peak_flops: float = field(default=0.0, metadata={"help": "device peak FLOP/s for MFU (0: measure once)"})
+    parallel: str = field(
+        default="auto",
+        metadata={"help": "under torchrun: ddp (replicas) or fsdp (sharded weights, gradients, optimizer); auto: ddp"},
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute each block's activations in backward: less memory, more compute"}
+    )
 
 
 @dataclass

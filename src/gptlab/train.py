@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from gptlab import checkpoint as ckpt
+from gptlab import distributed
 from gptlab.config import TrainConfig
 from gptlab.errors import GptlabError
 
@@ -238,6 +239,11 @@ def accumulation_steps(config: TrainConfig, tokens_per_batch: int, world_size: i
             f"train.tokens_per_step {config.tokens_per_step} is smaller than one batch on all ranks "
             f"({per_round} tokens); lower train.batch_size or raise train.tokens_per_step"
         )
+    if world_size > 1 and config.tokens_per_step % per_round:
+        raise GptlabError(
+            f"train.tokens_per_step {config.tokens_per_step} does not split evenly over {world_size} ranks of "
+            f"{tokens_per_batch} tokens per batch; use a multiple of {per_round}"
+        )
     return max(1, round(config.tokens_per_step / per_round))
 
 
@@ -377,33 +383,42 @@ def train(
     """Train `model` on `objective` until `config.max_steps`, checkpointing into `run_dir`.
 
     `model` must already be on `runtime.device`. `resume_from` restores weights, optimizer, data
-    position and RNG from a checkpoint so the run continues exactly. `wrap_model` wraps the model for
-    the steps (DDP, FSDP, torch.compile); `save_weights` picks what a checkpoint stores (LoRA: adapters).
+    position and RNG from a checkpoint so the run continues exactly. Under torchrun the model is wrapped
+    in DDP or sharded by FSDP (gptlab.distributed); `wrap_model` wraps it further for the steps
+    (torch.compile); `save_weights` picks what a checkpoint stores (LoRA: adapters).
     """
     validate_train_config(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / METRICS_FILE)
-    optimizer = build_optimizer(model, config, runtime.device)
     accum = accumulation_steps(config, objective.tokens_per_batch, runtime.world_size)
     tokens_per_step = objective.tokens_per_batch * accum * runtime.world_size
     save_weights = save_weights or (lambda m: m.state_dict())
 
     step, tokens_seen, elapsed_before, best_val = 0, 0, 0.0, math.inf
-    if resume_from is not None:
-        state = ckpt.load_trainer_state(resume_from)
+    state = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        distributed.check_resume(state, runtime, tokens_per_step)
         ckpt.load_model_state(model, ckpt.load_weights(resume_from / ckpt.WEIGHTS_FILE, runtime.device), strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        objective.load_state_dict(state["objective"])
-        set_rng_state(state["rng"])
+    # DDP or FSDP across the ranks; FSDP shards the parameters in place, so the optimizer comes after.
+    stepper = distributed.parallelize(model, config, runtime)
+    optimizer = build_optimizer(model, config, runtime.device)
+    if runtime.world_size > 1:
+        torch.manual_seed(config.seed + runtime.rank)  # the weights agree already; dropout masks should not
+    if state is not None:
+        distributed.load_optimizer(model, optimizer, resume_from, state)
+        objective.load_state_dict(distributed.own_state(state, "objective", runtime))
+        set_rng_state(distributed.own_state(state, "rng", runtime))
         step, tokens_seen = state["step"], state["tokens_seen"]
         elapsed_before, best_val = state["elapsed"], state["best_val"]
         if runtime.is_main:
             metrics.truncate_after(step)
             log(f"resumed from {resume_from} at step {step}")
+            if state.get("world_size", 1) != runtime.world_size:
+                log(f"on {runtime.world_size} rank(s) instead of {state.get('world_size', 1)}: the data order changes")
 
     peak_flops = config.peak_flops or measure_peak_flops(runtime.device, runtime.autocast_dtype)
-    stepper = wrap_model(model) if wrap_model else model
+    stepper = wrap_model(stepper) if wrap_model else stepper
     start_step, start_time = step, time.perf_counter()
     window_time, window_tokens, window_losses = time.perf_counter(), 0, []
     last_eval: dict[str, float] = {}
@@ -416,13 +431,14 @@ def train(
             "tokens_seen": tokens_seen,
             "elapsed": elapsed_before + time.perf_counter() - start_time,
             "best_val": best_val,
-            "optimizer": optimizer.state_dict(),
-            "objective": objective.state_dict(),
-            "rng": rng_state(),
             "world_size": runtime.world_size,
+            "tokens_per_step": tokens_per_step,
         }
-        if runtime.is_main:
-            ckpt.save_checkpoint(run_dir, step, save_weights(model), state, keep=config.keep_checkpoints, best=best)
+        per_rank = {"objective": objective.state_dict(), "rng": rng_state()}
+        distributed.save_checkpoint(
+            run_dir, step, model, optimizer, save_weights(model), state, per_rank, runtime,
+            keep=config.keep_checkpoints, best=best,
+        )  # fmt: skip
 
     model.train()
     while step < config.max_steps:
@@ -432,14 +448,13 @@ def train(
         step_loss = torch.zeros((), device=runtime.device)
         for micro in range(accum):
             batch = runtime.to_device(objective.next_batch())
-            sync = micro == accum - 1 or not hasattr(stepper, "no_sync")
-            with contextlib.nullcontext() if sync else stepper.no_sync(), runtime.autocast():
+            with distributed.gradient_sync(stepper, micro == accum - 1), runtime.autocast():
                 loss = objective.loss(stepper, batch) / accum
             loss.backward()
             step_loss += loss.detach()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        train_loss = step_loss.item()
+        train_loss = distributed.mean_across_ranks(step_loss, runtime).item()
         if not math.isfinite(train_loss):
             raise GptlabError(
                 f"the training loss became {train_loss} at step {step + 1}; the last good checkpoint is kept in "
@@ -456,7 +471,7 @@ def train(
             _sync(runtime.device)
             now = time.perf_counter()
             tokens_per_second = window_tokens / max(now - window_time, 1e-9)
-            mfu = tokens_per_second * objective.flops_per_token / peak_flops
+            mfu = tokens_per_second * objective.flops_per_token / (peak_flops * runtime.world_size)
             elapsed = now - start_time
             left = elapsed / (step - start_step) * (config.max_steps - step)
             mean_loss = sum(window_losses) / len(window_losses)
@@ -478,7 +493,8 @@ def train(
             model.eval()
             with torch.no_grad(), runtime.autocast():
                 last_eval = objective.evaluate(model, runtime)
-                samples = objective.samples(model, runtime) if runtime.is_main else []
+                # Under FSDP every rank takes part in the forward passes of sampling.
+                samples = objective.samples(model, runtime) if runtime.is_main or distributed.is_sharded(model) else []
             model.train()
             val_loss = last_eval.get("val_loss", math.inf)
             improved = val_loss < best_val
@@ -509,10 +525,14 @@ def train(
 
 
 def make_runtime(config: TrainConfig) -> Runtime:
-    """Device, precision and threads for a run."""
-    configure_threads(config.threads)
-    device = resolve_device(config.device)
-    return Runtime(device=device, autocast_dtype=resolve_autocast(config.dtype, device))
+    """Device, precision and threads for a run; under torchrun also its rank, joining the process group."""
+    world = distributed.world_from_env()
+    configure_threads(config.threads or max(1, physical_cores() // world.local_world_size))
+    device = distributed.rank_device(resolve_device(config.device), world)
+    autocast_dtype = resolve_autocast(config.dtype, device)
+    runtime = Runtime(device, autocast_dtype, rank=world.rank, world_size=world.world_size)
+    distributed.start(runtime, config)
+    return runtime
 
 
 def open_run_dir(
@@ -593,15 +613,21 @@ def pretrain(
     log(
         f"preparing data ({config['data'].source or 'the embedded default corpus'}, {config['data'].tokenizer} tokenizer)"
     )
-    corpus = prepare_corpus(config["data"], tokenizer=tokenizer)
+    with distributed.main_first(runtime):  # rank 0 fills the shared cache, the others then read it
+        corpus = prepare_corpus(config["data"], tokenizer=tokenizer, encoding_errors=config["data"].encoding_errors)
     if corpus.tokenizer.vocab_size > config["model"].vocab_size or init_config is None:
         config["model"] = dataclasses.replace(config["model"], vocab_size=corpus.tokenizer.vocab_size)
     model_config: GPTConfig = config["model"]
     stored = run_config_to_dict(config)
-    resume_from = open_run_dir(run_dir, stored, resume, overwrite, allow_config_change)
-    if not resume:
-        ckpt.write_run_config(run_dir, stored)
-        corpus.tokenizer.save(run_dir / "tokenizer")
+
+    def open_run() -> Path | None:  # on rank 0 only: it may clear the run directory and writes into it
+        found = open_run_dir(run_dir, stored, resume, overwrite, allow_config_change)
+        if not resume:
+            ckpt.write_run_config(run_dir, stored)
+            corpus.tokenizer.save(run_dir / "tokenizer")
+        return found
+
+    resume_from = distributed.on_main(open_run, runtime)
 
     seed_everything(config["train"].seed)
     model = GPT(model_config)
@@ -614,7 +640,9 @@ def pretrain(
         f"{len(corpus.train_tokens):,} training tokens on {runtime.device}"
         + (f" with {runtime.autocast_dtype} autocast" if runtime.autocast_dtype else "")
     )
-    objective = NextTokenObjective(corpus, model_config, config["data"], config["train"])
+    objective = NextTokenObjective(
+        corpus, model_config, config["data"], config["train"], rank=runtime.rank, world_size=runtime.world_size
+    )
     wrap = torch.compile if config["train"].compile else None
     result = train(
         model, objective, config["train"], run_dir, runtime, resume_from=resume_from, log=log, wrap_model=wrap

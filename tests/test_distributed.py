@@ -1,0 +1,413 @@
+"""Data-parallel training with 2 gloo processes on the CPU: DDP and FSDP match one process with the
+double batch, accumulation skips the reduction, a killed run resumes exactly, sharded optimizer states
+reshard to another number of ranks, and mistakes end every rank with one line from rank 0.
+
+The ranks are forked from a server that has imported torch once, so each group starts in well under
+a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab import checkpoint as ckpt
+from gptlab import distributed
+from gptlab.config import GPTConfig, TrainConfig
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+from gptlab.sizing import train_flops_per_token
+from gptlab.train import Runtime, make_runtime, train
+
+# No QKV bias: a key bias gets no gradient (softmax ignores it), and Adam would blow its float noise up.
+CONFIG = GPTConfig(vocab_size=32, context_length=16, n_layer=2, n_head=2, n_embd=32, qkv_bias=False)
+HANG_SECONDS = 120
+REPO = Path(__file__).resolve().parents[1]
+# Imported once by the server the ranks are forked from (the optimizer imports torch._dynamo).
+PRELOAD = ["torch", "torch._dynamo", "matplotlib.pyplot", "gptlab.train", "gptlab.distributed", "gptlab.objectives"]
+
+
+# ---------------------------------------------------------------- running ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, out: Path, env: dict, work, args) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env,
+    )  # fmt: skip
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            result = work(*args)
+        torch.save({"result": result, "stderr": stderr.getvalue()}, out / f"rank{rank}.pt")
+    except BaseException:
+        torch.save({"error": traceback.format_exc(), "stderr": stderr.getvalue()}, out / f"rank{rank}.pt")
+        raise
+
+
+def run_ranks(tmp_path: Path, work, *args, world_size: int = 2, env: dict | None = None) -> list[dict]:
+    """Run `work(*args)` in `world_size` fresh processes forming a gloo group; each rank's outcome
+    (result or error, its stderr, its exit code).
+
+    Fails the test if any rank is still running after HANG_SECONDS.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    out = tmp_path / f"ranks-{_free_port()}"
+    out.mkdir()
+    port = _free_port()
+    processes = [
+        context.Process(target=_rank_main, args=(rank, world_size, port, out, env or {}, work, args))
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(HANG_SECONDS)
+    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    assert not hung, f"ranks {hung} were left hanging"
+    outcomes = []
+    for rank, process in enumerate(processes):
+        path = out / f"rank{rank}.pt"
+        outcome = torch.load(path, weights_only=False) if path.is_file() else {}
+        outcomes.append({**outcome, "exitcode": process.exitcode})
+    return outcomes
+
+
+def results(outcomes: list[dict]) -> list:
+    for rank, outcome in enumerate(outcomes):
+        assert "error" not in outcome and outcome["exitcode"] == 0, f"rank {rank} failed:\n{outcome.get('error')}"
+    return [outcome["result"] for outcome in outcomes]
+
+
+# ---------------------------------------------------------------- a tiny objective
+
+
+class GlobalBatches:
+    """Windows of a fixed token stream. Every rank draws the same global batch of batch_size x
+    world_size rows and trains on its own slice, so two ranks see exactly what one process with the
+    double batch sees."""
+
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.tokens = torch.arange(600) % 7 + (torch.arange(600) // 50) % 3
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.tokens_per_batch = batch_size * CONFIG.context_length
+        self.flops_per_token = train_flops_per_token(CONFIG)
+
+    def next_batch(self):
+        T = CONFIG.context_length
+        starts = torch.randint(
+            0, len(self.tokens) - T - 1, (self.batch_size * self.world_size,), generator=self.generator
+        )
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return {
+            "input": torch.stack([self.tokens[s : s + T] for s in mine]),
+            "target": torch.stack([self.tokens[s + 1 : s + T + 1] for s in mine]),
+        }
+
+    def loss(self, model, batch):
+        return model(batch["input"], batch["target"])
+
+    def evaluate(self, model, runtime):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randint(0, CONFIG.vocab_size, (4, CONFIG.context_length), generator=g)
+        return {"val_loss": model(x, x).item()}
+
+    def samples(self, model, runtime):
+        return []
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+def train_config(**overrides) -> TrainConfig:
+    fields = dict(max_steps=4, batch_size=2, learning_rate=3e-3, warmup_steps=1, eval_interval=2, log_interval=1,
+                  eval_batches=1, peak_flops=1e11, seed=0, device="cpu", dtype="fp32", threads=1)  # fmt: skip
+    return TrainConfig(**{**fields, **overrides})
+
+
+def train_ranked(run_dir: Path, config: TrainConfig, resume_from: Path | None = None) -> dict[str, torch.Tensor]:
+    """Train on this process's rank (torchrun's environment, or one process); the final weights."""
+    runtime = make_runtime(config)
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    objective = GlobalBatches(config.batch_size, runtime.rank, runtime.world_size)
+    train(model, objective, config, run_dir, runtime, resume_from=resume_from)
+    return ckpt.load_weights(ckpt.find_checkpoint(run_dir) / ckpt.WEIGHTS_FILE)
+
+
+def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize("parallel, activation_checkpointing", [("ddp", False), ("fsdp", True)])
+def test_two_ranks_reach_the_weights_of_one_process_with_the_double_batch(tmp_path, parallel, activation_checkpointing):
+    tokens_per_step = 2 * 2 * 2 * CONFIG.context_length  # 2 micro-steps of 2 ranks x 2 rows
+    config = train_config(
+        parallel=parallel, activation_checkpointing=activation_checkpointing, tokens_per_step=tokens_per_step
+    )
+    ranked = results(run_ranks(tmp_path, train_ranked, tmp_path / "two", config))
+    single = train_ranked(tmp_path / "one", train_config(batch_size=4, tokens_per_step=tokens_per_step))
+    assert_weights_close(ranked[0], single)
+    state = ckpt.load_trainer_state(ckpt.find_checkpoint(tmp_path / "two"))
+    assert state["world_size"] == 2 and len(state["objective_ranks"]) == 2
+    assert (ckpt.find_checkpoint(tmp_path / "two") / distributed.OPTIMIZER_DIR).is_dir() == (parallel == "fsdp")
+
+
+@pytest.mark.parametrize("parallel, first, then", [("fsdp", 2, 1), ("ddp", 1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, parallel, first, then):
+    # The global batch stays 4 rows; GlobalBatches keeps its data order whatever the number of ranks.
+    def run(ranks: int, run_dir: Path, resume_from: Path | None = None) -> dict[str, torch.Tensor]:
+        config = train_config(
+            parallel=parallel, batch_size=4 // ranks, tokens_per_step=4 * CONFIG.context_length, max_steps=6
+        )
+        if ranks == 1:
+            return train_ranked(run_dir, config, resume_from)
+        return results(run_ranks(tmp_path, train_ranked, run_dir, config, resume_from))[0]
+
+    uninterrupted = run(first, tmp_path / "first")
+    resumed = run(then, tmp_path / "then", resume_from=tmp_path / "first" / "checkpoints" / "step-0000004")
+    assert_weights_close(resumed, uninterrupted)
+
+
+def _gradients_after_backward(parallel: str, sync: bool) -> dict[str, torch.Tensor | None]:
+    config = train_config(parallel=parallel)
+    runtime = make_runtime(config)
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    stepper = distributed.parallelize(model, config, runtime)
+    batch = GlobalBatches(2, runtime.rank, runtime.world_size).next_batch()
+    with distributed.gradient_sync(stepper, sync):
+        stepper(batch["input"], batch["target"]).backward()
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_accumulation_micro_steps_skip_the_gradient_reduction(tmp_path):
+    local = results(run_ranks(tmp_path, _gradients_after_backward, "ddp", False))
+    assert not torch.equal(local[0]["ln_f.weight"], local[1]["ln_f.weight"])  # each rank keeps its own
+    synced = results(run_ranks(tmp_path, _gradients_after_backward, "ddp", True))
+    assert all(torch.equal(synced[0][name], synced[1][name]) for name in synced[0])
+    # FSDP keeps unreduced gradients to itself until the step's last micro-batch: no shard has one yet.
+    sharded_local = results(run_ranks(tmp_path, _gradients_after_backward, "fsdp", False))
+    assert all(grad is None for grad in sharded_local[0].values())
+
+
+def test_activation_checkpointing_keeps_the_gradients():
+    config = GPTConfig(vocab_size=32, context_length=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+    torch.manual_seed(0)
+    plain = GPT(config)
+    checkpointed = GPT(config)
+    checkpointed.load_state_dict(plain.state_dict())
+    distributed.checkpoint_blocks(checkpointed)
+    assert all(hasattr(block, "_checkpoint_wrapped_module") for block in checkpointed.blocks)
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randint(0, 32, (4, 16))
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)  # the same dropout masks: checkpointing replays them in the recomputation
+        model(x, x.roll(1, dims=1)).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
+
+
+# ---------------------------------------------------------------- a killed run resumes exactly
+
+
+def _pretrain(values: dict, resume: bool = False, kill_at_batch: int = 0) -> list[float]:
+    """Pretrain on this rank; with `kill_at_batch`, SIGKILL this process when it draws that batch."""
+    from gptlab.objectives import NextTokenObjective
+    from gptlab.train import pretrain
+
+    if kill_at_batch:
+        draw = NextTokenObjective.next_batch
+        drawn = []
+
+        def next_batch_or_die(self):
+            drawn.append(1)
+            if len(drawn) == kill_at_batch:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return draw(self)
+
+        NextTokenObjective.next_batch = next_batch_or_die
+    pretrain(values, resume=resume)
+    return [r["loss"] for r in _records(Path(values["out_dir"]), "train")]
+
+
+def _records(run_dir: Path, split: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    words = ["the", "model", "reads", "every", "token", "and", "learns", "which", "one", "comes", "next", "."]
+    text = " ".join(words[i] for i in torch.randint(0, len(words), (6000,), generator=generator))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+def pretrain_values(corpus: Path, out_dir: Path, **train) -> dict:
+    return {
+        "out_dir": str(out_dir),
+        "preset": None,
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "context_length": 32, "dropout": 0.1},
+        "data": {"source": str(corpus), "tokenizer": "byte"},
+        "train": {
+            "max_steps": 8, "batch_size": 2, "eval_interval": 4, "eval_batches": 1, "log_interval": 1,
+            "warmup_steps": 1, "learning_rate": 3e-3, "sample_tokens": 0, "peak_flops": 1e11, "device": "cpu",
+            "dtype": "fp32", "threads": 1, "seed": 0, **train,
+        },
+    }  # fmt: skip
+
+
+def test_a_killed_distributed_run_resumes_exactly(tmp_path, corpus):
+    env = {"GPTLAB_CACHE": str(tmp_path / "cache")}
+    straight = results(run_ranks(tmp_path, _pretrain, pretrain_values(corpus, tmp_path / "straight"), env=env))[0]
+    values = pretrain_values(corpus, tmp_path / "killed")
+    killed = run_ranks(tmp_path, _pretrain, values, False, 6, env=env)
+    assert [outcome["exitcode"] for outcome in killed] == [-signal.SIGKILL] * 2
+    assert (tmp_path / "killed" / "latest").read_text().strip() == "step-0000004"
+    resumed = results(run_ranks(tmp_path, _pretrain, values, True, env=env))[0]
+    assert resumed == straight  # bitwise: both ranks' data positions and dropout RNG were restored
+    assert len(straight) == 8
+    assert _records(tmp_path / "killed", "val") == _records(tmp_path / "straight", "val")
+    straight_weights, resumed_weights = (
+        ckpt.load_weights(ckpt.find_checkpoint(tmp_path / run) / ckpt.WEIGHTS_FILE) for run in ("straight", "killed")
+    )
+    assert all(torch.equal(straight_weights[name], resumed_weights[name]) for name in straight_weights)
+
+
+# ---------------------------------------------------------------- mistakes
+
+
+def _cli(argv: list[str]) -> int:
+    from gptlab.cli import main
+
+    return main(argv)
+
+
+def _pretrain_argv(corpus: Path, out: Path, *options: str) -> list[str]:
+    values = pretrain_values(corpus, out)
+    argv = ["pretrain", "--out", str(out)]
+    for section in ("model", "data", "train"):
+        argv += [item for name, value in values[section].items() for item in (f"--{section}.{name}", str(value))]
+    return argv + list(options)
+
+
+def assert_one_error_line_from_rank_zero(outcomes: list[dict], fragment: str) -> None:
+    assert [outcome["result"] for outcome in outcomes] == [2, 2]  # every rank stops with the usage error code
+    rank_zero = outcomes[0]["stderr"].strip().splitlines()
+    assert len(rank_zero) == 1 and rank_zero[0].startswith("error: ") and fragment in rank_zero[0], rank_zero
+    assert outcomes[1]["stderr"] == ""
+
+
+def test_a_batch_the_ranks_cannot_share_is_one_error_on_rank_zero(tmp_path, corpus):
+    env = {"GPTLAB_CACHE": str(tmp_path / "cache")}
+    argv = _pretrain_argv(corpus, tmp_path / "run", "--train.tokens_per_step", "192")  # 2 ranks x 64 tokens
+    outcomes = run_ranks(tmp_path, _cli, argv, env=env)
+    assert_one_error_line_from_rank_zero(outcomes, "does not split evenly over 2 ranks")
+
+
+def test_resuming_on_other_ranks_that_change_the_step_size_is_one_error_on_rank_zero(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    assert _cli(_pretrain_argv(corpus, tmp_path / "run", "--train.max_steps", "4")) == 0  # one process
+    outcomes = run_ranks(tmp_path, _cli, ["pretrain", "--resume", str(tmp_path / "run")], env={})
+    assert_one_error_line_from_rank_zero(outcomes, "trained on 1 rank(s) with 64 tokens per step")
+
+
+def test_a_missing_source_found_by_rank_zero_stops_every_rank(tmp_path, corpus):
+    env = {"GPTLAB_CACHE": str(tmp_path / "cache")}
+    argv = _pretrain_argv(corpus, tmp_path / "run", "--data.source", str(tmp_path / "absent.txt"))
+    outcomes = run_ranks(tmp_path, _cli, argv, env=env)
+    assert [outcome["result"] for outcome in outcomes] == [2, 2]
+    assert outcomes[0]["stderr"].count("error: ") == 1 and outcomes[1]["stderr"] == ""
+
+
+def _fail_on_rank(failing_rank: int) -> str:
+    runtime = make_runtime(train_config())
+    try:
+        with distributed.all_or_none(runtime):
+            if runtime.rank == failing_rank:
+                raise GptlabError("could not write the checkpoint: disk full")
+    except GptlabError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_mistake_on_one_rank_reaches_every_rank(tmp_path):
+    messages = results(run_ranks(tmp_path, _fail_on_rank, 1))
+    assert messages == ["rank 1: could not write the checkpoint: disk full"] * 2
+
+
+def test_devices_and_modes_without_a_distributed_backend_are_refused(monkeypatch):
+    with pytest.raises(GptlabError, match="mps has no distributed backend"):
+        distributed.start(Runtime(torch.device("mps"), world_size=2), TrainConfig(parallel="fsdp"))
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    with pytest.raises(GptlabError, match="needs NCCL"):
+        distributed.start(Runtime(torch.device("cuda", 0), world_size=2), TrainConfig(parallel="fsdp"))
+    with pytest.raises(GptlabError, match="unknown train.parallel 'zero3'"):
+        distributed.start(Runtime(torch.device("cpu"), world_size=2), TrainConfig(parallel="zero3"))
+    assert distributed.parallel_mode(TrainConfig(parallel="fsdp"), world_size=1) == "none"
+    assert distributed.parallel_mode(TrainConfig(), world_size=2) == "ddp"
+
+
+def test_the_world_comes_from_torchruns_environment(monkeypatch):
+    assert distributed.world_from_env() == distributed.World()
+    for name, value in {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.world_from_env() == distributed.World(rank=3, local_rank=1, world_size=4, local_world_size=2)
+    assert distributed.rank_device(torch.device("cuda"), distributed.world_from_env()) == torch.device("cuda", 1)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(GptlabError, match="outside WORLD_SIZE 4"):
+        distributed.world_from_env()
+
+
+# ---------------------------------------------------------------- torchrun, end to end
+
+
+def test_torchrun_runs_the_pretrain_command_with_fsdp(tmp_path, corpus):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    argv = _pretrain_argv(
+        corpus, tmp_path / "run", "--train.parallel", "fsdp", "--activation-checkpointing",
+        "--train.max_steps", "4", "--train.sample_tokens", "4",
+    )  # fmt: skip
+    env = {**os.environ, "GPTLAB_CACHE": str(tmp_path / "cache")}
+    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "gptlab", *argv]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_SECONDS, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: 4 steps") == 1  # rank 0 prints, rank 1 is quiet
+    assert done.stdout.count("sample | ") == 1
+    checkpoint = ckpt.find_checkpoint(tmp_path / "run")
+    assert (checkpoint / distributed.OPTIMIZER_DIR / ".metadata").is_file()
+    assert _cli(["generate", str(tmp_path / "run"), "the", "--max-new-tokens", "3", "--seed", "0"]) == 0
