@@ -2,8 +2,8 @@
 double batch, accumulation skips the reduction, a killed run resumes exactly, sharded optimizer states
 reshard to another number of ranks, and mistakes end every rank with one line from rank 0.
 
-The ranks are forked from a server that has imported torch once, so each group starts in well under
-a second.
+The ranks are forked from a server that has imported torch once, so a group starts in a second or
+two rather than paying torch's import in every process.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from gptlab.train import Runtime, make_runtime, train
 # No QKV bias: a key bias gets no gradient (softmax ignores it), and Adam would blow its float noise up.
 CONFIG = GPTConfig(vocab_size=32, context_length=16, n_layer=2, n_head=2, n_embd=32, qkv_bias=False)
 HANG_SECONDS = 120
-REPO = Path(__file__).resolve().parents[1]
 # Imported once by the server the ranks are forked from (the optimizer imports torch._dynamo).
 PRELOAD = ["torch", "torch._dynamo", "matplotlib.pyplot", "gptlab.train", "gptlab.distributed", "gptlab.objectives"]
 
