@@ -338,3 +338,20 @@ def test_byte_corpus_round_trips_through_the_shards(tmp_path):
     corpus = prepare(tmp_path / "t.txt", tokenizer="byte")
     assert ByteTokenizer().decode(np.concatenate([corpus.train_tokens, corpus.val_tokens]).tolist()) == text + EOT
     assert data.META_FILE in {p.name for p in corpus.directory.iterdir()}
+
+
+def test_sequential_sampler_resumes_on_more_ranks_without_hanging():
+    from gptlab.data import make_sampler
+
+    tokens = np.arange(2000, dtype=np.uint16)
+    one = make_sampler(tokens, 16, 4, kind="sequential", seed=3)
+    for _ in range(20):
+        one.next_batch()
+    state = one.state_dict()
+    shares = []
+    for rank in range(2):
+        sampler = make_sampler(tokens, 16, 4, kind="sequential", seed=3, rank=rank, world_size=2)
+        sampler.load_state_dict(state)
+        assert sampler.epoch == state["epoch"] + 1 or sampler.position == state["position"] // 2
+        shares.append(sampler.next_batch()[0])
+    assert not torch.equal(shares[0], shares[1])

@@ -102,6 +102,9 @@ class DataConfig:
     sampler: str = field(default="random", metadata={"help": "random windows or sequential (the book's stride)"})
     stride: int | None = field(default=None, metadata={"help": "sequential sampler step; default: context length"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    encoding_errors: str = field(
+        default="strict", metadata={"help": "invalid UTF-8 in the corpus: strict (stop and say where) or replace"}
+    )
 
 
 @dataclass
@@ -209,6 +212,102 @@ class LoRAConfig:
             raise GptlabError("lora.targets is empty; name at least one linear layer, e.g. attn.qkv")
 
 
+CLASSIFY_CHOICES = {
+    "format": ("auto", "tsv", "csv", "jsonl"),
+    "balance": ("none", "downsample", "class_weights"),
+    "trainable": ("head", "last_blocks", "all", "lora"),
+    "pooling": ("last", "mean"),
+}
+
+
+@dataclass
+class ClassifyConfig:
+    """Text classification (see gptlab.classify): the labelled data, its split, and what finetuning trains."""
+
+    source: str = field(default="sms-spam", metadata={"help": "a .tsv, .csv or .jsonl file, or a named data set"})
+    format: str = field(default="auto", metadata={"help": "auto (by extension, else sniffed), tsv, csv or jsonl"})
+    columns: list[str] = field(
+        default_factory=list, metadata={"help": "column names of a file without a header row, in order"}
+    )
+    text_column: str = field(default="text", metadata={"help": "the column (or JSON key) holding the text"})
+    label_column: str = field(default="label", metadata={"help": "the column (or JSON key) holding the label"})
+    labels: list[str] = field(
+        default_factory=list, metadata={"help": "label names in id order (empty: the data's labels, sorted)"}
+    )
+    balance: str = field(
+        default="none",
+        metadata={"help": "none, downsample (every label to the rarest's count) or class_weights (in the loss)"},
+    )
+    split: list[float] = field(
+        default_factory=lambda: [0.7, 0.1, 0.2], metadata={"help": "train, validation and test fractions"}
+    )
+    split_seed: int = field(default=123, metadata={"help": "seed of the down-sampling and the split"})
+    trainable: str = field(
+        default="last_blocks", metadata={"help": "what trains besides the new head: head, last_blocks, all or lora"}
+    )
+    last_blocks: int = field(default=1, metadata={"help": "blocks trained (with the final norm) for last_blocks"})
+    pooling: str = field(
+        default="last", metadata={"help": "last (the last real token's output) or mean (over real tokens)"}
+    )
+    max_length: int = field(default=0, metadata={"help": "truncate texts to this many tokens (0: the context)"})
+
+    def __post_init__(self) -> None:
+        for name, choices in CLASSIFY_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise GptlabError(
+                    f"classify.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                    f"{_suggest(str(getattr(self, name)), choices)}"
+                )
+        if len(self.split) != 3 or min(self.split) <= 0 or abs(sum(self.split) - 1) > 1e-6:
+            raise GptlabError(
+                f"classify.split must be three fractions above 0 (train, validation, test) summing to 1, "
+                f"got {self.split}"
+            )
+        if self.last_blocks < 1:
+            raise GptlabError(f"classify.last_blocks must be at least 1, got {self.last_blocks}")
+        if self.max_length < 0:
+            raise GptlabError(f"classify.max_length must be 0 (the context) or positive, got {self.max_length}")
+        if len(set(self.labels)) != len(self.labels):
+            raise GptlabError(f"classify.labels names a label twice: {self.labels}")
+
+
+@dataclass
+class InstructConfig:
+    """Instruction finetuning (see gptlab.instruct): the records, their split, the loss mask and batching.
+
+    The prompt template is the run's top-level `template` field, so generate, chat and serve find it.
+    """
+
+    source: str = field(
+        default="instruction-data",
+        metadata={"help": "JSON list or JSON lines of Alpaca-style or chat records, or a named data set"},
+    )
+    split: list[float] = field(
+        default_factory=lambda: [0.85, 0.05, 0.10], metadata={"help": "train, validation and test fractions"}
+    )
+    split_seed: int = field(default=123, metadata={"help": "seed of the shuffle before the split"})
+    mask_prompt: bool = field(default=True, metadata={"help": "train on the response tokens only (not the prompt)"})
+    bucketing: bool = field(default=False, metadata={"help": "batch examples of similar length (less padding)"})
+    max_length: int = field(default=0, metadata={"help": "truncate examples to this many tokens (0: the context)"})
+    trainable: str = field(default="all", metadata={"help": "all (full finetuning) or lora (adapters only)"})
+    response_tokens: int = field(default=256, metadata={"help": "most tokens generated per test-split response"})
+
+    def __post_init__(self) -> None:
+        if len(self.split) != 3 or min(self.split) <= 0 or abs(sum(self.split) - 1) > 1e-6:
+            raise GptlabError(
+                f"instruct.split must be three fractions above 0 (train, validation, test) summing to 1, "
+                f"got {self.split}"
+            )
+        if self.trainable not in ("all", "lora"):
+            raise GptlabError(
+                f"instruct.trainable must be all or lora, got {self.trainable!r}{_suggest(self.trainable, ('all', 'lora'))}"
+            )
+        if self.max_length < 0:
+            raise GptlabError(f"instruct.max_length must be 0 (the context) or positive, got {self.max_length}")
+        if self.response_tokens < 1:
+            raise GptlabError(f"instruct.response_tokens must be at least 1, got {self.response_tokens}")
+
+
 # ---------------------------------------------------------------- dataclass helpers
 
 
@@ -301,6 +400,8 @@ def section_types() -> dict[str, type]:
     """The config sections a run may hold, by name; each finetuning mode adds its section here."""
     sections: dict[str, type] = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
     sections["lora"] = LoRAConfig
+    sections["classify"] = ClassifyConfig
+    sections["instruct"] = InstructConfig
     return sections
 
 
@@ -310,6 +411,7 @@ RUN_FIELDS: dict[str, str] = {
     "preset": "named model shape the model section starts from (see `gptlab size`)",
     "out_dir": "run directory to write",
     "init_from": "run or checkpoint whose weights start training (continued pretraining, finetuning)",
+    "template": "prompt template of an instruction-tuned run (alpaca, chat); generate, chat and serve reuse it",
 }
 
 

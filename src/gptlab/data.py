@@ -634,16 +634,23 @@ class SequentialWindows:
             take = order[self.position : self.position + self.batch_size - len(indices)]
             indices.extend(take.tolist())
             self.position += len(take)
-            if self.position == len(order):
+            if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
         return _batch(self.tokens, np.array(indices) * self.stride, self.context_length)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "seed": self.seed, "epoch": self.epoch, "position": self.position}
+        return {"kind": self.kind, "seed": self.seed, "epoch": self.epoch, "position": self.position,
+                "world_size": self.world_size}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where the state left off; saved with another number of ranks, the share of the epoch
+        already seen is kept (the exact windows differ, since the epoch is dealt out differently)."""
         _check_kind(self, state)
-        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self.seed, self.epoch, position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        saved_world = int(state.get("world_size", self.world_size))
+        self.position = position * saved_world // self.world_size
+        if self.position >= self.windows_per_rank:
+            self.epoch, self.position = self.epoch + 1, 0
         self._order_epoch = -1
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
