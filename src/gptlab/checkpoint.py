@@ -110,7 +110,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Load weights saved by `save_weights`, restoring a tied head that was stored once."""
-    if "lm_head.weight" not in state and getattr(getattr(model, "config", None), "tie_embeddings", False):
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    if tied and "lm_head.weight" not in state and "token_embedding.weight" in state:  # (LoRA adapters hold neither)
         state = {**state, "lm_head.weight": state["token_embedding.weight"]}
     own = model.state_dict()
     for name, tensor in state.items():
@@ -299,7 +300,12 @@ def build_model(run_config: dict[str, Any]) -> torch.nn.Module:
     from gptlab.model import GPT
 
     model_config = config_from_dict(GPTConfig, run_config["model"], where="model.")
-    model = GPT(model_config)
+    if run_config.get("task") == "classify":
+        from gptlab.classify import build_classifier
+
+        model = build_classifier(model_config, run_config)
+    else:
+        model = GPT(model_config)
     if run_config.get("lora"):
         from gptlab.config import LoRAConfig
         from gptlab.lora import apply_lora

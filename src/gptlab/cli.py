@@ -48,6 +48,11 @@ def command_group(name: str, help: str):
     return action
 
 
+# Command groups whose actions are registered further down, e.g. @finetune("instruct", help, add_arguments).
+finetune = command_group("finetune", "finetune a trained model for a task (one action per kind of task)")
+evaluate = command_group("eval", "evaluate a trained model (one action per kind of evaluation)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptlab",
@@ -70,7 +75,7 @@ def _unknown_option_error(parser: argparse.ArgumentParser, unknown: list[str]) -
     option = next((arg for arg in unknown if arg.startswith("-")), unknown[0]).split("=")[0]
     known = [s for action in parser._actions for s in action.option_strings]
     close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]}?)" if close else f"; see 'gptlab {parser.prog.split()[-1]} --help'"
+    hint = f" (did you mean {close[0]}?)" if close else f"; see '{parser.prog} --help'"
     return GptlabError(f"unknown option or argument {option!r}{hint}")
 
 
@@ -202,15 +207,16 @@ def run_lora(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- run configs on the command line
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str]) -> None:
-    """One `--section.field` option per config field, documented from the dataclass."""
+def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str], run_fields: bool = True) -> None:
+    """One `--section.field` option per config field, documented from the dataclass; `run_fields` adds
+    the top-level fields (--init-from, --out, ...) for commands that make a run."""
     import dataclasses
 
     from gptlab.config import RUN_FIELDS, section_types
 
     types_by_name = section_types()
     parser.add_argument("--config", metavar="FILE", help="YAML run config (a recipe); options below override it")
-    for name, help_text in RUN_FIELDS.items():
+    for name, help_text in RUN_FIELDS.items() if run_fields else ():
         flag = "--out" if name == "out_dir" else f"--{name.replace('_', '-')}"
         parser.add_argument(flag, dest=f"run.{name}", default=argparse.SUPPRESS, help=help_text)
     for section in sections:
@@ -623,4 +629,272 @@ def run_export(args: argparse.Namespace) -> int:
 
     out = export_run(args.run_dir, args.out, which=args.checkpoint, force=args.force)
     print(f"exported {args.run_dir} to {out}; transformers loads it with AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
+# ---------------------------------------------------------------- gptlab finetune instruct
+
+
+def _instruct_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora", action="store_true", help="train low-rank adapters only (--instruct.trainable lora; see --lora.*)"
+    )
+    parser.add_argument("--resume", metavar="RUN", help="continue a run exactly where its last checkpoint left it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    parser.add_argument(
+        "--allow-config-change", action="store_true", help="resume even though options change the run's config"
+    )
+    add_config_arguments(parser, ["train", "instruct", "lora"])
+
+
+@finetune("instruct", "teach a trained model to follow instructions (Alpaca-style or chat records)",
+          _instruct_arguments)  # fmt: skip
+def run_finetune_instruct(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from gptlab.checkpoint import read_run_config
+    from gptlab.instruct import finetune_instruct
+
+    base = {}
+    if args.resume:
+        base = read_run_config(args.resume)
+        base["out_dir"] = args.resume
+    values, _ = collect_config(args, base)
+    if args.lora:
+        values["instruct"] = {**values.get("instruct", {}), "trainable": "lora"}
+    result = finetune_instruct(
+        values, resume=bool(args.resume), overwrite=args.overwrite, allow_config_change=args.allow_config_change,
+        log=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    run_dir, final = result.run_dir, result.final_eval
+    print(f"\ndone: {result.train.step} steps in {result.train.elapsed:.0f} s")
+    start = f"{result.start_eval['val_loss']:.4f} -> " if result.start_eval else ""
+    print(f"response-only validation loss: {start}{final['val_loss']:.4f} (perplexity {final['perplexity']:.2f})")
+    finishes = Counter(r["finish"] for r in result.responses)
+    print(
+        f"test responses: {len(result.responses)} in {result.responses_file} ({finishes['end_of_text']} ended at "
+        f"end-of-text, {finishes['stop_string']} began another turn, {finishes['length']} hit the length limit)"
+    )
+    for record in result.responses[:2]:
+        asked = record.get("instruction") or record["messages"][-2]["content"]
+        print(f"example: {asked!r} -> {record['response']!r}")
+    print(f"run directory: {run_dir}\nchat with:     gptlab chat {run_dir}")
+    print(f"judge with:    gptlab eval judge {run_dir} --endpoint http://127.0.0.1:11434 --model llama3.1")
+    return 0
+
+
+# ---------------------------------------------------------------- gptlab eval judge
+
+
+def _judge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "responses", metavar="RUN_OR_FILE", help="an instruction run (its test_responses.json) or a responses JSON file"
+    )
+    parser.add_argument(
+        "--endpoint", required=True,
+        help="an OpenAI-compatible server or API base: http://127.0.0.1:11434 (Ollama), http://127.0.0.1:8080 "
+        "(llama.cpp), https://api.openai.com/v1",
+    )  # fmt: skip
+    parser.add_argument("--model", required=True, help="the judge model's name on that server, e.g. llama3.1")
+    parser.add_argument("--api-key-env", metavar="VAR", help="environment variable holding an API key (Bearer token)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply (default 120)")
+    parser.add_argument("--limit", type=int, help="judge only the first N responses")
+
+
+@evaluate("judge", "score an instruction run's test responses 0-100 with a judge model behind an OpenAI-compatible "
+          "endpoint", _judge_arguments)  # fmt: skip
+def run_eval_judge(args: argparse.Namespace) -> int:
+    import os
+
+    from gptlab.judge import judge_run
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise GptlabError(f"environment variable {args.api_key_env} is not set; export the API key in it")
+    if args.limit is not None and args.limit < 1:
+        raise GptlabError(f"--limit must be at least 1, got {args.limit}")
+
+    def progress(done: int, total: int) -> None:
+        if done % 10 == 0 or done == total:
+            print(f"judged {done}/{total}", file=sys.stderr, flush=True)
+
+    result, scores_file, histogram_file = judge_run(
+        args.responses, args.endpoint, args.model, api_key, args.timeout, args.limit, progress
+    )
+    print(f"mean score: {result.mean:.1f} / 100 over {len(result.scores)} responses ({result.model})")
+    if result.unscored:
+        print(f"warning: {result.unscored} replies held no score from 0 to 100 (see {scores_file})", file=sys.stderr)
+    print("histogram: " + ", ".join(f"{span}: {n}" for span, n in result.histogram().items()))
+    print(f"scores:    {scores_file}\nplot:      {histogram_file}")
+    return 0
+
+
+# ---------------------------------------------------------------- gptlab serve
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_OR_CHECKPOINT", help="a run directory or a checkpoint folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--name", help="model name clients ask for (default: the run directory's name)")
+    _generation_arguments(parser)
+
+
+@command("serve", "serve a run over an OpenAI-compatible HTTP API (completions and chat, streaming)",
+         _serve_arguments)  # fmt: skip
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gptlab.generate import load_generator
+    from gptlab.serve import create_app
+
+    defaults = _generation_config(args)
+    run = load_generator(args.run_dir, args.device, args.dtype)
+    name = args.name or run.run_dir.resolve().name
+    print(f"serving {run.run_dir} as {name!r} on http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
+    uvicorn.run(create_app(run, name, defaults), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+# ---------------------------------------------------------------- gptlab finetune classify
+
+
+def _finetune_classify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora", action="store_true", help="train low-rank adapters and the head (--classify.trainable lora)"
+    )
+    parser.add_argument("--resume", metavar="RUN", help="continue a run exactly where its last checkpoint left it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    parser.add_argument(
+        "--allow-config-change", action="store_true", help="resume even though options change the run's config"
+    )
+    add_config_arguments(parser, ["classify", "train", "lora"])
+
+
+@finetune("classify", "turn a trained model (--init-from RUN) into a text classifier: labels with probabilities",
+          _finetune_classify_arguments)  # fmt: skip
+def run_finetune_classify(args: argparse.Namespace) -> int:
+    from gptlab.checkpoint import read_run_config
+    from gptlab.classify import finetune_classify, format_report
+
+    base = {}
+    if args.resume:
+        base = read_run_config(args.resume)
+        base["out_dir"] = args.resume
+    values, _ = collect_config(args, base)
+    if args.lora:
+        values["classify"] = {**values.get("classify", {}), "trainable": "lora"}
+    result = finetune_classify(
+        values, resume=bool(args.resume), overwrite=args.overwrite, allow_config_change=args.allow_config_change,
+        log=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    print(
+        f"\ndone: {result.train.step} steps, {result.trainable_parameters:,} parameters trained, "
+        f"{result.train.elapsed:.0f} s of training"
+    )
+    print(format_report(result.validation, "validation split"))
+    print(format_report(result.test, "test split"))
+    print(f"run directory: {result.run_dir}")
+    for name, path in result.files.items():
+        print(f"{name + ':':<14} {path}")
+    print(f'classify with: gptlab classify {result.run_dir} "some text"')
+    return 0
+
+
+# ---------------------------------------------------------------- gptlab classify
+
+
+def _classify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN", help="a classifier run, or any language model run with --few-shot")
+    parser.add_argument("texts", metavar="TEXT", nargs="*", help="texts to classify (none: report on the test split)")
+    parser.add_argument("--file", help="texts to classify: a .tsv/.csv/.jsonl table (labels give metrics) or a .txt")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--few-shot", type=int, metavar="K", help="prompt a language model with K labelled examples")
+    parser.add_argument("--labels", help="label names for --few-shot, comma-separated (e.g. ham,spam)")
+    parser.add_argument("--split-from", metavar="RUN", help="--few-shot on the data and split of this classifier run")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the choice of few-shot examples (default 0)")
+    parser.add_argument(
+        "--checkpoint", choices=["latest", "best"], default="latest", help="which checkpoint of RUN (default latest)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    add_config_arguments(parser, ["classify"], run_fields=False)
+
+
+def _classification_data_config(args: argparse.Namespace, base: dict):
+    """The ClassifyConfig of the labelled data: `base` (a run's classify section), then --config and options."""
+    from gptlab.config import ClassifyConfig, config_from_dict
+
+    values, _ = collect_config(args, {"classify": dict(base)})
+    section = values.get("classify") or {}
+    if args.labels:
+        section["labels"] = [label.strip() for label in args.labels.split(",") if label.strip()]
+    return config_from_dict(ClassifyConfig, section, where="classify.")
+
+
+def _print_predictions(records: list[dict]) -> None:
+    for record in records:
+        text = " ".join(record["text"].split())
+        text = text[:100] + ("..." if len(text) > 100 else "")
+        print(f"{record['label']}\t{record['probabilities'][record['label']]:.4f}\t{text}")
+
+
+@command("classify", "label texts with a finetuned classifier, or by few-shot prompting a language model",
+         _classify_arguments)  # fmt: skip
+def run_classify(args: argparse.Namespace) -> int:
+    import json
+
+    from gptlab import classify
+    from gptlab.checkpoint import read_run_config
+    from gptlab.train import resolve_device
+
+    if args.batch_size < 1:
+        raise GptlabError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.few_shot is None and (args.labels or args.split_from):
+        raise GptlabError("--labels and --split-from go with --few-shot K")
+    if args.file and args.texts:
+        raise GptlabError("give texts as arguments or with --file, not both")
+    device = resolve_device(args.device)
+    if args.few_shot is None:
+        run = classify.load_classifier(args.run_dir, device, args.checkpoint)
+        data_config = _classification_data_config(args, run.config["classify"])
+    else:
+        if args.few_shot < 0:
+            raise GptlabError(f"--few-shot must be 0 (zero-shot) or more examples, got {args.few_shot}")
+        run = classify.load_language_model(args.run_dir, device, args.checkpoint)
+        base = read_run_config(args.split_from).get("classify") or {} if args.split_from else {}
+        data_config = _classification_data_config(args, base)
+        if not data_config.labels:
+            raise GptlabError("--few-shot needs the label names to score: --labels A,B (e.g. ham,spam)")
+    table = None
+    if args.file:
+        table = classify.read_texts(args.file, data_config.text_column, data_config.label_column, data_config.columns)
+    texts = table.texts if table else list(args.texts)
+
+    if args.few_shot is None and not texts:
+        report = classify.evaluate_run(run, args.batch_size, device)
+    elif args.few_shot is None:
+        records = classify.classify_texts(run, texts, args.batch_size, device)
+    else:
+        data = classify.prepare_classification_data(data_config)
+        examples = classify.few_shot_examples(data.splits["train"], data.labels, args.few_shot, args.seed)
+        if texts:
+            records = classify.few_shot_classify(run.model, run.tokenizer, examples, texts, data.labels,
+                                                 args.batch_size, device)  # fmt: skip
+        else:
+            report = classify.few_shot_evaluate(run.model, run.tokenizer, data, examples, args.batch_size, device)
+    if texts:
+        labels = run.config["classify"]["labels"] if args.few_shot is None else data_config.labels
+        report = classify.score_predictions(records, table.labels, labels, table.source) if table else None
+    if args.json:
+        result = {"run": str(run.run_dir), "predictions": records, "metrics": report} if texts else report
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    if texts:
+        _print_predictions(records)
+    if report is not None:
+        title = "texts with labels" if texts else "test split" + (f", {args.few_shot}-shot" if args.few_shot else "")
+        print(classify.format_report(report, title))
     return 0
