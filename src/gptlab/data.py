@@ -379,19 +379,21 @@ def prepare_corpus(
     out: Path | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     workers: int | None = None,
-    encoding_errors: str = "strict",
+    encoding_errors: str | None = None,
 ) -> PreparedCorpus:
     """Tokenize `config.source` into train/val shards, or reuse the ones already prepared from the same
     source bytes with the same tokenizer.
 
     `tokenizer` None builds one of kind `config.tokenizer` (a `bpe` is trained on the train split only).
     The shards go to `out`, else to `cache/<key>` (cache default: GPTLAB_CACHE/prepared). `progress` is
-    called with (bytes done, bytes in all). `encoding_errors` "replace" turns invalid UTF-8 into U+FFFD.
+    called with (bytes done, bytes in all). `encoding_errors` (default: the config's) "replace" turns invalid
+    UTF-8 into U+FFFD.
     """
     from gptlab.download import cache_dir
 
     if not 0 < config.val_fraction < 1:
         raise GptlabError(f"val_fraction must be between 0 and 1 (exclusive), got {config.val_fraction}")
+    encoding_errors = encoding_errors or config.encoding_errors
     if encoding_errors not in ("strict", "replace"):
         raise GptlabError(f"encoding_errors must be strict or replace, got {encoding_errors!r}")
     # A given tokenizer is identified by its fingerprint; it also matches shards prepared by training the

@@ -614,7 +614,7 @@ def pretrain(
         f"preparing data ({config['data'].source or 'the embedded default corpus'}, {config['data'].tokenizer} tokenizer)"
     )
     with distributed.main_first(runtime):  # rank 0 fills the shared cache, the others then read it
-        corpus = prepare_corpus(config["data"], tokenizer=tokenizer, encoding_errors=config["data"].encoding_errors)
+        corpus = prepare_corpus(config["data"], tokenizer=tokenizer)
     if corpus.tokenizer.vocab_size > config["model"].vocab_size or init_config is None:
         config["model"] = dataclasses.replace(config["model"], vocab_size=corpus.tokenizer.vocab_size)
     model_config: GPTConfig = config["model"]
