@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from gptlab.checkpoint import WEIGHTS_FILE, find_checkpoint, load_weights, read_run_config
+from gptlab.cli import main
+from test_instruct import base_run, word_records
+from test_judge import judge_server
+
+FAST = ["--train.max_steps", "4", "--train.batch_size", "4", "--train.eval_interval", "4", "--train.eval_batches", "1",
+        "--train.peak_flops", "1e11", "--train.threads", "1", "--train.sample_tokens", "4",
+        "--instruct.response_tokens", "8"]  # fmt: skip
+
+
+def finetune_args(tmp_path, records=None, *extra):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records if records is not None else word_records()))
+    base = base_run(tmp_path)
+    return ["finetune", "instruct", "--init-from", str(base), "--out", str(tmp_path / "run"), "--template", "chat",
+            "--instruct.source", str(data), *FAST, *extra]  # fmt: skip
+
+
+def test_finetune_instruct_then_judge_its_test_responses(tmp_path, capsys):
+    assert main(finetune_args(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "response-only validation loss: " in out and " -> " in out
+    assert f"test responses: 3 in {tmp_path / 'run' / 'test_responses.json'}" in out
+    assert read_run_config(tmp_path / "run")["template"] == "chat"
+
+    with judge_server() as server:
+        assert main(["eval", "judge", str(tmp_path / "run"), "--endpoint", server.url, "--model", "judge-1"]) == 0
+    out = capsys.readouterr().out
+    assert "mean score: " in out and "over 3 responses (judge-1)" in out
+    assert len(server.requests) == 3 and (tmp_path / "run" / "judge_scores.png").is_file()
+    scores = json.loads((tmp_path / "run" / "judge_scores.json").read_text())
+    assert len(scores["entries"]) == 3 and all(e["score"] in (25, 100) for e in scores["entries"])
+
+
+def test_lora_flag_trains_adapters_only(tmp_path, capsys):
+    assert main(finetune_args(tmp_path, None, "--lora", "--lora.rank", "2", "--lora.targets", "attn.qkv")) == 0
+    config = read_run_config(tmp_path / "run")
+    assert config["instruct"]["trainable"] == "lora" and config["lora"]["rank"] == 2
+    weights = load_weights(find_checkpoint(tmp_path / "run") / WEIGHTS_FILE)
+    assert sorted(weights) == [f"blocks.{i}.attn.qkv.lora_{m}" for i in (0, 1) for m in "AB"]
+    assert "(LoRA)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "records, extra, message",
+    [
+        (None, ["--template", "alpacca"], "unknown prompt template 'alpacca' (did you mean 'alpaca'?)"),
+        ([{"instruction": "a"}] * 20, [], "lacks 'output'"),
+        ([{"instruction": 1, "output": "b"}] * 20, [], "'instruction' must be a string, got int"),
+        ([], [], "holds no records"),
+        (None, ["--lora", "--lora.targets", "mlp.fcc"], "LoRA target 'mlp.fcc' matches no linear layer"),
+        (None, ["--instruct.trainable", "some"], "instruct.trainable must be all or lora"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, records, extra, message):
+    assert main(finetune_args(tmp_path, records, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_eval_judge_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "test_responses.json").write_text(json.dumps([{"instruction": "a", "output": "b", "response": "b"}]))
+    monkeypatch.delenv("JUDGE_KEY", raising=False)
+    cases = [
+        ([str(tmp_path / "missing")], "not found"),
+        ([str(tmp_path), "--api-key-env", "JUDGE_KEY"], "environment variable JUDGE_KEY is not set"),
+        ([str(tmp_path), "--limit", "0"], "--limit must be at least 1"),
+    ]
+    for args, message in cases:
+        assert main(["eval", "judge", *args, "--endpoint", "http://127.0.0.1:9", "--model", "m"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
