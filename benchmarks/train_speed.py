@@ -1,18 +1,24 @@
 """Training-step speed and memory: gptlab against transformers' GPT-2 on the same shapes, same machine, same run.
 
-Each (shape, implementation, precision) runs in its own subprocess so its peak memory is its own; a
-step is forward, loss, backward, AdamW step and zero_grad, as in the training loop. Prints a table
-(median tokens/s over the timed steps, ratio to transformers fp32, MFU against the measured fp32
-matmul rate, peak RSS) and writes benchmarks/results/train_speed.json.
+Each (shape, implementation, variant) runs in its own subprocess so its peak memory is its own; a step
+is forward, loss, backward, AdamW step and zero_grad, as in the training loop, on the same random
+tokens for every implementation. Prints a table (median tokens/s over the timed steps, ratio to
+transformers fp32, MFU against the fp32 matmul rate measured at the start of the run, peak RSS of the
+process and the step's own growth over the built model) and writes benchmarks/results/train_speed.json.
+
+Variants: fp32; fp32+compile (torch.compile, its compile time reported apart); bf16 (what the
+library does: bf16 autocast where the CPU has bf16 units, else the fp32 fallback, reported as such);
+bf16-emulated (autocast forced on, to show what a CPU without bf16 units would get).
 
     .venv/bin/python benchmarks/train_speed.py            # char-small and bpe-mini, 30 timed steps
-    .venv/bin/python benchmarks/train_speed.py --steps 10 --shapes char-small
+    .venv/bin/python benchmarks/train_speed.py --steps 10 --shapes char-small --variants fp32
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -22,15 +28,22 @@ import time
 from pathlib import Path
 
 SHAPES = {
-    # name: (preset fields, batch size)
+    # name: (model fields, batch size)
     "char-small": (dict(n_layer=4, n_head=4, n_embd=128, context_length=64, vocab_size=65), 12),
     "bpe-mini": (dict(n_layer=6, n_head=6, n_embd=384, context_length=256, vocab_size=50257), 8),
 }
-RUNS = [("transformers", "fp32"), ("gptlab", "fp32"), ("gptlab", "bf16")]
+RUNS = [
+    ("transformers", "fp32"),
+    ("gptlab", "fp32"),
+    ("gptlab", "fp32+compile"),
+    ("gptlab", "bf16"),
+    ("gptlab", "bf16-emulated"),
+]
 RESULTS = Path(__file__).parent / "results" / "train_speed.json"
 
 
 def build(impl: str, fields: dict):
+    """Model, optimizer and a loss function of (inputs, targets) for one implementation."""
     import torch
 
     torch.manual_seed(0)
@@ -55,25 +68,53 @@ def build(impl: str, fields: dict):
 
     model = GPT(GPTConfig(**fields, dropout=0.0))
     optimizer = build_optimizer(model, TrainConfig(learning_rate=1e-4), torch.device("cpu"))
-    return model, optimizer, lambda x, y: model(x, y), False
+    return model, optimizer, model, False
 
 
-def measure(impl: str, precision: str, shape: str, steps: int, warmup: int) -> dict:
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def matmul_flops(dtype_name: str, n: int = 1024, repeats: int = 7) -> float:
+    """Best FLOP/s of an n x n matrix product (the base of MFU), measured fresh, not cached."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / 3)
+    return 2 * n**3 / best
+
+
+def measure(impl: str, variant: str, shape: str, steps: int, warmup: int) -> dict:
     """One configuration, in this process: median step time, tokens/s and peak memory."""
     import torch
 
-    from gptlab.train import configure_threads, cpu_has_bf16, measure_peak_flops, resolve_autocast
+    from gptlab.train import configure_threads, cpu_has_bf16, resolve_autocast
 
     threads = configure_threads(0)
     fields, batch = SHAPES[shape]
-    autocast_dtype = resolve_autocast(precision, torch.device("cpu")) if precision == "bf16" else None
-    if precision == "bf16" and autocast_dtype is None:
-        return {"skipped": "this CPU has no bf16 units (AMX / AVX-512 BF16): bf16 autocast falls back to fp32"}
+    autocast_dtype = None
+    if variant == "bf16":
+        autocast_dtype = resolve_autocast("bf16", torch.device("cpu"))
+        if autocast_dtype is None:
+            return {"skipped": "no bf16 units (AMX / AVX-512 BF16) on this CPU: gptlab's bf16 falls back to fp32"}
+    elif variant == "bf16-emulated":
+        autocast_dtype = torch.bfloat16
     model, optimizer, loss_fn, labels_are_inputs = build(impl, fields)
     model.train()
+    if variant.endswith("+compile"):
+        loss_fn = torch.compile(loss_fn)
     T, V = fields["context_length"], fields["vocab_size"]
     generator = torch.Generator().manual_seed(0)
     data = torch.randint(0, V, (steps + warmup, batch, T + 1), generator=generator)
+    rss_before = rss_mib()
     times, losses = [], []
     for i in range(steps + warmup):
         x = data[i, :, :T]
@@ -84,26 +125,54 @@ def measure(impl: str, precision: str, shape: str, steps: int, warmup: int) -> d
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
+        times.append(time.perf_counter() - start)
         losses.append(loss.item())
-        if i >= warmup:
-            times.append(elapsed)
+    median = statistics.median(times[warmup:])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "tokens_per_second": batch * T / median,
+        "median_step_s": median,
+        "first_step_s": times[0],
+        "compile_s": times[0] - median if variant.endswith("+compile") else 0.0,
+        "peak_rss_mib": peak,
+        "step_peak_mib": peak - rss_before,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "threads": threads,
+        "cpu_bf16": cpu_has_bf16(),
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def flops_per_token(shape: str) -> float:
     from gptlab.config import GPTConfig
     from gptlab.sizing import train_flops_per_token
 
-    median = statistics.median(times)
-    tokens_per_second = batch * T / median
-    fp32_peak = measure_peak_flops(torch.device("cpu"), None)
-    return {
-        "tokens_per_second": tokens_per_second,
-        "median_step_s": median,
-        "mfu_vs_fp32_matmul": tokens_per_second * train_flops_per_token(GPTConfig(**fields), T) / fp32_peak,
-        "fp32_matmul_flops": fp32_peak,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "first_loss": losses[0],
-        "threads": threads,
-        "cpu_bf16": cpu_has_bf16(),
-    }
+    fields, _ = SHAPES[shape]
+    return train_flops_per_token(GPTConfig(**fields), fields["context_length"])
+
+
+def table(results: dict, fp32_flops: float) -> str:
+    header = (
+        f"{'shape':<11} {'implementation':<13} {'variant':<14} {'tokens/s':>9} {'vs HF':>6} {'MFU':>6} "
+        f"{'peak MiB':>15} {'step MiB':>15} {'compile s':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for key, r in results.items():
+        shape, impl, variant = key.split("/")
+        if "skipped" in r:
+            lines.append(f"{shape:<11} {impl:<13} {variant:<14} skipped: {r['skipped']}")
+            continue
+        base = results[f"{shape}/transformers/fp32"]
+        ratio = r["tokens_per_second"] / base["tokens_per_second"]
+        mfu = r["tokens_per_second"] * flops_per_token(shape) / fp32_flops
+        peak = f"{r['peak_rss_mib']:,.0f} ({r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x)"
+        step = f"{r['step_peak_mib']:,.0f} ({r['step_peak_mib'] / max(base['step_peak_mib'], 1):.2f}x)"
+        lines.append(
+            f"{shape:<11} {impl:<13} {variant:<14} {r['tokens_per_second']:>9,.0f} {ratio:>5.2f}x {mfu:>6.1%} "
+            f"{peak:>15} {step:>15} {r['compile_s']:>9.1f}"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -111,42 +180,48 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: impl,precision,shape in a subprocess
+    parser.add_argument("--variants", default=",".join(dict.fromkeys(v for _, v in RUNS)))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: impl,variant,shape in a subprocess
     args = parser.parse_args()
     if args.one:
-        impl, precision, shape = args.one.split(",")
-        print(json.dumps(measure(impl, precision, shape, args.steps, args.warmup)))
+        impl, variant, shape = args.one.split(",")
+        print(json.dumps(measure(impl, variant, shape, args.steps, args.warmup)))
         return
 
     import torch
 
+    from gptlab.train import configure_threads
+
+    configure_threads(0)
+    rates = {name: matmul_flops(name) for name in ("float32", "bfloat16")}
     results = {}
+    variants = args.variants.split(",")
     for shape in args.shapes.split(","):
-        for impl, precision in RUNS:
-            command = [sys.executable, __file__, "--one", f"{impl},{precision},{shape}",
+        for impl, variant in RUNS:
+            if variant not in variants and impl != "transformers":
+                continue
+            command = [sys.executable, __file__, "--one", f"{impl},{variant},{shape}",
                        "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[f"{shape}/{impl}/{precision}"] = json.loads(output.strip().splitlines()[-1])
-    header = f"{'shape':<11} {'implementation':<14} {'dtype':<5} {'tokens/s':>10} {'vs HF fp32':>10} {'MFU':>6} {'peak MiB':>9}"
-    lines = [header, "-" * len(header)]
-    for key, r in results.items():
-        shape, impl, precision = key.split("/")
-        if "skipped" in r:
-            lines.append(f"{shape:<11} {impl:<14} {precision:<5} skipped: {r['skipped']}")
-            continue
-        base = results[f"{shape}/transformers/fp32"]
-        ratio = r["tokens_per_second"] / base["tokens_per_second"]
-        memory = r["peak_rss_mib"] / base["peak_rss_mib"]
-        lines.append(
-            f"{shape:<11} {impl:<14} {precision:<5} {r['tokens_per_second']:>10,.0f} {ratio:>9.2f}x "
-            f"{r['mfu_vs_fp32_matmul']:>6.1%} {r['peak_rss_mib']:>9,.0f} ({memory:.2f}x)"
-        )
-    print("\n".join(lines))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "steps": args.steps, "command": " ".join(sys.argv)}  # fmt: skip
-    RESULTS.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS}")
+            results[f"{shape}/{impl}/{variant}"] = json.loads(output.strip().splitlines()[-1])
+    print(f"matmul 1024^3: fp32 {rates['float32'] / 1e9:,.0f} GFLOP/s, bf16 {rates['bfloat16'] / 1e9:,.0f} GFLOP/s")
+    print(table(results, rates["float32"]))
+    loads = [r["load_average"] for r in results.values() if "load_average" in r]
+    if loads and max(loads) > 1.5:
+        print(f"warning: 1-minute load average reached {max(loads):.1f} during the run; the figures are disturbed")
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "matmul_flops": rates,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":
