@@ -164,9 +164,15 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):
 
     hidden (N, C), weight (V, C), targets (N,). In training the gradients are computed chunk by chunk
     during the forward pass (softmax minus one-hot), so only one chunk of logits exists at a time
-    and nothing is recomputed; the softmax and the loss are always in fp32.
+    and nothing is recomputed; the softmax and the loss are always in fp32. Logits that fit in one
+    chunk take plain cross-entropy, which has fewer small kernels (docs/benchmarks.md).
     """
     chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    if hidden.shape[0] <= chunk_rows:
+        dtype = _compute_dtype(hidden)
+        logits = (hidden.to(dtype) @ weight.to(dtype).t()).float()
+        count = (targets != ignore_index).sum().clamp(min=1)  # all ignored: 0, not NaN, as in chunks
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / count
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
     return _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, None)[0]
