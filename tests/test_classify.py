@@ -234,11 +234,14 @@ def test_trainable_choices_unfreeze_what_they_name():
 # ---------------------------------------------------------------- the objective
 
 
-def make_objective(n=21, batch_size=4, seed=0):
+def make_objective(n=21, batch_size=4, seed=0, rank=0, world_size=1):
     sequences = [[i % 250 + 1] * (1 + i % 5) for i in range(n)]
     labels = [i % 2 for i in range(n)]
     config = TrainConfig(batch_size=batch_size, seed=seed, eval_batches=2)
-    return ClassificationObjective(CONFIG, (sequences, labels), (sequences[:6], labels[:6]), ["a", "b"], config, 0)
+    validation = (sequences[:6], labels[:6])
+    return ClassificationObjective(
+        CONFIG, (sequences, labels), validation, ["a", "b"], config, 0, rank=rank, world_size=world_size
+    )
 
 
 def test_batches_cover_an_epoch_and_resume_exactly():
@@ -253,6 +256,26 @@ def test_batches_cover_an_epoch_and_resume_exactly():
     for batch, want in zip((resumed.next_batch()["input"] for _ in range(3)), expected, strict=True):
         assert torch.equal(batch, want)
     assert state["epoch"] == 0 and resumed.state_dict()["epoch"] == 1
+
+
+def test_ranks_take_disjoint_batches_of_one_order():
+    single = make_objective(n=24)
+    ranks = [make_objective(n=24, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):  # one epoch: three steps of two batches
+        firsts = [objective.next_batch()["input"][:, 0] for objective in ranks]
+        assert torch.equal(torch.cat(firsts), torch.cat([single.next_batch()["input"][:, 0] for _ in range(2)]))
+    assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
+
+
+def test_class_weights_enter_the_loss():
+    objective = make_objective()
+    objective.weights = torch.tensor([0.25, 1.75])
+    model = GPTClassifier(CONFIG, 2).eval()
+    batch = {**pad_batch([[1, 2], [3], [4, 5, 6], [7]], pad_id=0), "label": torch.tensor([0, 1, 1, 1])}
+    logits = model(batch["input"], batch["attention_mask"])
+    expected = torch.nn.functional.cross_entropy(logits, batch["label"], weight=objective.weights)
+    assert objective.loss(model, batch).item() == pytest.approx(expected.item())
+    assert expected.item() != pytest.approx(torch.nn.functional.cross_entropy(logits, batch["label"]).item())
 
 
 def test_batch_larger_than_the_training_split_is_refused():

@@ -454,7 +454,8 @@ def class_weights(label_ids: Sequence[int], num_labels: int) -> torch.Tensor:
 
 
 class ClassificationObjective:
-    """Finetuning a classifier: cross-entropy of the label on seeded, reshuffled-every-epoch batches.
+    """Finetuning a classifier: cross-entropy of the label on seeded, reshuffled-every-epoch batches
+    (each rank of a distributed run takes its own batch of every step).
 
     Evaluation covers the whole validation split (and the accuracy on a fixed sample of training texts).
     """
@@ -468,15 +469,17 @@ class ClassificationObjective:
         train_config: TrainConfig,
         pad_id: int,
         weights: torch.Tensor | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         from gptlab.sizing import train_flops_per_token
 
         self.train_sequences, self.train_labels = train
         self.val_sequences, self.val_labels = validation
-        self.batch_size = train_config.batch_size
-        if self.batch_size > len(self.train_sequences):
+        self.batch_size, self.rank, self.world_size = train_config.batch_size, rank, world_size
+        if self.batch_size * world_size > len(self.train_sequences):
             raise GptlabError(
-                f"train.batch_size {self.batch_size} is larger than the training split "
+                f"train.batch_size {self.batch_size} on {world_size} rank(s) is larger than the training split "
                 f"({len(self.train_sequences)} examples); lower it"
             )
         self.labels, self.pad_id, self.weights, self.seed = labels, pad_id, weights, train_config.seed
@@ -492,11 +495,14 @@ class ClassificationObjective:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.train_sequences))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.position + self.batch_size > len(self.order):  # the incomplete last batch is dropped
+        """This rank's share of the next `world_size` batches of the epoch's order (the incomplete rest is dropped)."""
+        span = self.batch_size * self.world_size
+        if self.position + span > len(self.order):
             self.epoch, self.position = self.epoch + 1, 0
             self.order = self._permutation(self.epoch)
-        rows = self.order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
+        start = self.position + self.rank * self.batch_size
+        rows = self.order[start : start + self.batch_size]
+        self.position += span
         batch = pad_batch([self.train_sequences[i] for i in rows], self.pad_id)
         batch["label"] = torch.as_tensor([self.train_labels[i] for i in rows])
         return batch
@@ -785,21 +791,11 @@ class ClassifyResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def finetune_classify(
-    values: dict[str, Any],
-    resume: bool = False,
-    overwrite: bool = False,
-    allow_config_change: bool = False,
-    log: Callable[[str], None] = lambda line: None,
-) -> ClassifyResult:
-    """Finetune the pretrained run `init_from` as a classifier as the run config `values` describes,
-    then report the metrics on the validation and test splits and plot them into the run directory."""
-    from gptlab.config import resolve_run_config, run_config_to_dict
-    from gptlab.tokenizer import load_tokenizer
-    from gptlab.train import METRICS_FILE as LOG_FILE
-    from gptlab.train import MetricsLog, make_runtime, open_run_dir, seed_everything, train
+def resolve_classify_config(values: dict[str, Any]) -> dict[str, Any]:
+    """The validated run config: finetuning defaults, the `init_from` run's model shape (stored with
+    `init_from` as an absolute checkpoint folder), the sections as dataclasses; `lora` only for LoRA."""
+    from gptlab.config import resolve_run_config
 
-    started = time.perf_counter()
     values = {"task": "classify", "out_dir": "runs/classify", **values}
     values["train"] = {**TRAIN_DEFAULTS, **(values.get("train") or {})}
     if not values.get("init_from"):
@@ -814,32 +810,67 @@ def finetune_classify(
     trainable = (values.get("classify") or {}).get("trainable", ClassifyConfig.trainable)
     if values.get("lora") and trainable != "lora":
         raise GptlabError("lora options are given but classify.trainable is not lora; add --classify.trainable lora")
-    config = resolve_run_config(values, ["model", "classify", "train"] + (["lora"] if trainable == "lora" else []))
+    return resolve_run_config(values, ["model", "classify", "train"] + (["lora"] if trainable == "lora" else []))
+
+
+def _write_reports(run_dir: Path, step: int, reports: dict[str, dict[str, Any]]) -> dict[str, Path]:
+    """test_metrics.json and the two plots; returns their paths."""
+    from gptlab.train import METRICS_FILE as LOG_FILE
+    from gptlab.train import MetricsLog
+
+    files = {"metrics": run_dir / METRICS_FILE, "curves": run_dir / CURVES_FILE, "confusion": run_dir / CONFUSION_FILE}
+    ckpt.atomic_write_text(files["metrics"], json.dumps({"step": step, **reports}, indent=2) + "\n")
+    plot_curves(MetricsLog(run_dir / LOG_FILE).read(), files["curves"])
+    plot_confusion(reports["test"], files["confusion"])
+    return files
+
+
+def finetune_classify(
+    values: dict[str, Any],
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    log: Callable[[str], None] = lambda line: None,
+) -> ClassifyResult:
+    """Finetune the pretrained run `init_from` as a classifier as the run config `values` describes,
+    then report the metrics on the validation and test splits and plot them into the run directory."""
+    from gptlab import distributed
+    from gptlab.config import run_config_to_dict
+    from gptlab.tokenizer import load_tokenizer
+    from gptlab.train import make_runtime, open_run_dir, seed_everything, train
+
+    started = time.perf_counter()
+    config = resolve_classify_config(values)
+    base, run_dir = Path(config["init_from"]), Path(config["out_dir"])
     runtime = make_runtime(config["train"])
     data = prepare_classification_data(config["classify"])
     config["classify"] = dataclasses.replace(config["classify"], labels=data.labels)
     stored = run_config_to_dict(config)
-    run_dir = Path(values["out_dir"])
-    resume_from = open_run_dir(run_dir, stored, resume, overwrite, allow_config_change)
     tokenizer = load_tokenizer((run_dir if resume else ckpt.run_dir_of(base)) / "tokenizer")
-    if not resume:
-        ckpt.write_run_config(run_dir, stored)
-        tokenizer.save(run_dir / "tokenizer")
-        ckpt.atomic_write_text(run_dir / SPLIT_FILE, json.dumps(split_summary(data)) + "\n")
 
+    def open_run() -> Path | None:  # on rank 0 only: it may clear the run directory and writes into it
+        found = open_run_dir(run_dir, stored, resume, overwrite, allow_config_change)
+        if not resume:
+            ckpt.write_run_config(run_dir, stored)
+            tokenizer.save(run_dir / "tokenizer")
+            ckpt.atomic_write_text(run_dir / SPLIT_FILE, json.dumps(split_summary(data)) + "\n")
+        return found
+
+    resume_from = distributed.on_main(open_run, runtime)
     seed_everything(config["train"].seed)
     model = GPTClassifier(config["model"], len(data.labels), config["classify"].pooling)
     load_pretrained(model, base)
     set_trainable(model, config["classify"], config.get("lora"))
     model.to(runtime.device)
     max_length = token_limit(config["classify"].max_length, config["model"].context_length)
-    encoded = {name: encode_texts(tokenizer, split.texts, max_length) for name, split in data.splits.items()}
-    labelled = {name: (encoded[name], split.label_ids) for name, split in data.splits.items()}
+    labelled = {name: (encode_texts(tokenizer, split.texts, max_length), split.label_ids)
+                for name, split in data.splits.items()}  # fmt: skip
     weights = None
     if config["classify"].balance == "class_weights":
         weights = class_weights(data.splits["train"].label_ids, len(data.labels))
     objective = ClassificationObjective(config["model"], labelled["train"], labelled["validation"], data.labels,
-                                        config["train"], tokenizer.eot_id, weights)  # fmt: skip
+                                        config["train"], tokenizer.eot_id, weights, runtime.rank,
+                                        runtime.world_size)  # fmt: skip
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counts = ", ".join(f"{name} {len(split.texts)}" for name, split in data.splits.items())
     log(
@@ -847,7 +878,7 @@ def finetune_classify(
         f"{model.num_parameters():,} parameters train ({config['classify'].trainable}); examples: {counts}"
     )
     save_weights = None
-    if trainable == "lora":
+    if "lora" in config:
         from gptlab.lora import lora_state_dict
 
         save_weights = lora_state_dict
@@ -857,14 +888,10 @@ def finetune_classify(
     )  # fmt: skip
 
     model.eval()
-    reports = {}
     with runtime.autocast():
-        for name in ("validation", "test"):
-            reports[name] = evaluate_split(model, *labelled[name], data.labels, tokenizer.eot_id,
-                                           config["train"].batch_size * 4, runtime.device)  # fmt: skip
-    files = {"metrics": run_dir / METRICS_FILE, "curves": run_dir / CURVES_FILE, "confusion": run_dir / CONFUSION_FILE}
-    ckpt.atomic_write_text(files["metrics"], json.dumps({"step": result.step, **reports}, indent=2) + "\n")
-    plot_curves(MetricsLog(run_dir / LOG_FILE).read(), files["curves"])
-    plot_confusion(reports["test"], files["confusion"])
+        reports = {name: evaluate_split(model, *labelled[name], data.labels, tokenizer.eot_id,
+                                        config["train"].batch_size * 4, runtime.device)
+                   for name in ("validation", "test")}  # fmt: skip
+    files = distributed.on_main(lambda: _write_reports(run_dir, result.step, reports), runtime)
     seconds = time.perf_counter() - started
     return ClassifyResult(run_dir, result, reports["test"], reports["validation"], trainable_parameters, seconds, files)
