@@ -841,6 +841,28 @@ def _print_predictions(records: list[dict]) -> None:
         print(f"{record['label']}\t{record['probabilities'][record['label']]:.4f}\t{text}")
 
 
+def _classifier_results(run, data_config, texts: list[str], args: argparse.Namespace, device):
+    """(predictions, None) of a finetuned classifier for `texts`; without texts (None, its test split report)."""
+    from gptlab import classify
+
+    if texts:
+        return classify.classify_texts(run, texts, args.batch_size, device), None
+    return None, classify.evaluate_run(run, args.batch_size, device)
+
+
+def _few_shot_results(run, data_config, texts: list[str], args: argparse.Namespace, device):
+    """(predictions, None) of prompting with K training examples; without texts (None, the test split report)."""
+    from gptlab import classify
+
+    data = classify.prepare_classification_data(data_config)
+    examples = classify.few_shot_examples(data.splits["train"], data.labels, args.few_shot, args.seed)
+    if texts:
+        predictions = classify.few_shot_classify(run.model, run.tokenizer, examples, texts, data.labels,
+                                                 args.batch_size, device)  # fmt: skip
+        return predictions, None
+    return None, classify.few_shot_evaluate(run.model, run.tokenizer, data, examples, args.batch_size, device)
+
+
 @command("classify", "label texts with a finetuned classifier, or by few-shot prompting a language model",
          _classify_arguments)  # fmt: skip
 def run_classify(args: argparse.Namespace) -> int:
@@ -854,6 +876,8 @@ def run_classify(args: argparse.Namespace) -> int:
         raise GptlabError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.few_shot is None and (args.labels or args.split_from):
         raise GptlabError("--labels and --split-from go with --few-shot K")
+    if args.few_shot is not None and args.few_shot < 0:
+        raise GptlabError(f"--few-shot must be 0 (zero-shot) or more examples, got {args.few_shot}")
     if args.file and args.texts:
         raise GptlabError("give texts as arguments or with --file, not both")
     device = resolve_device(args.device)
@@ -861,8 +885,6 @@ def run_classify(args: argparse.Namespace) -> int:
         run = classify.load_classifier(args.run_dir, device, args.checkpoint)
         data_config = _classification_data_config(args, run.config["classify"])
     else:
-        if args.few_shot < 0:
-            raise GptlabError(f"--few-shot must be 0 (zero-shot) or more examples, got {args.few_shot}")
         run = classify.load_language_model(args.run_dir, device, args.checkpoint)
         base = read_run_config(args.split_from).get("classify") or {} if args.split_from else {}
         data_config = _classification_data_config(args, base)
@@ -872,29 +894,20 @@ def run_classify(args: argparse.Namespace) -> int:
     if args.file:
         table = classify.read_texts(args.file, data_config.text_column, data_config.label_column, data_config.columns)
     texts = table.texts if table else list(args.texts)
+    results = _classifier_results if args.few_shot is None else _few_shot_results
+    predictions, report = results(run, data_config, texts, args, device)
+    if table is not None:
+        report = classify.score_predictions(predictions, table.labels, data_config.labels, table.source)
 
-    if args.few_shot is None and not texts:
-        report = classify.evaluate_run(run, args.batch_size, device)
-    elif args.few_shot is None:
-        records = classify.classify_texts(run, texts, args.batch_size, device)
-    else:
-        data = classify.prepare_classification_data(data_config)
-        examples = classify.few_shot_examples(data.splits["train"], data.labels, args.few_shot, args.seed)
-        if texts:
-            records = classify.few_shot_classify(run.model, run.tokenizer, examples, texts, data.labels,
-                                                 args.batch_size, device)  # fmt: skip
-        else:
-            report = classify.few_shot_evaluate(run.model, run.tokenizer, data, examples, args.batch_size, device)
-    if texts:
-        labels = run.config["classify"]["labels"] if args.few_shot is None else data_config.labels
-        report = classify.score_predictions(records, table.labels, labels, table.source) if table else None
     if args.json:
-        result = {"run": str(run.run_dir), "predictions": records, "metrics": report} if texts else report
+        result = {"run": str(run.run_dir), "predictions": predictions, "metrics": report} if texts else report
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
     if texts:
-        _print_predictions(records)
+        _print_predictions(predictions)
     if report is not None:
-        title = "texts with labels" if texts else "test split" + (f", {args.few_shot}-shot" if args.few_shot else "")
-        print(classify.format_report(report, title))
+        title = "texts with labels" if texts else "test split"
+        print(
+            classify.format_report(report, title + ("" if args.few_shot is None else f", {args.few_shot}-shot prompt"))
+        )
     return 0
