@@ -111,14 +111,14 @@ class DataConfig:
 class TrainConfig:
     """The training loop: optimisation, schedule, evaluation, checkpoints and devices."""
 
-    max_steps: int = field(default=600, metadata={"help": "optimizer steps to train"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps to train"})
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
     tokens_per_step: int | None = field(
         default=None, metadata={"help": "target tokens per optimizer step (gradient accumulation); default: one batch"}
     )
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay floor as a fraction of the peak"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
     decay_embeddings: bool = field(default=True, metadata={"help": "apply weight decay to embeddings too"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
