@@ -206,7 +206,10 @@ def _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, grads):
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_rows] = g @ w
             if grad_weight is not None:
-                grad_weight.add_(g.t() @ h)
+                if g.dtype == grad_weight.dtype:  # accumulate inside the matmul: no (V, C) temporary
+                    grad_weight.addmm_(g.t(), h)
+                else:
+                    grad_weight.add_(g.t() @ h)
     return loss_sum / count, grads
 
 
