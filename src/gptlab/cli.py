@@ -262,30 +262,45 @@ def collect_config(args: argparse.Namespace, base: dict | None = None) -> tuple[
 # ---------------------------------------------------------------- gptlab pretrain
 
 
-def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+def training_arguments(parser: argparse.ArgumentParser, sections: list[str], lora_help: str | None = None) -> None:
+    """The options every training command shares: resume, overwrite, config changes, `--lora`, the sections."""
+    if lora_help:
+        parser.add_argument("--lora", action="store_true", help=lora_help)
     parser.add_argument("--resume", metavar="RUN", help="continue a run exactly where its last checkpoint left it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     parser.add_argument(
         "--allow-config-change", action="store_true", help="resume even though options change the run's config"
     )
-    add_config_arguments(parser, ["model", "data", "train"])
+    add_config_arguments(parser, sections)
 
 
-@command("pretrain", "pretrain a GPT by next-token prediction (no arguments: the demo on the embedded corpus)",
-         _pretrain_arguments)  # fmt: skip
-def run_pretrain(args: argparse.Namespace) -> int:
+def training_run(args: argparse.Namespace, start, trainable_section: str | None = None):
+    """Gather a training command's config (the run's own when resuming) and call `start` with it."""
     from gptlab.checkpoint import read_run_config
-    from gptlab.train import pretrain
 
     base = {}
     if args.resume:
         base = read_run_config(args.resume)
         base["out_dir"] = args.resume
     values, _ = collect_config(args, base)
-    result, run_dir = pretrain(
+    if trainable_section and getattr(args, "lora", False):
+        values[trainable_section] = {**values.get(trainable_section, {}), "trainable": "lora"}
+    return start(
         values, resume=bool(args.resume), overwrite=args.overwrite, allow_config_change=args.allow_config_change,
         log=lambda line: print(line, flush=True),
     )  # fmt: skip
+
+
+def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    training_arguments(parser, ["model", "data", "train"])
+
+
+@command("pretrain", "pretrain a GPT by next-token prediction (no arguments: the demo on the embedded corpus)",
+         _pretrain_arguments)  # fmt: skip
+def run_pretrain(args: argparse.Namespace) -> int:
+    from gptlab.train import pretrain
+
+    result, run_dir = training_run(args, pretrain)
     print(f"\ndone: {result.step} steps in {result.elapsed:.0f} s ({result.tokens_per_second:,.0f} tokens/s)")
     if result.last_eval:
         print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()))
@@ -636,15 +651,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def _instruct_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--lora", action="store_true", help="train low-rank adapters only (--instruct.trainable lora; see --lora.*)"
+    training_arguments(
+        parser, ["train", "instruct", "lora"], "train low-rank adapters only (--instruct.trainable lora; see --lora.*)"
     )
-    parser.add_argument("--resume", metavar="RUN", help="continue a run exactly where its last checkpoint left it")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    parser.add_argument(
-        "--allow-config-change", action="store_true", help="resume even though options change the run's config"
-    )
-    add_config_arguments(parser, ["train", "instruct", "lora"])
 
 
 @finetune("instruct", "teach a trained model to follow instructions (Alpaca-style or chat records)",
@@ -652,20 +661,9 @@ def _instruct_arguments(parser: argparse.ArgumentParser) -> None:
 def run_finetune_instruct(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from gptlab.checkpoint import read_run_config
     from gptlab.instruct import finetune_instruct
 
-    base = {}
-    if args.resume:
-        base = read_run_config(args.resume)
-        base["out_dir"] = args.resume
-    values, _ = collect_config(args, base)
-    if args.lora:
-        values["instruct"] = {**values.get("instruct", {}), "trainable": "lora"}
-    result = finetune_instruct(
-        values, resume=bool(args.resume), overwrite=args.overwrite, allow_config_change=args.allow_config_change,
-        log=lambda line: print(line, flush=True),
-    )  # fmt: skip
+    result = training_run(args, finetune_instruct, "instruct")
     run_dir, final = result.run_dir, result.final_eval
     print(f"\ndone: {result.train.step} steps in {result.train.elapsed:.0f} s")
     start = f"{result.start_eval['val_loss']:.4f} -> " if result.start_eval else ""
@@ -762,34 +760,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _finetune_classify_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--lora", action="store_true", help="train low-rank adapters and the head (--classify.trainable lora)"
+    training_arguments(
+        parser, ["classify", "train", "lora"], "train low-rank adapters and the head (--classify.trainable lora)"
     )
-    parser.add_argument("--resume", metavar="RUN", help="continue a run exactly where its last checkpoint left it")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    parser.add_argument(
-        "--allow-config-change", action="store_true", help="resume even though options change the run's config"
-    )
-    add_config_arguments(parser, ["classify", "train", "lora"])
 
 
 @finetune("classify", "turn a trained model (--init-from RUN) into a text classifier: labels with probabilities",
           _finetune_classify_arguments)  # fmt: skip
 def run_finetune_classify(args: argparse.Namespace) -> int:
-    from gptlab.checkpoint import read_run_config
     from gptlab.classify import finetune_classify, format_report
 
-    base = {}
-    if args.resume:
-        base = read_run_config(args.resume)
-        base["out_dir"] = args.resume
-    values, _ = collect_config(args, base)
-    if args.lora:
-        values["classify"] = {**values.get("classify", {}), "trainable": "lora"}
-    result = finetune_classify(
-        values, resume=bool(args.resume), overwrite=args.overwrite, allow_config_change=args.allow_config_change,
-        log=lambda line: print(line, flush=True),
-    )  # fmt: skip
+    result = training_run(args, finetune_classify, "classify")
     print(
         f"\ndone: {result.train.step} steps, {result.trainable_parameters:,} parameters trained, "
         f"{result.train.elapsed:.0f} s of training"
