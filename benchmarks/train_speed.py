@@ -205,6 +205,7 @@ def main() -> None:
                        "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[f"{shape}/{impl}/{variant}"] = json.loads(output.strip().splitlines()[-1])
+            print(f"{shape}/{impl}/{variant}: {results[f'{shape}/{impl}/{variant}']}", file=sys.stderr, flush=True)
     print(f"matmul 1024^3: fp32 {rates['float32'] / 1e9:,.0f} GFLOP/s, bf16 {rates['bfloat16'] / 1e9:,.0f} GFLOP/s")
     print(table(results, rates["float32"]))
     loads = [r["load_average"] for r in results.values() if "load_average" in r]
