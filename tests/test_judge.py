@@ -187,27 +187,13 @@ def test_bad_responses_files_are_errors(tmp_path, content, message):
 
 def test_the_client_speaks_to_gptlab_serve(tmp_path):
     """gptlab's own OpenAI-compatible server as the judge: a tiny random model, so any reply will do."""
-    import time
-
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from gptlab.config import GenerationConfig
     from gptlab.judge import ask, judge_prompt
     from gptlab.serve import create_app
-    from test_serve import make_run
+    from test_serve import make_run, serving
 
     app = create_app(make_run(tmp_path / "run", template="chat"), "tiny", GenerationConfig(max_new_tokens=4))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        reply = ask(chat_completions_url(f"http://127.0.0.1:{port}/v1"), "tiny", judge_prompt(ENTRIES[0]))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(app) as url:
+        reply = ask(chat_completions_url(f"{url}/v1"), "tiny", judge_prompt(ENTRIES[0]))
     assert isinstance(reply, str)  # ask() raises unless the answer is a well-formed chat completion

@@ -3,6 +3,7 @@
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import httpx
@@ -30,24 +31,32 @@ def make_run(path, template=None):
     return load_run(path)
 
 
-@pytest.fixture
-def server(tmp_path):
-    from gptlab.serve import create_app
-
-    run = make_run(tmp_path / "run", template="alpaca")
-    app = create_app(run, "tiny", GenerationConfig(max_new_tokens=8, temperature=0.0))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+@contextmanager
+def serving(app):
+    """Run an ASGI app with uvicorn on a free 127.0.0.1 port in a thread; yield its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", run
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(tmp_path):
+    from gptlab.serve import create_app
+
+    run = make_run(tmp_path / "run", template="alpaca")
+    with serving(create_app(run, "tiny", GenerationConfig(max_new_tokens=8, temperature=0.0))) as url:
+        yield url, run
 
 
 def test_completions_match_local_greedy_generation(server):
