@@ -1,5 +1,6 @@
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -286,7 +287,7 @@ def test_batch_larger_than_the_training_split_is_refused():
 # ---------------------------------------------------------------- finetuning runs
 
 
-def finetune(tmp_path, trainable="all", steps=40, **classify):
+def finetune(tmp_path, trainable="all", steps=40, keep_checkpoints=2, **classify):
     make_lm_run(tmp_path / "lm")
     data = write_messages(tmp_path / "messages.tsv")
     values = {
@@ -294,7 +295,8 @@ def finetune(tmp_path, trainable="all", steps=40, **classify):
         "init_from": str(tmp_path / "lm"),
         "classify": {"source": str(data), "trainable": trainable, **classify},
         "train": {"max_steps": steps, "batch_size": 8, "learning_rate": 3e-3, "eval_interval": steps // 2,
-                  "warmup_steps": 0, "peak_flops": 1e11, "threads": 1, "device": "cpu"},
+                  "warmup_steps": 0, "peak_flops": 1e11, "threads": 1, "device": "cpu",
+                  "keep_checkpoints": keep_checkpoints},
     }  # fmt: skip
     return finetune_classify(values, overwrite=True)
 
@@ -329,6 +331,39 @@ def test_lora_finetuning_saves_adapters_and_the_head_only(tmp_path):
     assert torch.equal(run.model.blocks[0].mlp.fc.weight, base.blocks[0].mlp.fc.weight)
     assert torch.equal(run.model.blocks[0].mlp.fc.lora_B, weights["blocks.0.mlp.fc.lora_B"])
     assert weights["blocks.0.mlp.fc.lora_B"].abs().sum() > 0
+
+
+def test_resumed_finetuning_ends_where_the_uninterrupted_one_does(tmp_path):
+    full = finetune(tmp_path, steps=20, keep_checkpoints=5)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full.run_dir, resumed_dir)
+    (resumed_dir / "latest").write_text("step-0000010\n")  # as if killed after the first checkpoint
+    values = {**ckpt.read_run_config(resumed_dir), "out_dir": str(resumed_dir)}
+    resumed = finetune_classify(values, resume=True)
+    assert resumed.test == full.test and resumed.train.train_loss == full.train.train_loss
+    weights = [ckpt.load_weights(ckpt.find_checkpoint(run) / ckpt.WEIGHTS_FILE) for run in (full.run_dir, resumed_dir)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    records = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["split"] == "val"]
+    assert steps == [10, 20]  # continued from step 10, not started over
+
+
+def test_a_transformers_gpt2_imported_as_a_run_finetunes(tmp_path, shared_data):
+    transformers = pytest.importorskip("transformers")
+    from gptlab.interop import import_hf
+
+    config = transformers.GPT2Config(n_positions=64, n_embd=16, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "gpt2", tokenizer="gpt2")
+    values = {
+        "out_dir": str(tmp_path / "run"), "init_from": str(tmp_path / "gpt2"),
+        "classify": {"source": str(write_messages(tmp_path / "m.tsv", n_per_label=10)), "trainable": "head"},
+        "train": {"max_steps": 4, "eval_interval": 2, "peak_flops": 1e11, "threads": 1, "device": "cpu"},
+    }  # fmt: skip
+    result = finetune_classify(values)
+    run = load_classifier(result.run_dir)
+    assert run.tokenizer.kind == "gpt2" and run.model.lm_head.weight.shape == (2, 16)
+    assert classify_texts(run, ["free cash"])[0]["label"] in ("ham", "spam")
 
 
 def test_classifier_requires_a_start_and_refuses_stray_lora_options(tmp_path):
