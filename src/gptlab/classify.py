@@ -796,7 +796,8 @@ def resolve_classify_config(values: dict[str, Any]) -> dict[str, Any]:
     `init_from` as an absolute checkpoint folder), the sections as dataclasses; `lora` only for LoRA."""
     from gptlab.config import resolve_run_config
 
-    values = {"task": "classify", "out_dir": "runs/classify", **values}
+    # The model's shape comes from `init_from`, never from a preset.
+    values = {"task": "classify", "out_dir": "runs/classify", **{k: v for k, v in values.items() if k != "preset"}}
     values["train"] = {**TRAIN_DEFAULTS, **(values.get("train") or {})}
     if not values.get("init_from"):
         raise GptlabError(
