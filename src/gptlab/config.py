@@ -111,20 +111,20 @@ class DataConfig:
 class TrainConfig:
     """The training loop: optimisation, schedule, evaluation, checkpoints and devices."""
 
-    max_steps: int = field(default=300, metadata={"help": "optimizer steps to train"})
+    max_steps: int = field(default=800, metadata={"help": "optimizer steps to train"})
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
     tokens_per_step: int | None = field(
         default=None, metadata={"help": "target tokens per optimizer step (gradient accumulation); default: one batch"}
     )
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay floor as a fraction of the peak"})
-    warmup_steps: int = field(default=30, metadata={"help": "linear warm-up steps"})
+    warmup_steps: int = field(default=40, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
     decay_embeddings: bool = field(default=True, metadata={"help": "apply weight decay to embeddings too"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
-    eval_interval: int = field(default=100, metadata={"help": "evaluate every N steps"})
+    eval_interval: int = field(default=200, metadata={"help": "evaluate every N steps"})
     eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation"})
     log_interval: int = field(default=10, metadata={"help": "print progress every N steps"})
     checkpoint_interval: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at evaluations)"})
