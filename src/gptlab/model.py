@@ -189,22 +189,32 @@ def _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, grads):
     w = weight.to(dtype)
     count = (targets != ignore_index).sum().clamp(min=1)
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    # Every chunk reuses the same two buffers: a fresh tensor this large is fresh pages that the
+    # kernel faults in and zeroes on first touch, about 0.4 ms per MiB on a CPU (docs/benchmarks.md).
+    rows = min(chunk_rows, hidden.shape[0])
+    logits_buffer = hidden.new_empty((rows, w.shape[0]), dtype=dtype)
+    logprobs_buffer = hidden.new_empty((rows, w.shape[0]), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_rows):
         h = hidden[start : start + chunk_rows].to(dtype)  # (n, C)
+        n = h.shape[0]
         t = targets[start : start + chunk_rows]
         keep = t != ignore_index
         safe_t = t.clamp(min=0)[:, None]
-        logits = (h @ w.t()).float()  # (n, V)
-        lse = logits.logsumexp(dim=-1)
-        loss_sum += ((lse - logits.gather(1, safe_t).squeeze(1)) * keep).sum()
+        logits = torch.mm(h, w.t(), out=logits_buffer[:n])  # (n, V)
+        # One fused pass (max, sum of exponentials, write) in fp32, whatever the matmul's dtype.
+        logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logprobs_buffer[:n])
+        loss_sum -= (logprobs.gather(1, safe_t).squeeze(1) * keep).sum()
         if grads is not None:
             grad_hidden, grad_weight = grads
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs = logprobs.exp_()  # softmax, in place of the log-probabilities
             probs.scatter_add_(1, safe_t, -torch.ones_like(safe_t, dtype=probs.dtype))
             probs.mul_((keep.float() / count)[:, None])
             g = probs.to(dtype)  # d loss / d logits, (n, V)
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk_rows] = g @ w
+                if grad_hidden.dtype == dtype:
+                    torch.mm(g, w, out=grad_hidden[start : start + n])
+                else:
+                    grad_hidden[start : start + n] = g @ w
             if grad_weight is not None:
                 if g.dtype == grad_weight.dtype:  # accumulate inside the matmul: no (V, C) temporary
                     grad_weight.addmm_(g.t(), h)
