@@ -182,6 +182,9 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--variants", default=",".join(dict.fromkeys(v for _, v in RUNS)))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--emulated-shapes", default="char-small", help="shapes that also run bf16-emulated (minutes a step on bpe-mini)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: impl,variant,shape in a subprocess
     args = parser.parse_args()
     if args.one:
@@ -200,6 +203,9 @@ def main() -> None:
     for shape in args.shapes.split(","):
         for impl, variant in RUNS:
             if variant not in variants and impl != "transformers":
+                continue
+            if variant == "bf16-emulated" and shape not in args.emulated_shapes.split(","):
+                results[f"{shape}/{impl}/{variant}"] = {"skipped": "emulated bf16 at this size: add it to --emulated-shapes"}
                 continue
             command = [sys.executable, __file__, "--one", f"{impl},{variant},{shape}",
                        "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
