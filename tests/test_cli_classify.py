@@ -41,6 +41,9 @@ def test_classify_texts_prints_labels_with_probabilities(runs, capsys):
     assert result["metrics"] is None
     assert main(["classify", str(runs / "clf"), "claim free cash prize now"]) == 0
     assert capsys.readouterr().out.startswith("spam\t")
+    # Texts may also follow the options.
+    assert main(["classify", str(runs / "clf"), "--batch-size", "1", "claim free cash prize now", "see you later"]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["spam", "ham"]
 
 
 def test_classify_a_labelled_file_reports_metrics(runs, capsys, tmp_path):

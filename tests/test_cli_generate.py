@@ -53,6 +53,15 @@ def test_json_samples_are_reproducible_with_a_seed_and_differ(run_dir, capsys):
     assert first["prompt"] == "The" and first["config"]["seed"] == 5
 
 
+def test_prompt_after_the_options_is_the_prompt(run_dir, capsys):
+    assert main(["generate", str(run_dir), "Hello", "--greedy", "--max-new-tokens", "6"]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", str(run_dir), "--greedy", "--max-new-tokens", "6", "Hello"]) == 0
+    assert capsys.readouterr().out == first and first.startswith("Hello")
+    assert main(["generate", str(run_dir), "--greedy", "Hello", "again"]) == 2  # two prompts: refused, not merged
+    assert "unknown option or argument 'Hello'" in capsys.readouterr().err
+
+
 def test_prompt_file_gives_the_same_output_as_the_argument(run_dir, tmp_path, capsys):
     prompt = "line one\nline two"
     (tmp_path / "prompt.txt").write_text(prompt)

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        unknown = _late_positionals(args, unknown)
         if unknown:
             raise _unknown_option_error(args._parser, unknown)
         with _stdout_on_rank_zero():
@@ -115,6 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _late_positionals(args: argparse.Namespace, unknown: list[str]) -> list[str]:
+    """Give words written after the options (`gptlab classify RUN --json "text"`) to the command's
+    optional positional (argparse fills it, empty, before it sees the options); return what is left."""
+    words = [word for word in unknown if not word.startswith("-")]
+    if not words or len(words) != len(unknown):
+        return unknown
+    for action in args._parser._actions:
+        if action.option_strings or action.nargs not in ("*", "?"):
+            continue
+        current = getattr(args, action.dest)
+        if action.nargs == "*":
+            setattr(args, action.dest, [*(current or []), *words])
+            return []
+        if current == action.default and len(words) == 1:
+            setattr(args, action.dest, words[0])
+            return []
+    return unknown
 
 
 # ---------------------------------------------------------------- gptlab size
