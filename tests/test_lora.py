@@ -102,6 +102,16 @@ def test_only_adapters_require_grad():
     assert len(trainable) == 2 * (4 * CONFIG.n_layer + 1)
 
 
+def test_saved_adapters_include_unfrozen_parameters_also_under_activation_checkpointing():
+    from gptlab.distributed import checkpoint_blocks
+
+    model = apply_lora(GPT(CONFIG), LoRAConfig(rank=2, targets=["attn.qkv"]))
+    model.blocks[0].ln_1.weight.requires_grad_(True)
+    plain = set(lora_state_dict(model))
+    assert "blocks.0.ln_1.weight" in plain
+    assert set(lora_state_dict(checkpoint_blocks(model))) == plain
+
+
 def test_training_moves_only_the_adapters():
     model = apply_lora(GPT(CONFIG), LoRAConfig(rank=4, targets=ALL_LAYERS))
     frozen = {name: t.clone() for name, t in model.state_dict().items() if not name.endswith(("lora_A", "lora_B"))}
