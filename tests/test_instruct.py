@@ -155,6 +155,19 @@ def test_batches_cover_each_epoch_once_and_resume_exactly():
     assert [resumed.next_indices() for _ in range(7)] == ahead
 
 
+def test_ranks_take_disjoint_batches_that_together_are_the_epoch():
+    lengths = list(range(5, 25))  # 20 examples: 5 batches of 4, so 2 groups of 2 ranks and one batch left over
+    ranks = [ExampleBatches(lengths, batch_size=4, seed=1, rank=r, world_size=2) for r in range(2)]
+    epoch = ExampleBatches(lengths, batch_size=4, seed=1).epoch_batches(0)
+    steps = [[r.next_indices() for r in ranks] for _ in range(2)]
+    assert [batch for step in steps for batch in step] == [b.tolist() for b in epoch[:4]]
+    # The fifth batch has no partner: both ranks go on with the next epoch's first two batches.
+    assert [r.next_indices() for r in ranks] == [b.tolist() for b in ranks[0].epoch_batches(1)[:2]]
+    assert ranks[0].state_dict() == ranks[1].state_dict() == {"seed": 1, "epoch": 1, "position": 2}
+    with pytest.raises(GptlabError, match="fewer than one batch of 4 for each of 8 ranks"):
+        ExampleBatches(lengths, batch_size=4, seed=1, world_size=8)
+
+
 def test_bucketing_batches_examples_of_similar_length():
     lengths = [5, 50, 6, 51, 7, 52, 8, 53, 9, 54]
     plain = ExampleBatches(lengths, batch_size=5, seed=0).epoch_batches(0)

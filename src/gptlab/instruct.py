@@ -229,13 +229,23 @@ class ExampleBatches:
 
     With `bucketing`, each epoch's shuffled examples are sorted by length and cut into batches, whose
     order is shuffled: batches hold examples of similar length, so little of them is padding.
-    Every batch is full; an epoch's leftover examples wait for a later epoch's shuffle.
+    Every batch is full; an epoch's leftover examples wait for a later epoch's shuffle. Under torchrun
+    every rank holds the same order and takes its own batch of each group of `world_size` batches.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, bucketing: bool = False):
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int, bucketing: bool = False, rank: int = 0,
+        world_size: int = 1,
+    ):  # fmt: skip
         self.lengths = np.asarray(lengths)
         self.batch_size = min(batch_size, len(self.lengths))
         self.seed, self.bucketing = seed, bucketing
+        self.rank, self.world_size = rank, world_size
+        if len(self.lengths) // self.batch_size < world_size:
+            raise GptlabError(
+                f"{len(self.lengths)} training examples make fewer than one batch of {self.batch_size} for each of "
+                f"{world_size} ranks; lower train.batch_size or use fewer ranks"
+            )
         self.epoch, self.position = 0, 0
         self._epoch_cached, self._batches = -1, []
 
@@ -251,10 +261,14 @@ class ExampleBatches:
         return batches
 
     def next_indices(self) -> list[int]:
+        """This rank's batch of the next `world_size` batches (an epoch's incomplete last group is skipped)."""
         if self._epoch_cached != self.epoch:
             self._batches, self._epoch_cached = self.epoch_batches(self.epoch), self.epoch
-        indices = self._batches[self.position].tolist()
-        self.position += 1
+        if self.position + self.world_size > len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches, self._epoch_cached = self.epoch_batches(self.epoch), self.epoch
+        indices = self._batches[self.position + self.rank].tolist()
+        self.position += self.world_size
         if self.position == len(self._batches):
             self.epoch, self.position = self.epoch + 1, 0
         return indices
@@ -282,6 +296,8 @@ class InstructionObjective:
         model_config: GPTConfig,
         train_config: TrainConfig,
         instruct_config: InstructConfig,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         from gptlab.sizing import train_flops_per_token
 
@@ -290,7 +306,7 @@ class InstructionObjective:
         self.mask_prompt = instruct_config.mask_prompt
         self.batches = ExampleBatches(
             [len(e.ids) for e in self.train_examples], train_config.batch_size, train_config.seed,
-            instruct_config.bucketing,
+            instruct_config.bucketing, rank, world_size,
         )  # fmt: skip
         self.batch_size = train_config.batch_size
         self.eval_batches = train_config.eval_batches
@@ -453,6 +469,7 @@ def finetune_instruct(
     Writes the split to the run, trains (adapters only with `instruct.trainable: lora`), then writes the
     model's responses to the test split to `test_responses.json` in the run directory.
     """
+    from gptlab import distributed
     from gptlab.config import run_config_to_dict
     from gptlab.lora import count_trainable, lora_state_dict
     from gptlab.tokenizer import load_tokenizer
@@ -468,11 +485,16 @@ def finetune_instruct(
     trainable, total = count_trainable(model)
 
     stored = run_config_to_dict(config)
-    resume_from = open_run_dir(run_dir, stored, resume, overwrite, allow_config_change)
-    if not resume:
-        ckpt.write_run_config(run_dir, stored)
-        tokenizer.save(run_dir / "tokenizer")
-        write_split(run_dir, split)
+
+    def open_run() -> Path | None:  # on rank 0 only: it may clear the run directory and writes into it
+        found = open_run_dir(run_dir, stored, resume, overwrite, allow_config_change)
+        if not resume:
+            ckpt.write_run_config(run_dir, stored)
+            tokenizer.save(run_dir / "tokenizer")
+            write_split(run_dir, split)
+        return found
+
+    resume_from = distributed.on_main(open_run, runtime)
     max_length = instruct.max_length or config["model"].context_length
     examples = {name: [encode_example(r, template, tokenizer, max_length) for r in split[name]] for name in SPLITS}
     log(
@@ -483,14 +505,15 @@ def finetune_instruct(
     sample_prompts = [prompt_and_reference(r, template)[0] for r in split["validation"]]
     objective = InstructionObjective(
         examples["train"], examples["validation"], sample_prompts, tokenizer, template, config["model"],
-        config["train"], instruct,
+        config["train"], instruct, runtime.rank, runtime.world_size,
     )  # fmt: skip
 
     start_eval: dict[str, float] = {}
     if resume_from is None:  # the starting point of the loss curve
         with torch.no_grad(), runtime.autocast():
             start_eval = objective.evaluate(model.eval(), runtime)
-        MetricsLog(run_dir / METRICS_FILE).append({"step": 0, "split": "val", "tokens": 0, **start_eval})
+        if runtime.is_main:
+            MetricsLog(run_dir / METRICS_FILE).append({"step": 0, "split": "val", "tokens": 0, **start_eval})
         log(f"before finetuning: response-only val_loss {start_eval['val_loss']:.4f}")
     result = train(
         model, objective, config["train"], run_dir, runtime, resume_from=resume_from, log=log,
@@ -502,7 +525,8 @@ def finetune_instruct(
     with runtime.autocast():
         responses = answer_records(model, tokenizer, split["test"], template, instruct.response_tokens)
     responses_file = run_dir / RESPONSES_FILE
-    ckpt.atomic_write_text(responses_file, json.dumps(responses, indent=1, ensure_ascii=False))
+    if runtime.is_main:
+        ckpt.atomic_write_text(responses_file, json.dumps(responses, indent=1, ensure_ascii=False))
     return InstructResult(
         train=result, run_dir=run_dir, start_eval=start_eval, final_eval=result.last_eval,
         responses_file=responses_file, responses=responses, trainable_parameters=trainable, total_parameters=total,
