@@ -62,6 +62,11 @@ def test_prompt_after_the_options_is_the_prompt(run_dir, capsys):
     assert "unknown option or argument 'Hello'" in capsys.readouterr().err
 
 
+def test_the_runs_template_needs_a_run_finetuned_on_one(run_dir, capsys):
+    assert main(["generate", str(run_dir), "Hi", "--template", "run"]) == 2
+    assert "was not finetuned on a template; name one (--template alpaca or chat)" in capsys.readouterr().err
+
+
 def test_prompt_file_gives_the_same_output_as_the_argument(run_dir, tmp_path, capsys):
     prompt = "line one\nline two"
     (tmp_path / "prompt.txt").write_text(prompt)

@@ -8,6 +8,7 @@ import pytest
 
 from gptlab.checkpoint import WEIGHTS_FILE, find_checkpoint, load_weights, read_run_config
 from gptlab.cli import main
+from gptlab.templates import format_instruction
 from test_instruct import base_run, word_records
 from test_judge import judge_server
 
@@ -30,6 +31,16 @@ def test_finetune_instruct_then_judge_its_test_responses(tmp_path, capsys):
     assert "response-only validation loss: " in out and " -> " in out
     assert f"test responses: 3 in {tmp_path / 'run' / 'test_responses.json'}" in out
     assert read_run_config(tmp_path / "run")["template"] == "chat"
+
+    # generate: a plain continuation unless asked for the run's template, with a hint on stderr
+    common = ["generate", str(tmp_path / "run"), "Name a colour", "--json", "--greedy", "--max-new-tokens", "4"]
+    assert main(common) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["prompt"] == "Name a colour" and "--template run" in captured.err
+    assert main([*common, "--template", "run"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == format_instruction("chat", "Name a colour")
+    assert main([*common, "--template", "alpacca"]) == 2
+    assert "unknown prompt template 'alpacca' (did you mean 'alpaca'?)" in capsys.readouterr().err
 
     with judge_server() as server:
         assert main(["eval", "judge", str(tmp_path / "run"), "--endpoint", server.url, "--model", "judge-1"]) == 0

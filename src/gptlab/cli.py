@@ -392,7 +392,29 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE ('-': standard input)")
     parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="completions of the prompt (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.add_argument(
+        "--template",
+        help="format the prompt as an instruction in this template (alpaca, chat; 'run': the run's own); "
+        "default: plain continuation",
+    )
     _generation_arguments(parser)
+
+
+def _templated_prompt(prompt: str, template: str | None, run) -> str:
+    """The prompt as the model reads it: as it is, or as an instruction in a template."""
+    from gptlab.templates import format_instruction
+
+    own = run.config.get("template")
+    if template is None:
+        if own:
+            print(f"note: this run was finetuned on the {own} template; --template run formats the prompt as an "
+                  "instruction", file=sys.stderr)  # fmt: skip
+        return prompt
+    if template == "run":
+        if not own:
+            raise GptlabError(f"{run.run_dir} was not finetuned on a template; name one (--template alpaca or chat)")
+        template = own
+    return format_instruction(template, prompt)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -422,6 +444,7 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     config = _generation_config(args)
     run = load_generator(args.run_dir, args.device, args.dtype)
+    prompt = _templated_prompt(prompt, args.template, run)
     completions = []
     with _WarningsToStderr():
         for i in range(args.num_samples):
