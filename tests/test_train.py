@@ -14,6 +14,7 @@ from gptlab.train import (
     accumulation_steps,
     build_optimizer,
     learning_rate,
+    plot_metrics,
     resolve_autocast,
     resolve_device,
     train,
@@ -181,3 +182,18 @@ def test_device_and_dtype_resolution():
     assert resolve_autocast("auto", torch.device("cpu")) is None
     with pytest.raises(GptlabError, match="unknown dtype"):
         resolve_autocast("fp8", torch.device("cpu"))
+
+
+def test_the_loss_plot_draws_the_unigram_baseline(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "axhline", lambda ax, y, **kw: drawn.append((y, kw)) or original(ax, y, **kw)
+    )
+    records = [{"step": 10, "split": "train", "loss": 5.0},
+               {"step": 10, "split": "val", "val_loss": 5.5, "unigram_loss": 6.36}]  # fmt: skip
+    plot_metrics(records, tmp_path / "loss.png", tokens_per_step=100)
+    assert [(y, kw["label"]) for y, kw in drawn] == [(6.36, "unigram baseline 6.36")]
+    assert (tmp_path / "loss.png").stat().st_size > 1000

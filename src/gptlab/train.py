@@ -338,6 +338,9 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, tokens_per_step: flo
         ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", alpha=0.8)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation loss", color="tab:orange")
+    unigram = [r["unigram_loss"] for r in records if "unigram_loss" in r]
+    if unigram:  # the loss of token frequencies alone: what a model has to beat
+        ax.axhline(unigram[-1], color="gray", linestyle="--", linewidth=1, label=f"unigram baseline {unigram[-1]:.2f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
