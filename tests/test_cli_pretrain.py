@@ -128,3 +128,13 @@ def test_init_from_continues_pretraining_from_another_runs_weights(tmp_path, sha
     config = yaml.safe_load((adapted / "config.yaml").read_text())
     assert Path(config["init_from"]).is_absolute() and config["model"]["context_length"] == 32
     assert train_records(adapted)[0][1] < train_records(base)[0][1] - 1.0  # starts from trained weights
+
+
+def test_pretrain_without_arguments_runs_the_demo_recipe():
+    """`gptlab pretrain` and `gptlab pretrain --config recipes/demo.yaml` must describe the same run."""
+    from gptlab.config import load_config_file, resolve_run_config
+    from gptlab.train import PRETRAIN_DEFAULTS
+
+    sections = ["model", "data", "train"]
+    recipe = load_config_file(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml")
+    assert resolve_run_config(recipe, sections) == resolve_run_config(PRETRAIN_DEFAULTS, sections)

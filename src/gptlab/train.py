@@ -581,6 +581,10 @@ def init_weights_from(model: torch.nn.Module, source: str) -> Any:
     return ckpt.read_run_config(ckpt.run_dir_of(checkpoint))
 
 
+# What `gptlab pretrain` starts from: with no arguments it is the demo (recipes/demo.yaml says the same).
+PRETRAIN_DEFAULTS = {"task": "pretrain", "out_dir": "runs/pretrain", "preset": "demo"}
+
+
 def pretrain(
     values: dict[str, Any],
     resume: bool = False,
@@ -601,7 +605,7 @@ def pretrain(
     from gptlab.objectives import NextTokenObjective
     from gptlab.tokenizer import load_tokenizer
 
-    values = {"task": "pretrain", "out_dir": "runs/pretrain", "preset": "demo", **values}
+    values = {**PRETRAIN_DEFAULTS, **values}
     run_dir = Path(values["out_dir"])
     tokenizer, init_config = None, None
     if resume:
