@@ -848,16 +848,10 @@ def finetune_classify(
     config["classify"] = dataclasses.replace(config["classify"], labels=data.labels)
     stored = run_config_to_dict(config)
     tokenizer = load_tokenizer((run_dir if resume else ckpt.run_dir_of(base)) / "tokenizer")
-
-    def open_run() -> Path | None:  # on rank 0 only: it may clear the run directory and writes into it
-        found = open_run_dir(run_dir, stored, resume, overwrite, allow_config_change)
-        if not resume:
-            ckpt.write_run_config(run_dir, stored)
-            tokenizer.save(run_dir / "tokenizer")
-            ckpt.atomic_write_text(run_dir / SPLIT_FILE, json.dumps(split_summary(data)) + "\n")
-        return found
-
-    resume_from = distributed.on_main(open_run, runtime)
+    resume_from = open_run_dir(
+        run_dir, stored, runtime, tokenizer, resume, overwrite, allow_config_change,
+        lambda: ckpt.atomic_write_text(run_dir / SPLIT_FILE, json.dumps(split_summary(data)) + "\n"),
+    )  # fmt: skip
     seed_everything(config["train"].seed)
     model = GPTClassifier(config["model"], len(data.labels), config["classify"].pooling)
     load_pretrained(model, base)

@@ -469,7 +469,6 @@ def finetune_instruct(
     Writes the split to the run, trains (adapters only with `instruct.trainable: lora`), then writes the
     model's responses to the test split to `test_responses.json` in the run directory.
     """
-    from gptlab import distributed
     from gptlab.config import run_config_to_dict
     from gptlab.lora import count_trainable, lora_state_dict
     from gptlab.tokenizer import load_tokenizer
@@ -485,16 +484,9 @@ def finetune_instruct(
     trainable, total = count_trainable(model)
 
     stored = run_config_to_dict(config)
-
-    def open_run() -> Path | None:  # on rank 0 only: it may clear the run directory and writes into it
-        found = open_run_dir(run_dir, stored, resume, overwrite, allow_config_change)
-        if not resume:
-            ckpt.write_run_config(run_dir, stored)
-            tokenizer.save(run_dir / "tokenizer")
-            write_split(run_dir, split)
-        return found
-
-    resume_from = distributed.on_main(open_run, runtime)
+    resume_from = open_run_dir(
+        run_dir, stored, runtime, tokenizer, resume, overwrite, allow_config_change, lambda: write_split(run_dir, split)
+    )
     max_length = instruct.max_length or config["model"].context_length
     examples = {name: [encode_example(r, template, tokenizer, max_length) for r in split[name]] for name in SPLITS}
     log(

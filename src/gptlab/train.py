@@ -541,12 +541,36 @@ def make_runtime(config: TrainConfig) -> Runtime:
 
 
 def open_run_dir(
+    run_dir: Path,
+    config: dict[str, Any],
+    runtime: Runtime,
+    tokenizer,
+    resume: bool,
+    overwrite: bool,
+    allow_config_change: bool,
+    write_files: Callable[[], None] | None = None,
+) -> Path | None:
+    """Make `run_dir` ready on rank 0 (it may clear the directory); every rank gets the checkpoint to
+    resume from (None for a fresh start). A fresh run gets its config, its tokenizer and `write_files()`."""
+
+    def prepare() -> Path | None:
+        found = _check_run_dir(run_dir, config, resume, overwrite, allow_config_change)
+        if not resume:
+            ckpt.write_run_config(run_dir, config)
+            tokenizer.save(run_dir / "tokenizer")
+            if write_files is not None:
+                write_files()
+        return found
+
+    return distributed.on_main(prepare, runtime)
+
+
+def _check_run_dir(
     run_dir: Path, config: dict[str, Any], resume: bool, overwrite: bool, allow_config_change: bool
 ) -> Path | None:
-    """Make `run_dir` ready: refuse to clobber a run by accident; on resume, refuse a changed config.
+    """Refuse to clobber a run by accident; on resume, refuse a changed config. Returns the checkpoint to
+    resume from (None for a fresh start)."""
 
-    Returns the checkpoint to resume from (None for a fresh start).
-    """
     from gptlab.config import config_differences
 
     if resume:
@@ -628,15 +652,7 @@ def pretrain(
         config["model"] = dataclasses.replace(config["model"], vocab_size=corpus.tokenizer.vocab_size)
     model_config: GPTConfig = config["model"]
     stored = run_config_to_dict(config)
-
-    def open_run() -> Path | None:  # on rank 0 only: it may clear the run directory and writes into it
-        found = open_run_dir(run_dir, stored, resume, overwrite, allow_config_change)
-        if not resume:
-            ckpt.write_run_config(run_dir, stored)
-            corpus.tokenizer.save(run_dir / "tokenizer")
-        return found
-
-    resume_from = distributed.on_main(open_run, runtime)
+    resume_from = open_run_dir(run_dir, stored, runtime, corpus.tokenizer, resume, overwrite, allow_config_change)
 
     seed_everything(config["train"].seed)
     model = GPT(model_config)
