@@ -200,14 +200,19 @@ def main_first(runtime: Runtime) -> Iterator[None]:
 # ---------------------------------------------------------------- wrapping the model
 
 
+# The attribute under which torch's checkpoint_wrapper holds a block; it also prefixes the wrapped
+# parameters' names (the state dict strips it).
+CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"
+
+
 def _block_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(parent, child name) of every transformer block, checkpoint-wrapped or not."""
     slots = []
     for parent in model.modules():
-        if hasattr(parent, "_checkpoint_wrapped_module"):
+        if hasattr(parent, CHECKPOINT_WRAPPED):
             continue  # the block inside a wrapper: its wrapper is the slot
         for name, child in parent.named_children():
-            inner = getattr(child, "_checkpoint_wrapped_module", child)
+            inner = getattr(child, CHECKPOINT_WRAPPED, child)
             if isinstance(inner, Block):
                 slots.append((parent, name))
     return slots

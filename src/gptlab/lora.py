@@ -132,17 +132,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model.requires_grad_(True)
 
 
-_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module"  # torch's checkpoint_wrapper (gptlab.distributed.checkpoint_blocks)
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a LoRA run saves: the adapters, plus any parameter the caller unfroze (e.g. a new task head)."""
     if not _lora_layers(model):
         raise GptlabError("the model has no LoRA adapters; apply_lora first")
     # Activation checkpointing wraps blocks: their parameter names gain the wrapper's prefix, which the
     # state dict strips, so compare names without it.
+    from gptlab.distributed import CHECKPOINT_WRAPPED
+
     trainable = {
-        name.replace(f"{_CHECKPOINT_PREFIX}.", "") for name, p in model.named_parameters() if p.requires_grad
+        name.replace(f"{CHECKPOINT_WRAPPED}.", "") for name, p in model.named_parameters() if p.requires_grad
     }
     return {name: t for name, t in model.state_dict().items() if name.endswith(ADAPTER_SUFFIXES) or name in trainable}
 
