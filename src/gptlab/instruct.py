@@ -262,16 +262,16 @@ class ExampleBatches:
 
     def next_indices(self) -> list[int]:
         """This rank's batch of the next `world_size` batches (an epoch's incomplete last group is skipped)."""
-        if self._epoch_cached != self.epoch:
-            self._batches, self._epoch_cached = self.epoch_batches(self.epoch), self.epoch
-        if self.position + self.world_size > len(self._batches):
+        if self.position + self.world_size > len(self._epoch(self.epoch)):
             self.epoch, self.position = self.epoch + 1, 0
-            self._batches, self._epoch_cached = self.epoch_batches(self.epoch), self.epoch
-        indices = self._batches[self.position + self.rank].tolist()
+        indices = self._epoch(self.epoch)[self.position + self.rank].tolist()
         self.position += self.world_size
-        if self.position == len(self._batches):
-            self.epoch, self.position = self.epoch + 1, 0
         return indices
+
+    def _epoch(self, epoch: int) -> list[np.ndarray]:
+        if self._epoch_cached != epoch:  # computed once per epoch, not once per batch
+            self._batches, self._epoch_cached = self.epoch_batches(epoch), epoch
+        return self._batches
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
