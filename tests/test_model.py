@@ -176,6 +176,36 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(monkeypatch, chunk_
     assert torch.allclose(weight.grad, w2.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_elements", [11 * 4, 1 << 24])  # 4 rows a chunk (recomputed in backward), one chunk
+def test_token_losses_and_gradients_equal_unreduced_cross_entropy(monkeypatch, chunk_elements):
+    import gptlab.model as model_module
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 11, (37,))
+    targets[::3] = -100
+    scale = torch.randn(37)  # weigh rows apart, as DPO weighs sequences
+    losses = model_module.token_losses(hidden, weight, targets)
+    (losses * scale).sum().backward()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(h2 @ w2.t(), targets, ignore_index=-100, reduction="none")
+    (expected * scale).sum().backward()
+    assert torch.allclose(losses, expected, atol=1e-6) and bool((losses[::3] == 0).all())
+    assert torch.allclose(hidden.grad, h2.grad, atol=1e-5)
+    assert torch.allclose(weight.grad, w2.grad, atol=1e-5)
+
+
+def test_forward_with_reduction_none_gives_each_positions_loss():
+    model = GPT(CONFIGS[0])
+    idx = torch.randint(0, CONFIGS[0].vocab_size, (2, 10))
+    targets = torch.randint(0, CONFIGS[0].vocab_size, (2, 10))
+    targets[1, :4] = -100
+    per_position = model(idx, targets, reduction="none")
+    assert per_position.shape == (2, 10) and bool((per_position[1, :4] == 0).all())
+    assert torch.allclose(per_position.sum() / 16, model(idx, targets), atol=1e-6)
+
+
 def test_forward_with_targets_equals_cross_entropy_of_logits():
     config = CONFIGS[0]
     model = GPT(config)

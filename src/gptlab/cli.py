@@ -724,6 +724,39 @@ def run_finetune_instruct(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- gptlab finetune preference
+
+
+def _preference_arguments(parser: argparse.ArgumentParser) -> None:
+    training_arguments(
+        parser, ["train", "preference", "lora"], "train low-rank adapters only (--preference.trainable lora)"
+    )
+
+
+@finetune("preference", "tune a model to prefer chosen over rejected responses (DPO)", _preference_arguments)
+def run_finetune_preference(args: argparse.Namespace) -> int:
+    from gptlab.preference import finetune_preference
+
+    result = training_run(args, finetune_preference, "preference")
+    run_dir, start, final, test = result.run_dir, result.start_eval, result.final_eval, result.test_metrics
+    print(f"\ndone: {result.train.step} steps in {result.train.elapsed:.0f} s")
+    for name, key in (
+        ("DPO loss", "val_loss"),
+        ("reward accuracy", "reward_accuracy"),
+        ("reward margin", "reward_margin"),
+    ):
+        before = f"{start[key]:.4f} -> " if start else ""
+        print(f"validation {name}: {before}{final[key]:.4f}")
+    print(
+        f"test split: reward accuracy {test['reward_accuracy']:.2%}, margin {test['reward_margin']:.4f} "
+        f"(chosen {test['chosen_reward']:+.4f}, rejected {test['rejected_reward']:+.4f}) over {len(result.responses)} pairs"
+    )
+    print(f"test responses: {len(result.responses)} in {result.responses_file}")
+    print(f"run directory: {run_dir}\nchat with:     gptlab chat {run_dir}")
+    print(f"judge with:    gptlab eval judge {run_dir} --endpoint http://127.0.0.1:11434 --model llama3.1")
+    return 0
+
+
 # ---------------------------------------------------------------- gptlab eval judge
 
 

@@ -258,11 +258,7 @@ class ClassifyConfig:
                     f"classify.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
                     f"{_suggest(str(getattr(self, name)), choices)}"
                 )
-        if len(self.split) != 3 or min(self.split) <= 0 or abs(sum(self.split) - 1) > 1e-6:
-            raise GptlabError(
-                f"classify.split must be three fractions above 0 (train, validation, test) summing to 1, "
-                f"got {self.split}"
-            )
+        _check_split(self.split, "classify")
         if self.last_blocks < 1:
             raise GptlabError(f"classify.last_blocks must be at least 1, got {self.last_blocks}")
         if self.max_length < 0:
@@ -271,12 +267,18 @@ class ClassifyConfig:
             raise GptlabError(f"classify.labels names a label twice: {self.labels}")
 
 
-@dataclass
-class InstructConfig:
-    """Instruction finetuning (see gptlab.instruct): the records, their split, the loss mask and batching.
+def _check_split(split: list[float], section: str) -> None:
+    if len(split) != 3 or min(split) <= 0 or abs(sum(split) - 1) > 1e-6:
+        raise GptlabError(
+            f"{section}.split must be three fractions above 0 (train, validation, test) summing to 1, got {split}"
+        )
 
-    The prompt template is the run's top-level `template` field, so generate, chat and serve find it.
-    """
+
+@dataclass
+class RecordsConfig:
+    """What instruction and preference finetuning share: JSON records, their split, truncation, what trains."""
+
+    SECTION: typing.ClassVar[str] = "instruct"  # the config section, for error messages
 
     source: str = field(
         default="instruction-data",
@@ -286,26 +288,58 @@ class InstructConfig:
         default_factory=lambda: [0.85, 0.05, 0.10], metadata={"help": "train, validation and test fractions"}
     )
     split_seed: int = field(default=123, metadata={"help": "seed of the shuffle before the split"})
-    mask_prompt: bool = field(default=True, metadata={"help": "train on the response tokens only (not the prompt)"})
     bucketing: bool = field(default=False, metadata={"help": "batch examples of similar length (less padding)"})
     max_length: int = field(default=0, metadata={"help": "truncate examples to this many tokens (0: the context)"})
     trainable: str = field(default="all", metadata={"help": "all (full finetuning) or lora (adapters only)"})
     response_tokens: int = field(default=256, metadata={"help": "most tokens generated per test-split response"})
 
     def __post_init__(self) -> None:
-        if len(self.split) != 3 or min(self.split) <= 0 or abs(sum(self.split) - 1) > 1e-6:
-            raise GptlabError(
-                f"instruct.split must be three fractions above 0 (train, validation, test) summing to 1, "
-                f"got {self.split}"
-            )
+        section = self.SECTION
+        _check_split(self.split, section)
         if self.trainable not in ("all", "lora"):
             raise GptlabError(
-                f"instruct.trainable must be all or lora, got {self.trainable!r}{_suggest(self.trainable, ('all', 'lora'))}"
+                f"{section}.trainable must be all or lora, got {self.trainable!r}"
+                f"{_suggest(self.trainable, ('all', 'lora'))}"
             )
         if self.max_length < 0:
-            raise GptlabError(f"instruct.max_length must be 0 (the context) or positive, got {self.max_length}")
+            raise GptlabError(f"{section}.max_length must be 0 (the context) or positive, got {self.max_length}")
         if self.response_tokens < 1:
-            raise GptlabError(f"instruct.response_tokens must be at least 1, got {self.response_tokens}")
+            raise GptlabError(f"{section}.response_tokens must be at least 1, got {self.response_tokens}")
+
+
+@dataclass
+class InstructConfig(RecordsConfig):
+    """Instruction finetuning (see gptlab.instruct): the records, their split, the loss mask and batching.
+
+    The prompt template is the run's top-level `template` field, so generate, chat and serve find it.
+    """
+
+    mask_prompt: bool = field(default=True, metadata={"help": "train on the response tokens only (not the prompt)"})
+
+
+@dataclass
+class PreferenceConfig(RecordsConfig):
+    """Preference tuning with DPO (see gptlab.preference): records with a chosen and a rejected response."""
+
+    SECTION: typing.ClassVar[str] = "preference"
+
+    source: str = field(
+        default="instruction-preference",
+        metadata={"help": "JSON list or JSON lines of instruction or chat records with 'chosen' and 'rejected'"},
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO's beta: how far the model may move from the reference (higher: less)"}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "assumed share of wrong preference labels (conservative DPO), below 0.5"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise GptlabError(f"preference.beta must be above 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise GptlabError(f"preference.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 # ---------------------------------------------------------------- dataclass helpers
@@ -402,6 +436,7 @@ def section_types() -> dict[str, type]:
     sections["lora"] = LoRAConfig
     sections["classify"] = ClassifyConfig
     sections["instruct"] = InstructConfig
+    sections["preference"] = PreferenceConfig
     return sections
 
 

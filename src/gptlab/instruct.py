@@ -34,7 +34,6 @@ SAMPLE_COUNT = 2  # validation instructions answered at each evaluation
 INSTRUCT_DEFAULTS: dict[str, Any] = {
     "task": "instruct",
     "out_dir": "runs/instruct",
-    "template": "alpaca",
     "train": {
         "max_steps": 300, "batch_size": 8, "learning_rate": 3e-4, "warmup_steps": 20, "eval_interval": 50,
         "log_interval": 10, "sample_tokens": 60,
@@ -405,40 +404,44 @@ class InstructResult:
     total_parameters: int = 0
 
 
-def _with_defaults(values: dict[str, Any]) -> dict[str, Any]:
-    merged = {**INSTRUCT_DEFAULTS, **values}
-    merged["train"] = {**INSTRUCT_DEFAULTS["train"], **(values.get("train") or {})}
+def _with_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    merged = {**defaults, **values}
+    merged["train"] = {**defaults["train"], **(values.get("train") or {})}
     return merged
 
 
 def _base_model_values(values: dict[str, Any]) -> dict[str, Any]:
     """`values` with the model shape of its base run and `init_from` as an absolute checkpoint folder
-    (a LoRA run's adapters are laid over exactly these weights, even if the base run trains on)."""
+    (a LoRA run's adapters are laid over exactly these weights, even if the base run trains on); a run
+    without a template of its own takes its base run's, else alpaca."""
     if not values.get("init_from"):
-        raise GptlabError("instruction finetuning starts from a trained model; pass --init-from RUN_OR_CHECKPOINT")
+        raise GptlabError("finetuning starts from a trained model; pass --init-from RUN_OR_CHECKPOINT")
     base = ckpt.find_checkpoint(values["init_from"])
     base_config = ckpt.read_run_config(ckpt.run_dir_of(base))
     if base_config.get("lora"):
         raise GptlabError(f"base run {base} is a LoRA run; merge it first with `gptlab lora merge`")
     model = {**base_config["model"], **(values.get("model") or {})}
     rest = {k: v for k, v in values.items() if k != "preset"}
-    return {**rest, "init_from": str(base.resolve()), "model": model}
+    template = values.get("template") or base_config.get("template") or "alpaca"
+    return {**rest, "init_from": str(base.resolve()), "model": model, "template": template}
 
 
-def resolve_instruct_config(values: dict[str, Any], resume: bool) -> dict[str, Any]:
-    """The validated run config: defaults (for a new run), the base run's model shape, the sections as
-    dataclasses; `lora` only when adapters train, checked against the model's context length."""
+def resolve_records_config(
+    values: dict[str, Any], resume: bool, section: str = "instruct", defaults: dict[str, Any] = INSTRUCT_DEFAULTS
+) -> dict[str, Any]:
+    """The validated config of an instruction (or preference) run: defaults (for a new run), the base run's
+    model shape, the sections as dataclasses; `lora` only when adapters train, checked against the context."""
     from gptlab.config import resolve_run_config
 
-    values = _base_model_values(values if resume else _with_defaults(values))
-    config = resolve_run_config(values, ["model", "train", "instruct", "lora"])
-    if config["instruct"].trainable != "lora":
+    values = _base_model_values(values if resume else _with_defaults(values, defaults))
+    config = resolve_run_config(values, ["model", "train", section, "lora"])
+    if config[section].trainable != "lora":
         del config["lora"]
     get_template(config["template"])  # an unknown name fails here, before anything is written
     context = config["model"].context_length
-    if config["instruct"].max_length > context:
+    if config[section].max_length > context:
         raise GptlabError(
-            f"instruct.max_length {config['instruct'].max_length} exceeds the model's context length {context}"
+            f"{section}.max_length {config[section].max_length} exceeds the model's context length {context}"
         )
     return config
 
@@ -474,7 +477,7 @@ def finetune_instruct(
     from gptlab.tokenizer import load_tokenizer
     from gptlab.train import METRICS_FILE, MetricsLog, make_runtime, open_run_dir, train
 
-    config = resolve_instruct_config(values, resume)
+    config = resolve_records_config(values, resume)
     template, instruct = get_template(config["template"]), config["instruct"]
     run_dir = Path(config["out_dir"])
     tokenizer = load_tokenizer((run_dir if resume else ckpt.run_dir_of(Path(config["init_from"]))) / "tokenizer")

@@ -136,9 +136,17 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def forward(
-        self, idx, targets=None, attention_mask=None, positions=None, cache: KVCache | None = None, last_only=False
+        self,
+        idx,
+        targets=None,
+        attention_mask=None,
+        positions=None,
+        cache: KVCache | None = None,
+        last_only=False,
+        reduction: str = "mean",
     ):
-        """Logits (B, T, V), or (B, 1, V) with `last_only`; with `targets` (B, T), the mean next-token loss.
+        """Logits (B, T, V), or (B, 1, V) with `last_only`; with `targets` (B, T), the mean next-token loss,
+        or with `reduction="none"` each position's loss (B, T), 0 where there is no target.
 
         The loss lives in forward (not in a separate call on the head) so that DDP, FSDP and
         torch.compile see the whole computation; it is computed in chunks so the (B*T, V) logits
@@ -149,6 +157,10 @@ class GPT(nn.Module):
             hidden, weight = hidden.flatten(0, 1), self.lm_head.weight
             if hasattr(self.lm_head, "matmul_operands"):  # a head with LoRA adapters (gptlab.lora)
                 hidden, weight = self.lm_head.matmul_operands(hidden)
+            if reduction not in ("mean", "none"):
+                raise GptlabError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+            if reduction == "none":
+                return token_losses(hidden, weight, targets.flatten()).view(targets.shape)
             return linear_cross_entropy(hidden, weight, targets.flatten())
         if last_only:
             hidden = hidden[:, -1:]
@@ -176,6 +188,38 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
     return _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, None)[0]
+
+
+def token_losses(hidden, weight, targets, ignore_index: int = -100):
+    """Each row's cross-entropy of `hidden @ weight.T` against `targets` (N,), 0 where the target is ignored.
+
+    For losses that weigh sequences apart (DPO sums a response's log-probabilities). Only rows with a
+    target go through the head, in chunks; under autograd each chunk's logits are recomputed in the
+    backward pass instead of being kept, so memory stays one chunk of logits whatever the length.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    losses = hidden.new_zeros(targets.shape, dtype=torch.float32)
+    rows = (targets != ignore_index).nonzero().squeeze(1)
+    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    pieces = []
+    for start in range(0, rows.numel(), chunk_rows):
+        index = rows[start : start + chunk_rows]
+        h, t = hidden.index_select(0, index), targets.index_select(0, index)
+        if keep_graph and rows.numel() > chunk_rows:
+            pieces.append(checkpoint(_chunk_losses, h, weight, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_losses(h, weight, t))
+    if pieces:
+        losses = losses.index_put((rows,), torch.cat(pieces))
+    return losses
+
+
+def _chunk_losses(hidden, weight, targets):
+    dtype = _compute_dtype(hidden)
+    logits = (hidden.to(dtype) @ weight.to(dtype).t()).float()
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def _compute_dtype(tensor):

@@ -1,0 +1,430 @@
+"""Preference tuning with DPO (Direct Preference Optimization, Rafailov et al., 2023).
+
+Each record is a prompt with a `chosen` and a `rejected` response. The model (the policy) learns to
+raise the chosen response's probability relative to the rejected one's, measured against a frozen
+reference: the model the run starts from. With log-probabilities summed over each response's tokens,
+
+    loss = -log sigmoid(beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)))
+
+and beta * (policy - reference) is a response's implicit reward. No reward model and no sampling:
+the reference's log-probabilities are computed once, before the first step, and kept in the run
+(`data/reference_logps.json`), so no second model is held in memory while training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptlab import checkpoint as ckpt
+from gptlab.config import GPTConfig, PreferenceConfig, TrainConfig
+from gptlab.errors import GptlabError
+from gptlab.instruct import (
+    SPLIT_DIR,
+    SPLITS,
+    Example,
+    ExampleBatches,
+    answer_records,
+    build_model,
+    check_record,
+    collate,
+    encode_example,
+    generate_responses,
+    prompt_and_reference,
+    read_records,
+    read_split,
+    resolve_records_config,
+    resolve_source,
+    split_records,
+    write_split,
+)
+from gptlab.templates import Template, get_template
+from gptlab.train import TrainResult
+
+REFERENCE_FILE = "reference_logps.json"  # in the run's data/ folder, beside the split
+RESPONSES_FILE = "test_responses.json"
+SAMPLE_COUNT = 2
+
+# What a preference run starts from before the user's config. DPO moves a model little and fast: the
+# learning rate is lower than instruction finetuning's and one pass over the pairs is usually enough.
+PREFERENCE_DEFAULTS: dict[str, Any] = {
+    "task": "preference",
+    "out_dir": "runs/preference",
+    "train": {
+        "max_steps": 120, "batch_size": 8, "learning_rate": 5e-5, "warmup_steps": 10, "eval_interval": 40,
+        "log_interval": 10, "sample_tokens": 60, "weight_decay": 0.01,
+    },
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------- records
+
+
+def with_response(record: dict[str, Any], response: str) -> dict[str, Any]:
+    """The instruction record a preference record makes with one of its responses as the answer."""
+    if "messages" in record:
+        messages = record["messages"] if isinstance(record["messages"], list) else []
+        return {"messages": [*messages, {"role": "assistant", "content": response}]}
+    return {**{k: v for k, v in record.items() if k in ("instruction", "input")}, "output": response}
+
+
+def check_preference_record(record: Any, where: str) -> None:
+    """Raise a one-line error unless `record` is a prompt (Alpaca-style, or chat messages ending with the
+    user's turn) with string `chosen` and `rejected` responses."""
+    if not isinstance(record, dict):
+        raise GptlabError(f"{where} must be a JSON object, got {type(record).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise GptlabError(
+                f"{where} lacks {key!r}; preference records need a prompt ('instruction' and optional 'input', "
+                "or chat 'messages') with 'chosen' and 'rejected' responses"
+            )
+        if not isinstance(record[key], str):
+            raise GptlabError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+        if messages[-1].get("role") == "assistant":
+            raise GptlabError(f"{where}: the messages must end with the user's turn; the responses are chosen/rejected")
+    check_record(with_response(record, record["chosen"]), where)
+
+
+def load_preference_records(source: str) -> tuple[list[dict[str, Any]], int]:
+    """The checked records of a preference data file or named data set, and how many were left out
+    because their two responses are the same (they carry no preference)."""
+    path = resolve_source(source)
+    records = read_records(path)
+    for i, record in enumerate(records):
+        check_preference_record(record, f"record {i} of {path}")
+    kept = [r for r in records if r["chosen"] != r["rejected"]]
+    if not kept:
+        raise GptlabError(f"every record of {path} has the same chosen and rejected response; nothing to prefer")
+    return kept, len(records) - len(kept)
+
+
+# ---------------------------------------------------------------- pairs as tokens
+
+
+@dataclass
+class Pair:
+    """One tokenized preference record: the prompt with the chosen response, and with the rejected one."""
+
+    chosen: Example
+    rejected: Example
+
+    @property
+    def length(self) -> int:
+        return max(len(self.chosen.ids), len(self.rejected.ids))
+
+
+def encode_pair(record: dict[str, Any], template: Template, tokenizer, max_length: int) -> Pair | None:
+    """The record's two examples, or None when truncation to `max_length` leaves either without a response token."""
+    chosen, rejected = (
+        encode_example(with_response(record, record[key]), template, tokenizer, max_length)
+        for key in ("chosen", "rejected")
+    )
+    if not any(chosen.response[1:]) or not any(rejected.response[1:]):
+        return None
+    return Pair(chosen, rejected)
+
+
+def encode_pairs(
+    records: Sequence[dict[str, Any]], template: Template, tokenizer, max_length: int
+) -> tuple[list[Pair], list[int]]:
+    """The pairs that keep a response after truncation, and the indices of the records that do."""
+    pairs, kept = [], []
+    for i, record in enumerate(records):
+        pair = encode_pair(record, template, tokenizer, max_length)
+        if pair is not None:
+            pairs.append(pair)
+            kept.append(i)
+    return pairs, kept
+
+
+def collate_pairs(pairs: Sequence[Pair], eot_id: int) -> dict[str, torch.Tensor]:
+    """One batch of 2B rows, the chosen examples then the rejected ones, with response-only targets."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], eot_id, mask_prompt=True)
+
+
+def response_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probabilities of each pair's responses, (B, 2): chosen, rejected."""
+    per_token = model(batch["input"], batch["target"], reduction="none")  # (2B, T), 0 off the response
+    return -per_token.sum(1).view(2, -1).t()
+
+
+def dpo_loss(
+    policy: torch.Tensor, reference: torch.Tensor, beta: float, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean DPO loss over pairs and the implicit rewards (B, 2), from log-probabilities (B, 2).
+
+    With `label_smoothing` e, a share e of the labels is taken to be flipped (conservative DPO):
+    the loss is (1 - e) times DPO's plus e times DPO's with chosen and rejected swapped.
+    """
+    rewards = beta * (policy - reference)
+    margin = rewards[:, 0] - rewards[:, 1]
+    loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return loss.mean(), rewards.detach()
+
+
+def pair_log_probs(
+    model: torch.nn.Module,
+    pairs: Sequence[Pair],
+    eot_id: int,
+    batch_size: int,
+    runtime,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Summed response log-probabilities (n, 2) of every pair under `model`, without gradients."""
+    out = []
+    with torch.no_grad(), runtime.autocast():
+        for start in range(0, len(pairs), batch_size):
+            batch = runtime.to_device(collate_pairs(pairs[start : start + batch_size], eot_id))
+            out.append(response_log_probs(model, batch).float().cpu())
+            if progress is not None:
+                progress(min(start + batch_size, len(pairs)), len(pairs))
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def preference_metrics(
+    policy: torch.Tensor, reference: torch.Tensor, beta: float, label_smoothing: float = 0.0
+) -> dict[str, float]:
+    """DPO loss, reward accuracy (share of pairs whose chosen reward is the higher), mean margin and rewards."""
+    loss, rewards = dpo_loss(policy, reference, beta, label_smoothing)
+    margin = rewards[:, 0] - rewards[:, 1]
+    return {
+        "dpo_loss": loss.item(),
+        "reward_accuracy": (margin > 0).float().mean().item(),
+        "reward_margin": margin.mean().item(),
+        "chosen_reward": rewards[:, 0].mean().item(),
+        "rejected_reward": rewards[:, 1].mean().item(),
+    }
+
+
+# ---------------------------------------------------------------- the objective
+
+
+class PreferenceObjective:
+    """DPO on preference pairs; evaluation is the DPO loss and reward accuracy on the validation split."""
+
+    def __init__(
+        self,
+        train_pairs: Sequence[Pair],
+        val_pairs: Sequence[Pair],
+        reference: dict[str, torch.Tensor],
+        sample_prompts: Sequence[str],
+        tokenizer,
+        template: Template,
+        model_config: GPTConfig,
+        train_config: TrainConfig,
+        preference_config: PreferenceConfig,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        from gptlab.sizing import train_flops_per_token
+
+        self.train_pairs, self.val_pairs = list(train_pairs), list(val_pairs)
+        self.reference = reference
+        self.tokenizer, self.template = tokenizer, template
+        self.beta, self.label_smoothing = preference_config.beta, preference_config.label_smoothing
+        self.batches = ExampleBatches(
+            [p.length for p in self.train_pairs], train_config.batch_size, train_config.seed,
+            preference_config.bucketing, rank, world_size,
+        )  # fmt: skip
+        self.batch_size = train_config.batch_size
+        self.eval_pairs = train_config.eval_batches * train_config.batch_size
+        mean_length = max(1, round(np.mean([p.length - 1 for p in self.train_pairs])))
+        self.tokens_per_batch = 2 * self.batches.batch_size * mean_length
+        self.flops_per_token = train_flops_per_token(model_config, mean_length)
+        self.sample_prompts = list(sample_prompts)[:SAMPLE_COUNT]
+        self.sample_tokens = train_config.sample_tokens
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        indices = self.batches.next_indices()
+        batch = collate_pairs([self.train_pairs[i] for i in indices], self.tokenizer.eot_id)
+        return {**batch, "reference": self.reference["train"][indices]}
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return dpo_loss(response_log_probs(model, batch), batch["reference"], self.beta, self.label_smoothing)[0]
+
+    def metrics(self, model: torch.nn.Module, runtime, split: str, pairs: Sequence[Pair]) -> dict[str, float]:
+        policy = pair_log_probs(model, pairs, self.tokenizer.eot_id, self.batch_size, runtime)
+        return preference_metrics(policy, self.reference[split][: len(pairs)], self.beta, self.label_smoothing)
+
+    def evaluate(self, model: torch.nn.Module, runtime) -> dict[str, float]:
+        metrics = self.metrics(model, runtime, "validation", self.val_pairs[: self.eval_pairs])
+        return {"val_loss": metrics.pop("dpo_loss"), **metrics}
+
+    def samples(self, model: torch.nn.Module, runtime) -> list[str]:
+        if self.sample_tokens <= 0:
+            return []
+        responses = generate_responses(model, self.tokenizer, self.sample_prompts, self.template, self.sample_tokens)
+        return [response for response, _ in responses]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state["batches"])
+
+
+# ---------------------------------------------------------------- the reference
+
+
+def reference_log_probs(
+    model: torch.nn.Module,
+    pairs: dict[str, list[Pair]],
+    run_dir: Path,
+    tokenizer,
+    batch_size: int,
+    runtime,
+    log: Callable[[str], None],
+) -> dict[str, torch.Tensor]:
+    """The reference's log-probabilities of every split's pairs: read from the run, or computed with
+    `model` (the starting weights) and written there by rank 0."""
+    path = run_dir / SPLIT_DIR / REFERENCE_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        reference = {name: torch.tensor(stored[name], dtype=torch.float32).view(-1, 2) for name in SPLITS}
+        if all(len(reference[n]) == len(pairs[n]) for n in SPLITS):
+            return reference
+        log(f"{path} does not match the run's pairs; computing it again")
+    started, total = time.perf_counter(), sum(len(p) for p in pairs.values())
+    done = 0
+
+    def progress(count: int, _: int) -> None:
+        if runtime.is_main and (count + done) % (20 * batch_size) < batch_size:
+            log(f"reference log-probabilities: {count + done}/{total} pairs")
+
+    model.eval()
+    reference = {}
+    for name in SPLITS:
+        reference[name] = pair_log_probs(model, pairs[name], tokenizer.eot_id, batch_size, runtime, progress)
+        done += len(pairs[name])
+    model.train()
+    if runtime.is_main:
+        ckpt.atomic_write_text(path, json.dumps({name: reference[name].tolist() for name in SPLITS}))
+    log(f"reference log-probabilities of {total} pairs in {time.perf_counter() - started:.1f} s")
+    return reference
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class PreferenceResult:
+    """What a preference tuning run measured and wrote."""
+
+    train: TrainResult
+    run_dir: Path
+    start_eval: dict[str, float]  # validation metrics before tuning (empty on resume)
+    final_eval: dict[str, float]
+    test_metrics: dict[str, float]
+    responses_file: Path
+    responses: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # pairs left out, and why
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+
+
+def finetune_preference(
+    values: dict[str, Any],
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    log: Callable[[str], None] = lambda line: None,
+) -> PreferenceResult:
+    """Tune the `init_from` model on preference pairs with DPO as the run config `values` describes.
+
+    Writes the split and the reference's log-probabilities to the run, trains (adapters only with
+    `preference.trainable: lora`), then writes the tuned model's responses to the test split to
+    `test_responses.json` (with the chosen response as the reference answer, for `gptlab eval judge`).
+    """
+    from gptlab.config import run_config_to_dict
+    from gptlab.lora import count_trainable, lora_state_dict
+    from gptlab.tokenizer import load_tokenizer
+    from gptlab.train import METRICS_FILE, MetricsLog, make_runtime, open_run_dir, train
+
+    config = resolve_records_config(values, resume, "preference", PREFERENCE_DEFAULTS)
+    template, preference = get_template(config["template"]), config["preference"]
+    run_dir = Path(config["out_dir"])
+    tokenizer = load_tokenizer((run_dir if resume else ckpt.run_dir_of(Path(config["init_from"]))) / "tokenizer")
+    skipped = {"same_responses": 0, "truncated": 0}
+    if resume:
+        split = read_split(run_dir)
+    else:
+        records, skipped["same_responses"] = load_preference_records(preference.source)
+        split = split_records(records, preference.split, preference.split_seed)
+    runtime = make_runtime(config["train"])
+    model = build_model(config).to(runtime.device)
+    trainable, total = count_trainable(model)
+    resume_from = open_run_dir(
+        run_dir, run_config_to_dict(config), runtime, tokenizer, resume, overwrite, allow_config_change,
+        lambda: write_split(run_dir, split),
+    )  # fmt: skip
+
+    max_length = preference.max_length or config["model"].context_length
+    pairs: dict[str, list[Pair]] = {}
+    for name in SPLITS:
+        pairs[name], kept = encode_pairs(split[name], template, tokenizer, max_length)
+        skipped["truncated"] += len(split[name]) - len(kept)
+        split[name] = [split[name][i] for i in kept]
+    if not pairs["train"] or not pairs["validation"]:
+        raise GptlabError(
+            f"no training or validation pair keeps a response token within {max_length} tokens; "
+            "raise preference.max_length or shorten the prompts"
+        )
+    log(
+        f"preference data: {', '.join(f'{len(pairs[n])} {n}' for n in SPLITS)} pairs in the {template.name} template"
+        f"{_skipped_text(skipped)}; {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})"
+        f"{' (LoRA)' if 'lora' in config else ''} on {runtime.device}; beta {preference.beta}"
+    )
+    batch_size = config["train"].batch_size
+    reference = reference_log_probs(model, pairs, run_dir, tokenizer, batch_size, runtime, log)
+    sample_prompts = [prompt_and_reference(with_response(r, r["chosen"]), template)[0] for r in split["validation"]]
+    objective = PreferenceObjective(
+        pairs["train"], pairs["validation"], reference, sample_prompts, tokenizer, template, config["model"],
+        config["train"], preference, runtime.rank, runtime.world_size,
+    )  # fmt: skip
+
+    start_eval: dict[str, float] = {}
+    if resume_from is None:  # the starting point of the curves: the policy is the reference
+        start_eval = objective.evaluate(model.eval(), runtime)
+        if runtime.is_main:
+            MetricsLog(run_dir / METRICS_FILE).append({"step": 0, "split": "val", "tokens": 0, **start_eval})
+    result = train(
+        model, objective, config["train"], run_dir, runtime, resume_from=resume_from, log=log,
+        wrap_model=torch.compile if config["train"].compile else None,
+        save_weights=lora_state_dict if "lora" in config else None,
+    )  # fmt: skip
+
+    model.eval()
+    test_metrics = objective.metrics(model, runtime, "test", pairs["test"])
+    with runtime.autocast():
+        answers = [with_response(r, r["chosen"]) for r in split["test"]]
+        responses = answer_records(model, tokenizer, answers, template, preference.response_tokens)
+    responses = [{**record, **answer} for record, answer in zip(split["test"], responses, strict=True)]
+    responses_file = run_dir / RESPONSES_FILE
+    if runtime.is_main:
+        ckpt.atomic_write_text(responses_file, json.dumps(responses, indent=1, ensure_ascii=False))
+        ckpt.atomic_write_text(run_dir / "test_metrics.json", json.dumps(test_metrics, indent=1))
+    return PreferenceResult(
+        train=result, run_dir=run_dir, start_eval=start_eval, final_eval=result.last_eval, test_metrics=test_metrics,
+        responses_file=responses_file, responses=responses, skipped=skipped, trainable_parameters=trainable,
+        total_parameters=total,
+    )  # fmt: skip
+
+
+def _skipped_text(skipped: dict[str, int]) -> str:
+    parts = []
+    if skipped["same_responses"]:
+        parts.append(f"{skipped['same_responses']} with the same chosen and rejected response")
+    if skipped["truncated"]:
+        parts.append(f"{skipped['truncated']} without a response token after truncation")
+    return f" ({'; '.join(parts)} left out)" if parts else ""
