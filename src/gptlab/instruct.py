@@ -282,7 +282,30 @@ class ExampleBatches:
 # ---------------------------------------------------------------- the objective
 
 
-class InstructionObjective:
+class RecordsObjective:
+    """What the instruction and preference objectives share: batches in a seeded order (exact resume),
+    and greedy responses to a few validation prompts as the samples of each evaluation."""
+
+    batches: ExampleBatches
+    tokenizer: Any
+    template: Template
+    sample_prompts: list[str]
+    sample_tokens: int
+
+    def samples(self, model: torch.nn.Module, runtime) -> list[str]:
+        if self.sample_tokens <= 0:
+            return []
+        responses = generate_responses(model, self.tokenizer, self.sample_prompts, self.template, self.sample_tokens)
+        return [response for response, _ in responses]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state["batches"])
+
+
+class InstructionObjective(RecordsObjective):
     """Next-token loss on instruction examples; evaluation is the response-only validation loss."""
 
     def __init__(
@@ -333,18 +356,6 @@ class InstructionObjective:
             count += tokens
         val_loss = total / max(count, 1)
         return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
-
-    def samples(self, model: torch.nn.Module, runtime) -> list[str]:
-        if self.sample_tokens <= 0:
-            return []
-        responses = generate_responses(model, self.tokenizer, self.sample_prompts, self.template, self.sample_tokens)
-        return [response for response, _ in responses]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches.load_state_dict(state["batches"])
 
 
 # ---------------------------------------------------------------- responses

@@ -32,12 +32,12 @@ from gptlab.instruct import (
     SPLITS,
     Example,
     ExampleBatches,
+    RecordsObjective,
     answer_records,
     build_model,
     check_record,
     collate,
     encode_example,
-    generate_responses,
     prompt_and_reference,
     read_records,
     read_split,
@@ -210,7 +210,7 @@ def preference_metrics(
 # ---------------------------------------------------------------- the objective
 
 
-class PreferenceObjective:
+class PreferenceObjective(RecordsObjective):
     """DPO on preference pairs; evaluation is the DPO loss and reward accuracy on the validation split."""
 
     def __init__(
@@ -260,18 +260,6 @@ class PreferenceObjective:
     def evaluate(self, model: torch.nn.Module, runtime) -> dict[str, float]:
         metrics = self.metrics(model, runtime, "validation", self.val_pairs[: self.eval_pairs])
         return {"val_loss": metrics.pop("dpo_loss"), **metrics}
-
-    def samples(self, model: torch.nn.Module, runtime) -> list[str]:
-        if self.sample_tokens <= 0:
-            return []
-        responses = generate_responses(model, self.tokenizer, self.sample_prompts, self.template, self.sample_tokens)
-        return [response for response, _ in responses]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches.load_state_dict(state["batches"])
 
 
 # ---------------------------------------------------------------- the reference
