@@ -364,3 +364,29 @@ def test_import_gpt2_uses_files_already_in_the_data_folder(tmp_path, shared_data
     idx = torch.randint(0, GPT2_VOCAB, (1, 8))
     with torch.no_grad():
         assert torch.allclose(gptlab_logits(run, idx), model(idx).logits, atol=1e-5)
+
+
+def test_dpo_log_probs_and_gradients_match_transformers(tmp_path, shared_data):
+    """The DPO loss on an imported GPT-2 (its 50,257-token head in chunks, recomputed in backward) against the
+    same loss from transformers' logits: values and the gradient of the shared embedding agree."""
+    from gptlab.preference import dpo_loss, response_log_probs
+
+    hf = save_hf_gpt2(tmp_path / "hf")
+    ours = load_run(import_hf(tmp_path / "hf", tmp_path / "run")).model
+    torch.manual_seed(0)
+    inputs = torch.randint(0, GPT2_VOCAB, (8, 60))  # 4 pairs: 480 positions, more than one 333-row chunk
+    targets = torch.roll(inputs, -1, dims=1)
+    targets[:, :20] = -100  # the prompt
+    targets[1, 50:] = -100  # a shorter answer, padded
+    reference = torch.randn(4, 2) - 400.0
+    batch = {"input": inputs, "target": targets}
+
+    loss, _ = dpo_loss(response_log_probs(ours, batch), reference, beta=0.1)
+    loss.backward()
+    logprobs = torch.log_softmax(hf(inputs).logits, dim=-1)
+    picked = logprobs.gather(2, targets.clamp(min=0)[..., None]).squeeze(2) * (targets != -100)
+    expected, _ = dpo_loss(picked.sum(1).view(2, -1).t(), reference, beta=0.1)
+    expected.backward()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    theirs = hf.transformer.wte.weight.grad
+    assert theirs.abs().max() > 1e-4 and torch.allclose(ours.token_embedding.weight.grad, theirs, atol=1e-6, rtol=1e-4)
