@@ -390,3 +390,26 @@ def test_dpo_log_probs_and_gradients_match_transformers(tmp_path, shared_data):
     assert torch.allclose(loss, expected, atol=1e-5)
     theirs = hf.transformer.wte.weight.grad
     assert theirs.abs().max() > 1e-4 and torch.allclose(ours.token_embedding.weight.grad, theirs, atol=1e-6, rtol=1e-4)
+
+
+def test_eval_perplexity_of_an_imported_gpt2_equals_transformers_loss(tmp_path, shared_data, capsys, monkeypatch):
+    from gptlab.cli import main
+    from gptlab.config import DataConfig
+    from gptlab.data import prepare_corpus
+
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    hf = save_hf_gpt2(tmp_path / "hf")
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    text = shared_data / "the-verdict.txt"
+    assert main(["eval", "perplexity", str(run), "--data", str(text), "--json", "--max-tokens", "300"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+
+    tokens = prepare_corpus(DataConfig(source=str(text)), tokenizer=load_run(run).tokenizer).val_tokens[:301]
+    total = 0.0
+    with torch.no_grad():
+        for begin in range(0, 300, 64):  # the model's context: non-overlapping windows
+            window = torch.tensor(tokens[begin : min(begin + 64, 300) + 1].astype("int64"))[None]
+            logits = hf(window[:, :-1]).logits[0]
+            total += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+    assert ours["tokens"] == 300 and ours["tokenizer"] == "gpt2"
+    assert ours["loss"] == pytest.approx(total / 300, abs=1e-5)

@@ -805,6 +805,68 @@ def run_eval_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- gptlab eval perplexity
+
+
+def _perplexity_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_path", metavar="RUN", help="a run directory or checkpoint folder (a language model)")
+    parser.add_argument(
+        "--data", metavar="SOURCE",
+        help="text file, folder, .jsonl or named data set (default: the text the run was trained on)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--split", choices=["val", "train", "all"], default="val",
+        help="which part of the text: the held-out validation part (default), the training part, or all",
+    )  # fmt: skip
+    parser.add_argument("--stride", type=int, help="positions each window moves (default: the context: no overlap)")
+    parser.add_argument("--context", type=int, help="window length (default: the model's context length)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (default: all)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), fp32 or bf16")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+@evaluate("perplexity", "loss, perplexity and bits per byte of a language model on held-out text",
+          _perplexity_arguments)  # fmt: skip
+def run_eval_perplexity(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from gptlab.evaluate import score_run
+
+    for name in ("stride", "context", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise GptlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_tokens < 0:
+        raise GptlabError(f"--max-tokens must be 0 (all) or positive, got {args.max_tokens}")
+    started, last = time.perf_counter(), [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= 2 or done == total:
+            rate = done / max(now - started, 1e-9)
+            left = (total - done) / max(rate, 1e-9)
+            print(f"scored {done:,}/{total:,} tokens | {rate:,.0f} tok/s | {left:.0f} s left", file=sys.stderr)
+            last[0] = now
+
+    score = score_run(
+        args.run_path, args.data, args.split, args.stride, args.context, args.batch_size, args.max_tokens, args.device,
+        args.dtype, progress,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(score.as_dict()))
+        return 0
+    extra = score.extra
+    print(
+        f"{extra['source']} ({extra['split']} split, {score.tokens:,} tokens, {extra['tokenizer']} tokenizer, "
+        f"context {extra['context']}, stride {extra['stride']})"
+    )
+    bpb = f" | bits per byte {score.bits_per_byte:.4f}" if score.bits_per_byte is not None else ""
+    print(f"loss {score.loss:.4f} | perplexity {score.perplexity:.2f}{bpb} | {score.seconds:.1f} s")
+    return 0
+
+
 # ---------------------------------------------------------------- gptlab serve
 
 

@@ -403,7 +403,7 @@ def generate(
 # ---------------------------------------------------------------- loading a model to generate with
 
 
-def load_generator(path: str, device: str = "auto", dtype: str = "auto"):
+def load_generator(path: str, device: str = "auto", dtype: str = "auto", command: str = "generate"):
     """A run's model, ready to generate: on `device` (auto: CUDA, MPS, then CPU), its weights in `dtype`
     (the training rule: auto is bf16 on CUDA; bf16 needs a GPU or a CPU with bf16 units, else fp32),
     checked to be a language model for its tokenizer. Returns a LoadedRun."""
@@ -418,7 +418,7 @@ def load_generator(path: str, device: str = "auto", dtype: str = "auto"):
         outputs = getattr(head, "out_features", "no")
         raise GptlabError(
             f"{path} has {outputs} outputs per position, not a language model over "
-            f"{run.tokenizer.vocab_size} tokens; generate needs a pretrained or instruction-tuned run"
+            f"{run.tokenizer.vocab_size} tokens; {command} needs a pretrained or instruction-tuned run"
         )
     if weights_dtype is not None:
         run.model.to(weights_dtype)

@@ -1,0 +1,162 @@
+"""Scoring a language model on held-out text: loss per token, perplexity and bits per byte.
+
+The text is tokenized with the run's own tokenizer into the same cached train/validation shards that
+`gptlab prepare` and `gptlab pretrain` use. Windows of the model's context slide over the tokens by
+`stride`: every target is scored exactly once, and a window scores only the targets that the previous
+window did not reach, so with a stride below the context every scored token (but those of the first
+window) sees at least `context - stride` tokens before it. A stride equal to the context is the
+non-overlapping evaluation that training reports as `val_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gptlab.errors import GptlabError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TextScore:
+    """What scoring a token stream measured."""
+
+    tokens: int  # targets scored
+    loss: float  # mean negative log-likelihood per token, in nats
+    bytes: float = 0.0  # text bytes behind the scored tokens (0: unknown)
+    seconds: float = 0.0
+    windows: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        return self.loss * self.tokens / math.log(2) / self.bytes if self.bytes else None
+
+    def as_dict(self) -> dict:
+        return {
+            "tokens": self.tokens, "loss": self.loss, "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte, "bytes": self.bytes, "windows": self.windows,
+            "seconds": self.seconds, **self.extra,
+        }  # fmt: skip
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, scored) for each window over a stream of `n_tokens`: inputs are tokens[begin:end],
+    targets tokens[begin + 1:end + 1], and only the last `scored` targets count (the others were scored
+    by an earlier window). Together the windows score targets 1 .. n_tokens - 1 once each."""
+    if not 0 < stride <= context:
+        raise GptlabError(f"stride must be between 1 and the context length {context}, got {stride}")
+    last = n_tokens - 1  # inputs end here at most: the final token is only ever a target
+    done = 0
+    for begin in range(0, max(last, 0), stride):
+        end = min(begin + context, last)
+        if end > done:
+            yield begin, end, end - done
+            done = end
+        if end == last:
+            return
+
+
+def score_tokens(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    context: int,
+    stride: int,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> TextScore:
+    """Mean loss of `model` over every target of `tokens` (a 1-D array of ids), by sliding windows."""
+    if len(tokens) < 2:
+        raise GptlabError(f"{len(tokens)} token(s) to score; the text needs at least two tokens")
+    windows = list(sliding_windows(len(tokens), context, stride))
+    total, count = 0.0, 0
+    started = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            group = windows[start : start + batch_size]
+            width = max(end - begin for begin, end, _ in group)
+            inputs = torch.zeros((len(group), width), dtype=torch.long)
+            targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
+            for row, (begin, end, scored) in enumerate(group):
+                window = torch.from_numpy(np.asarray(tokens[begin : end + 1], dtype=np.int64))
+                inputs[row, : end - begin] = window[:-1]
+                targets[row, end - begin - scored : end - begin] = window[1 + end - begin - scored :]
+            losses = model(inputs.to(device), targets.to(device), reduction="none")
+            total += float(losses.double().sum())
+            count += int((targets != IGNORE_INDEX).sum())
+            if progress is not None:
+                progress(count, len(tokens) - 1)
+    return TextScore(count, total / count, seconds=time.perf_counter() - started, windows=len(windows))
+
+
+def score_run(
+    run_path: str,
+    source: str | None = None,
+    split: str = "val",
+    stride: int | None = None,
+    context: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> TextScore:
+    """Score a run's language model on a text source (default: the run's own training data) with its tokenizer.
+
+    `split` is val (the held-out part, as training cut it), train, or all; `max_tokens` (0: all) keeps
+    the first that many targets of the split.
+    """
+    from gptlab.config import DataConfig, config_from_dict
+    from gptlab.data import prepare_corpus
+    from gptlab.generate import load_generator
+    from gptlab.train import resolve_device
+
+    if split not in ("val", "train", "all"):
+        raise GptlabError(f"split must be val, train or all, got {split!r}")
+    run = load_generator(run_path, device, dtype, command="eval perplexity")
+    data = dict(run.config.get("data") or {})
+    if source is None and "source" not in data:
+        raise GptlabError(f"{run_path} does not record the text it was trained on; name one with --data FILE_OR_NAME")
+    data = config_from_dict(DataConfig, {**data, **({"source": source} if source is not None else {})}, "data.")
+    corpus = prepare_corpus(data, tokenizer=run.tokenizer)
+    parts = {
+        "val": [corpus.val_tokens],
+        "train": [corpus.train_tokens],
+        "all": [corpus.train_tokens, corpus.val_tokens],
+    }
+    tokens = np.concatenate(parts[split]) if split == "all" else parts[split][0]
+    bytes_per_token = _bytes_per_token(corpus.meta, split)
+    if max_tokens:
+        tokens = tokens[: max_tokens + 1]
+    model_context = run.model.config.context_length
+    context = context or model_context
+    if context > model_context:
+        raise GptlabError(f"context {context} exceeds the model's context length {model_context}")
+    # load_generator put the weights in the evaluation dtype already; the loss itself is always fp32.
+    score = score_tokens(run.model, tokens, context, stride or context, batch_size, resolve_device(device), progress)
+    score.bytes = score.tokens * bytes_per_token
+    score.extra = {
+        "run": str(run.checkpoint), "source": corpus.meta.get("source", data.source), "split": split,
+        "context": context, "stride": stride or context, "tokenizer": run.tokenizer.kind,
+    }  # fmt: skip
+    return score
+
+
+def _bytes_per_token(meta: dict, split: str) -> float:
+    byte_counts = {"val": meta.get("val_bytes", 0), "train": meta.get("train_bytes", 0)}
+    token_counts = {"val": meta.get("val_tokens", 0), "train": meta.get("train_tokens", 0)}
+    names = ("train", "val") if split == "all" else (split,)
+    tokens = sum(token_counts[n] for n in names)
+    return sum(byte_counts[n] for n in names) / tokens if tokens else 0.0

@@ -1,0 +1,83 @@
+"""Scoring held-out text: sliding windows, exact per-token context, and `gptlab eval perplexity` end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gptlab.cli import main
+from gptlab.config import GPTConfig
+from gptlab.errors import GptlabError
+from gptlab.evaluate import score_tokens, sliding_windows
+from gptlab.model import GPT
+from test_cli_pretrain import TINY
+
+
+@pytest.mark.parametrize("n_tokens", [2, 3, 10, 33, 64])
+@pytest.mark.parametrize("context, stride", [(4, 4), (4, 1), (8, 3), (16, 16), (5, 2)])
+def test_windows_score_every_target_once_within_the_context(n_tokens, context, stride):
+    scored = []
+    for begin, end, count in sliding_windows(n_tokens, context, stride):
+        assert 0 < end - begin <= context and 0 < count <= end - begin
+        scored += range(end - count + 1, end + 1)  # target positions of the window's last `count` inputs
+    assert scored == list(range(1, n_tokens))
+
+
+def test_a_stride_of_one_gives_each_token_exactly_its_context():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    tokens = np.random.default_rng(0).integers(0, 50, 40)
+    for context in (16, 6):
+        expected = 0.0
+        with torch.no_grad():
+            for t in range(1, len(tokens)):
+                window = torch.tensor(tokens[max(0, t - context) : t])[None]
+                expected -= torch.log_softmax(model(window)[0, -1], dim=-1)[tokens[t]].item()
+        score = score_tokens(model, tokens, context, stride=1, batch_size=5)
+        assert score.tokens == 39 and score.loss == pytest.approx(expected / 39, rel=1e-6)
+    with pytest.raises(GptlabError, match="stride must be between 1 and the context length 16"):
+        score_tokens(model, tokens, 16, stride=17)
+
+
+def test_eval_perplexity_scores_the_runs_own_held_out_text(tmp_path, shared_data, capsys, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = ["pretrain", "--out", str(run), *TINY, "--data.source", str(shared_data / "the-verdict.txt"),
+            "--train.max_steps", "4", "--train.eval_interval", "4", "--train.eval_batches", "1000"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["eval", "perplexity", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    val_tokens = json.loads(next((tmp_path / "cache" / "prepared").glob("*/meta.json")).read_text())["val_tokens"]
+    assert result["split"] == "val" and result["tokens"] == val_tokens - 1 and result["stride"] == 32
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2), rel=0.05)  # bytes: ~1 per token
+    # Training's own validation loss covers the same non-overlapping windows (all that fit).
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert result["loss"] == pytest.approx(val["val_loss"], abs=0.02)
+
+    assert main(["eval", "perplexity", str(run), "--split", "all", "--stride", "8", "--max-tokens", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "(all split, 500 tokens, byte tokenizer, context 32, stride 8)" in out and "bits per byte" in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--stride", "0"], "--stride must be at least 1, got 0"),
+        (["--context", "64"], "context 64 exceeds the model's context length 32"),
+        (["--data", "no-such-set"], "no-such-set"),
+    ],
+)
+def test_eval_perplexity_bad_input_is_one_line(tmp_path, shared_data, capsys, monkeypatch, extra, message):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = ["pretrain", "--out", str(run), *TINY, "--data.source", str(shared_data / "the-verdict.txt"),
+            "--train.max_steps", "1", "--train.eval_interval", "1"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["eval", "perplexity", str(run), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
