@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gptlab import checkpoint as ckpt
-from gptlab.config import GenerationConfig, GPTConfig, InstructConfig, TrainConfig
+from gptlab.config import GenerationConfig, GPTConfig, InstructConfig, RecordsConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.templates import ROLES, Template, format_instruction, format_messages, get_template
 from gptlab.train import TrainResult
@@ -286,11 +286,33 @@ class RecordsObjective:
     """What the instruction and preference objectives share: batches in a seeded order (exact resume),
     and greedy responses to a few validation prompts as the samples of each evaluation."""
 
-    batches: ExampleBatches
-    tokenizer: Any
-    template: Template
-    sample_prompts: list[str]
-    sample_tokens: int
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        rows_per_item: int,
+        sample_prompts: Sequence[str],
+        tokenizer,
+        template: Template,
+        model_config: GPTConfig,
+        train_config: TrainConfig,
+        records_config: RecordsConfig,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        """`lengths` are the training items' token counts; an item is `rows_per_item` rows of a batch."""
+        from gptlab.sizing import train_flops_per_token
+
+        self.tokenizer, self.template = tokenizer, template
+        self.batches = ExampleBatches(
+            lengths, train_config.batch_size, train_config.seed, records_config.bucketing, rank, world_size
+        )
+        self.batch_size = train_config.batch_size
+        self.eval_batches = train_config.eval_batches
+        mean_length = max(1, round(np.mean(lengths) - 1))  # inputs are one token shorter than the example
+        self.tokens_per_batch = rows_per_item * self.batches.batch_size * mean_length
+        self.flops_per_token = train_flops_per_token(model_config, mean_length)
+        self.sample_prompts = list(sample_prompts)[:SAMPLE_COUNT]
+        self.sample_tokens = train_config.sample_tokens
 
     def samples(self, model: torch.nn.Module, runtime) -> list[str]:
         if self.sample_tokens <= 0:
@@ -321,22 +343,12 @@ class InstructionObjective(RecordsObjective):
         rank: int = 0,
         world_size: int = 1,
     ):
-        from gptlab.sizing import train_flops_per_token
-
         self.train_examples, self.val_examples = list(train_examples), list(val_examples)
-        self.tokenizer, self.template = tokenizer, template
         self.mask_prompt = instruct_config.mask_prompt
-        self.batches = ExampleBatches(
-            [len(e.ids) for e in self.train_examples], train_config.batch_size, train_config.seed,
-            instruct_config.bucketing, rank, world_size,
+        super().__init__(
+            [len(e.ids) for e in self.train_examples], 1, sample_prompts, tokenizer, template, model_config,
+            train_config, instruct_config, rank, world_size,
         )  # fmt: skip
-        self.batch_size = train_config.batch_size
-        self.eval_batches = train_config.eval_batches
-        mean_length = max(1, round(np.mean([len(e.ids) - 1 for e in self.train_examples])))
-        self.tokens_per_batch = self.batches.batch_size * mean_length
-        self.flops_per_token = train_flops_per_token(model_config, mean_length)
-        self.sample_prompts = list(sample_prompts)[:SAMPLE_COUNT]
-        self.sample_tokens = train_config.sample_tokens
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         examples = [self.train_examples[i] for i in self.batches.next_indices()]

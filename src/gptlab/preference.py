@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +30,6 @@ from gptlab.instruct import (
     SPLIT_DIR,
     SPLITS,
     Example,
-    ExampleBatches,
     RecordsObjective,
     answer_records,
     build_model,
@@ -51,7 +49,6 @@ from gptlab.train import TrainResult
 
 REFERENCE_FILE = "reference_logps.json"  # in the run's data/ folder, beside the split
 RESPONSES_FILE = "test_responses.json"
-SAMPLE_COUNT = 2
 
 # What a preference run starts from before the user's config. DPO moves a model little and fast: the
 # learning rate is lower than instruction finetuning's and one pass over the pairs is usually enough.
@@ -227,23 +224,14 @@ class PreferenceObjective(RecordsObjective):
         rank: int = 0,
         world_size: int = 1,
     ):
-        from gptlab.sizing import train_flops_per_token
-
         self.train_pairs, self.val_pairs = list(train_pairs), list(val_pairs)
         self.reference = reference
-        self.tokenizer, self.template = tokenizer, template
         self.beta, self.label_smoothing = preference_config.beta, preference_config.label_smoothing
-        self.batches = ExampleBatches(
-            [p.length for p in self.train_pairs], train_config.batch_size, train_config.seed,
-            preference_config.bucketing, rank, world_size,
+        super().__init__(
+            [p.length for p in self.train_pairs], 2, sample_prompts, tokenizer, template, model_config,
+            train_config, preference_config, rank, world_size,
         )  # fmt: skip
-        self.batch_size = train_config.batch_size
-        self.eval_pairs = train_config.eval_batches * train_config.batch_size
-        mean_length = max(1, round(np.mean([p.length - 1 for p in self.train_pairs])))
-        self.tokens_per_batch = 2 * self.batches.batch_size * mean_length
-        self.flops_per_token = train_flops_per_token(model_config, mean_length)
-        self.sample_prompts = list(sample_prompts)[:SAMPLE_COUNT]
-        self.sample_tokens = train_config.sample_tokens
+        self.eval_pairs = self.eval_batches * self.batch_size
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         indices = self.batches.next_indices()
