@@ -267,3 +267,14 @@ def test_torchrun_tunes_with_each_rank_on_its_own_pairs(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if line.get("split") == "val"] == [0, 4]
     assert len(json.loads((tmp_path / "run" / RESPONSES_FILE).read_text())) == 3
+
+
+def test_dropout_is_off_unless_asked_for(tmp_path):
+    values = run_values(tmp_path, train={"max_steps": 1, "eval_interval": 1})
+    base_config = Path(values["init_from"]).parents[1] / "config.yaml"
+    base_config.write_text(base_config.read_text().replace("dropout: 0.0", "dropout: 0.2"))
+    assert "dropout: 0.2" in base_config.read_text()
+    finetune_preference(values)
+    assert read_run_config(tmp_path / "run")["model"]["dropout"] == 0.0
+    finetune_preference({**values, "model": {"dropout": 0.1}}, overwrite=True)
+    assert read_run_config(tmp_path / "run")["model"]["dropout"] == 0.1

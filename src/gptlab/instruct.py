@@ -428,8 +428,11 @@ class InstructResult:
 
 
 def _with_defaults(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`values` over `defaults`, section by section (a section's unset fields keep their defaults)."""
     merged = {**defaults, **values}
-    merged["train"] = {**defaults["train"], **(values.get("train") or {})}
+    for name, section in defaults.items():
+        if isinstance(section, dict):
+            merged[name] = {**section, **(values.get(name) or {})}
     return merged
 
 

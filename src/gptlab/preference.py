@@ -52,9 +52,11 @@ RESPONSES_FILE = "test_responses.json"
 
 # What a preference run starts from before the user's config. DPO moves a model little and fast: the
 # learning rate is lower than instruction finetuning's and one pass over the pairs is usually enough.
+# Dropout is off unless asked for: with it, the policy at step 0 would already differ from the reference.
 PREFERENCE_DEFAULTS: dict[str, Any] = {
     "task": "preference",
     "out_dir": "runs/preference",
+    "model": {"dropout": 0.0},
     "train": {
         "max_steps": 120, "batch_size": 8, "learning_rate": 5e-5, "warmup_steps": 10, "eval_interval": 40,
         "log_interval": 10, "sample_tokens": 60, "weight_decay": 0.01,
