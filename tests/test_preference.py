@@ -148,8 +148,8 @@ def test_pairs_whose_response_is_truncated_away_are_left_out():
     record = preference_records()[0]
     prompt = prompt_and_reference(with_response(record, ""), ALPACA)[0]
     prompt_tokens = len(tokenizer.encode(prompt))
-    assert encode_pair(record, ALPACA, tokenizer, prompt_tokens) is not None  # one response token still fits
-    assert encode_pair(record, ALPACA, tokenizer, prompt_tokens - 1) is None
+    assert encode_pair(record, ALPACA, tokenizer, prompt_tokens + 10) is not None
+    assert encode_pair(record, ALPACA, tokenizer, prompt_tokens - 1) is None  # no answer token left
 
 
 def test_config_checks_beta_and_label_smoothing():
@@ -241,7 +241,7 @@ def test_cli_preference_with_lora_trains_adapters_and_reports(tmp_path, capsys):
         ([{"instruction": "a", "chosen": "b"}] * 20, [], "lacks 'rejected'"),
         ([{"instruction": "a", "chosen": "b", "rejected": "b"}] * 20, [], "same chosen and rejected response"),
         (None, ["--preference.beta", "-1"], "preference.beta must be above 0"),
-        (None, ["--preference.max_length", "4"], "no training or validation pair keeps a response token"),
+        (None, ["--preference.max_length", "4"], "no training or validation pair keeps two different answers"),
         (None, ["--preference.max_length", "999"], "preference.max_length 999 exceeds the model's context length 64"),
     ],
 )
@@ -278,3 +278,40 @@ def test_dropout_is_off_unless_asked_for(tmp_path):
     assert read_run_config(tmp_path / "run")["model"]["dropout"] == 0.0
     finetune_preference({**values, "model": {"dropout": 0.1}}, overwrite=True)
     assert read_run_config(tmp_path / "run")["model"]["dropout"] == 0.1
+
+
+def test_only_the_final_answer_of_a_chat_record_is_scored():
+    tokenizer = ByteTokenizer()
+    record = {
+        "messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+            {"role": "user", "content": "Colour?"},
+        ],
+        "chosen": "Blue.", "rejected": "No.",
+    }  # fmt: skip
+    pair = encode_pair(record, CHAT, tokenizer, 200)
+    scored = [t for t, r in zip(pair.chosen.ids, pair.chosen.response, strict=True) if r]
+    assert tokenizer.decode(scored) == "Blue." + tokenizer.decode([tokenizer.eot_id])
+
+
+def test_pairs_cut_to_the_same_tokens_are_left_out():
+    tokenizer = ByteTokenizer()
+    record = {"instruction": "Twice.", "input": "red", "chosen": "red red", "rejected": "red no"}
+    prompt_tokens = len(tokenizer.encode(prompt_and_reference(with_response(record, ""), ALPACA)[0]))
+    assert encode_pair(record, ALPACA, tokenizer, prompt_tokens + 4) is not None  # "red " then r / n differ
+    assert encode_pair(record, ALPACA, tokenizer, prompt_tokens + 3) is None  # both cut to "red"
+
+
+def test_a_stored_reference_for_other_tokens_is_recomputed(tmp_path):
+    values = run_values(tmp_path, train={"max_steps": 4, "eval_interval": 2})
+    finetune_preference(values)
+    run = tmp_path / "run"
+    first = json.loads((run / SPLIT_DIR / REFERENCE_FILE).read_text())
+    (run / "latest").write_text("step-0000002\n")
+    lines = []
+    changed = {**read_run_config(run), "out_dir": str(run)}
+    changed["preference"] = {**changed["preference"], "max_length": 40}
+    finetune_preference(changed, resume=True, allow_config_change=True, log=lines.append)
+    again = json.loads((run / SPLIT_DIR / REFERENCE_FILE).read_text())
+    assert any("computing it again" in line for line in lines)
+    assert again["fingerprint"] != first["fingerprint"] and again["train"] != first["train"]

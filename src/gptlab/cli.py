@@ -747,10 +747,12 @@ def run_finetune_preference(args: argparse.Namespace) -> int:
     ):
         before = f"{start[key]:.4f} -> " if start else ""
         print(f"validation {name}: {before}{final[key]:.4f}")
-    print(
-        f"test split: reward accuracy {test['reward_accuracy']:.2%}, margin {test['reward_margin']:.4f} "
-        f"(chosen {test['chosen_reward']:+.4f}, rejected {test['rejected_reward']:+.4f}) over {len(result.responses)} pairs"
-    )
+    if test:
+        print(
+            f"test split: reward accuracy {test['reward_accuracy']:.2%}, margin {test['reward_margin']:.4f} "
+            f"(chosen {test['chosen_reward']:+.4f}, rejected {test['rejected_reward']:+.4f}) over "
+            f"{len(result.responses)} pairs"
+        )
     print(f"test responses: {len(result.responses)} in {result.responses_file}")
     print(f"run directory: {run_dir}\nchat with:     gptlab chat {run_dir}")
     print(f"judge with:    gptlab eval judge {run_dir} --endpoint http://127.0.0.1:11434 --model llama3.1")

@@ -45,14 +45,14 @@ INSTRUCT_DEFAULTS: dict[str, Any] = {
 
 
 def resolve_source(source: str) -> Path:
-    """The file behind `instruct.source`: a path, or a named data set (found or downloaded)."""
+    """The file behind a `source` field: a path, or a named data set (found or downloaded)."""
     from gptlab.download import dataset_path
 
     path = Path(source).expanduser()
     if path.is_file():
         return path
     if path.suffix or "/" in source:
-        raise GptlabError(f"instruction data file {path} not found")
+        raise GptlabError(f"data file {path} not found; give a JSON or JSON lines file, or a named data set")
     return dataset_path(source)  # an unknown name is an error listing the known ones
 
 
@@ -75,7 +75,7 @@ def read_records(path: Path) -> list[Any]:
         if not isinstance(records, list):
             raise GptlabError(f"{path} must hold a JSON list of records, got a {type(records).__name__}")
     if not records:
-        raise GptlabError(f"{path} holds no records; give instruction records (instruction, input, output)")
+        raise GptlabError(f"{path} holds no records; give a JSON list of records or JSON lines, one record a line")
     return records
 
 
@@ -123,7 +123,7 @@ def load_records(source: str) -> list[dict[str, Any]]:
 
 
 def split_records(
-    records: Sequence[dict[str, Any]], fractions: Sequence[float], seed: int
+    records: Sequence[dict[str, Any]], fractions: Sequence[float], seed: int, section: str = "instruct"
 ) -> dict[str, list[dict[str, Any]]]:
     """Shuffle with `seed`, then cut into train, validation and test by `fractions`; no part may be empty."""
     order = np.random.default_rng(seed).permutation(len(records))
@@ -135,7 +135,7 @@ def split_records(
     if empty:
         raise GptlabError(
             f"{len(records)} records split by {list(fractions)} leave the {empty[0]} split empty; "
-            "give more records or change instruct.split"
+            f"give more records or change {section}.split"
         )
     bounds = np.cumsum([0, n_train, n_val, n_test])
     return {name: [records[i] for i in order[bounds[k] : bounds[k + 1]]] for k, name in enumerate(SPLITS)}
@@ -191,14 +191,21 @@ class Example:
     response: list[bool]
 
 
-def encode_example(record: dict[str, Any], template: Template, tokenizer, max_length: int) -> Example:
-    """The record's tokens, cut so that the model's input (all tokens but the last) fits `max_length`."""
+def encode_example(
+    record: dict[str, Any], template: Template, tokenizer, max_length: int, last_response_only: bool = False
+) -> Example:
+    """The record's tokens, cut so that the model's input (all tokens but the last) fits `max_length`.
+
+    With `last_response_only`, earlier replies of a chat record count as prompt (as preference pairs need:
+    only the answer that differs is scored).
+    """
     ids: list[int] = []
     response: list[bool] = []
-    for text, is_response in record_segments(record, template):
+    segments = record_segments(record, template)
+    for i, (text, is_response) in enumerate(segments):
         piece = tokenizer.encode(text)
         ids += piece
-        response += [is_response] * len(piece)
+        response += [is_response and (not last_response_only or i == len(segments) - 1)] * len(piece)
     ids.append(tokenizer.eot_id)
     response.append(True)
     return Example(ids[: max_length + 1], response[: max_length + 1])

@@ -13,6 +13,7 @@ the reference's log-probabilities are computed once, before the first step, and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -70,7 +71,9 @@ PREFERENCE_DEFAULTS: dict[str, Any] = {
 def with_response(record: dict[str, Any], response: str) -> dict[str, Any]:
     """The instruction record a preference record makes with one of its responses as the answer."""
     if "messages" in record:
-        messages = record["messages"] if isinstance(record["messages"], list) else []
+        messages = record["messages"]
+        if not isinstance(messages, list):  # left as it is, for check_record to name the problem
+            return {"messages": messages}
         return {"messages": [*messages, {"role": "assistant", "content": response}]}
     return {**{k: v for k, v in record.items() if k in ("instruction", "input")}, "output": response}
 
@@ -124,12 +127,13 @@ class Pair:
 
 
 def encode_pair(record: dict[str, Any], template: Template, tokenizer, max_length: int) -> Pair | None:
-    """The record's two examples, or None when truncation to `max_length` leaves either without a response token."""
+    """The record's two examples, the final answer alone counting as response; None when truncation to
+    `max_length` leaves either without an answer token or cuts both answers to the same tokens."""
     chosen, rejected = (
-        encode_example(with_response(record, record[key]), template, tokenizer, max_length)
+        encode_example(with_response(record, record[key]), template, tokenizer, max_length, last_response_only=True)
         for key in ("chosen", "rejected")
     )
-    if not any(chosen.response[1:]) or not any(rejected.response[1:]):
+    if not any(chosen.response[1:]) or not any(rejected.response[1:]) or chosen.ids == rejected.ids:
         return None
     return Pair(chosen, rejected)
 
@@ -137,7 +141,7 @@ def encode_pair(record: dict[str, Any], template: Template, tokenizer, max_lengt
 def encode_pairs(
     records: Sequence[dict[str, Any]], template: Template, tokenizer, max_length: int
 ) -> tuple[list[Pair], list[int]]:
-    """The pairs that keep a response after truncation, and the indices of the records that do."""
+    """The pairs that keep two different answers after truncation, and the indices of their records."""
     pairs, kept = [], []
     for i, record in enumerate(records):
         pair = encode_pair(record, template, tokenizer, max_length)
@@ -244,6 +248,9 @@ class PreferenceObjective(RecordsObjective):
         return dpo_loss(response_log_probs(model, batch), batch["reference"], self.beta, self.label_smoothing)[0]
 
     def metrics(self, model: torch.nn.Module, runtime, split: str, pairs: Sequence[Pair]) -> dict[str, float]:
+        """The DPO metrics of `pairs` (the first of `split`'s) under `model`; empty for no pairs."""
+        if not pairs:
+            return {}
         policy = pair_log_probs(model, pairs, self.tokenizer.eot_id, self.batch_size, runtime)
         return preference_metrics(policy, self.reference[split][: len(pairs)], self.beta, self.label_smoothing)
 
@@ -253,6 +260,17 @@ class PreferenceObjective(RecordsObjective):
 
 
 # ---------------------------------------------------------------- the reference
+
+
+def pairs_fingerprint(pairs: dict[str, list[Pair]]) -> str:
+    """A hash of every split's tokens and answer masks: the stored reference belongs to exactly these pairs."""
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        for pair in pairs[name]:
+            for example in (pair.chosen, pair.rejected):
+                digest.update(json.dumps([example.ids, example.response]).encode())
+        digest.update(name.encode())
+    return digest.hexdigest()
 
 
 def reference_log_probs(
@@ -267,12 +285,12 @@ def reference_log_probs(
     """The reference's log-probabilities of every split's pairs: read from the run, or computed with
     `model` (the starting weights) and written there by rank 0."""
     path = run_dir / SPLIT_DIR / REFERENCE_FILE
+    fingerprint = pairs_fingerprint(pairs)
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
-        reference = {name: torch.tensor(stored[name], dtype=torch.float32).view(-1, 2) for name in SPLITS}
-        if all(len(reference[n]) == len(pairs[n]) for n in SPLITS):
-            return reference
-        log(f"{path} does not match the run's pairs; computing it again")
+        if stored.get("fingerprint") == fingerprint:
+            return {name: torch.tensor(stored[name], dtype=torch.float32).view(-1, 2) for name in SPLITS}
+        log(f"{path} was computed for other pairs (the template or max_length changed?); computing it again")
     started, total = time.perf_counter(), sum(len(p) for p in pairs.values())
     done = 0
 
@@ -287,7 +305,8 @@ def reference_log_probs(
         done += len(pairs[name])
     model.train()
     if runtime.is_main:
-        ckpt.atomic_write_text(path, json.dumps({name: reference[name].tolist() for name in SPLITS}))
+        stored = {"fingerprint": fingerprint, **{name: reference[name].tolist() for name in SPLITS}}
+        ckpt.atomic_write_text(path, json.dumps(stored))
     log(f"reference log-probabilities of {total} pairs in {time.perf_counter() - started:.1f} s")
     return reference
 
@@ -338,7 +357,7 @@ def finetune_preference(
         split = read_split(run_dir)
     else:
         records, skipped["same_responses"] = load_preference_records(preference.source)
-        split = split_records(records, preference.split, preference.split_seed)
+        split = split_records(records, preference.split, preference.split_seed, "preference")
     runtime = make_runtime(config["train"])
     model = build_model(config).to(runtime.device)
     trainable, total = count_trainable(model)
@@ -355,7 +374,7 @@ def finetune_preference(
         split[name] = [split[name][i] for i in kept]
     if not pairs["train"] or not pairs["validation"]:
         raise GptlabError(
-            f"no training or validation pair keeps a response token within {max_length} tokens; "
+            f"no training or validation pair keeps two different answers within {max_length} tokens; "
             "raise preference.max_length or shorten the prompts"
         )
     log(
@@ -384,10 +403,12 @@ def finetune_preference(
 
     model.eval()
     test_metrics = objective.metrics(model, runtime, "test", pairs["test"])
-    with runtime.autocast():
-        answers = [with_response(r, r["chosen"]) for r in split["test"]]
-        responses = answer_records(model, tokenizer, answers, template, preference.response_tokens)
-    responses = [{**record, **answer} for record, answer in zip(split["test"], responses, strict=True)]
+    responses: list[dict[str, Any]] = []
+    if split["test"]:
+        with runtime.autocast():
+            answers = [with_response(r, r["chosen"]) for r in split["test"]]
+            answered = answer_records(model, tokenizer, answers, template, preference.response_tokens)
+        responses = [{**record, **answer} for record, answer in zip(split["test"], answered, strict=True)]
     responses_file = run_dir / RESPONSES_FILE
     if runtime.is_main:
         ckpt.atomic_write_text(responses_file, json.dumps(responses, indent=1, ensure_ascii=False))
@@ -404,5 +425,5 @@ def _skipped_text(skipped: dict[str, int]) -> str:
     if skipped["same_responses"]:
         parts.append(f"{skipped['same_responses']} with the same chosen and rejected response")
     if skipped["truncated"]:
-        parts.append(f"{skipped['truncated']} without a response token after truncation")
+        parts.append(f"{skipped['truncated']} without two different answers after truncation")
     return f" ({'; '.join(parts)} left out)" if parts else ""
