@@ -95,6 +95,10 @@ def test_json_lines_documents_end_with_end_of_text(tmp_path):
     corpus = prepare(path, tokenizer="byte", val_fraction=0.1)
     assert decoded(corpus, "train") + decoded(corpus, "val") == "".join(r["text"] + EOT for r in rows)
     assert decoded(corpus, "val") == "".join(r["text"] + EOT for r in rows[18:])
+    # Byte counts (the basis of bits per byte) are of the text, not of the JSON around it.
+    val_text = "".join(r["text"] for r in rows[18:])
+    assert corpus.meta["val_bytes"] == len(val_text.encode())
+    assert corpus.meta["val_bytes_per_token"] == pytest.approx(len(val_text.encode()) / (len(val_text.encode()) + 2))
 
 
 def test_a_validation_split_of_blank_lines_is_refused(tmp_path):

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from gptlab.config import DataConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: byte counts are of the text tokenized (JSON lines: without the JSON)
 CHUNK_BYTES = 4 << 20  # text per tokenizing task: bounds each process's memory
 SEARCH_BYTES = 1 << 16  # how far past a chunk's end to look for a safe break
 META_FILE = "meta.json"
@@ -301,13 +301,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _tokenize_task(task: list[_Piece], tokenizer: Tokenizer, encoding_errors: str) -> np.ndarray:
+def _tokenize_task(task: list[_Piece], tokenizer: Tokenizer, encoding_errors: str) -> tuple[np.ndarray, int]:
+    """The task's token ids and the UTF-8 bytes of the text they encode (the basis of bits per byte)."""
     ids: list[int] = []
+    text_bytes = 0
     for text, ends_document in (t for piece in task for t in _piece_texts(piece, encoding_errors)):
         ids.extend(tokenizer.encode(text))
+        text_bytes += len(text.encode("utf-8", errors="surrogatepass"))
         if ends_document:
             ids.append(tokenizer.eot_id)
-    return np.array(ids, dtype=token_dtype(tokenizer.vocab_size))
+    return np.array(ids, dtype=token_dtype(tokenizer.vocab_size)), text_bytes
 
 
 _worker_args: tuple[Tokenizer, str] | None = None
@@ -318,14 +321,14 @@ def _init_worker(tokenizer: Tokenizer, encoding_errors: str) -> None:
     _worker_args = (tokenizer, encoding_errors)
 
 
-def _tokenize_in_worker(task: list[_Piece]) -> np.ndarray:
+def _tokenize_in_worker(task: list[_Piece]) -> tuple[np.ndarray, int]:
     return _tokenize_task(task, *_worker_args)
 
 
 def _tokenized(
     tasks: list[list[_Piece]], tokenizer: Tokenizer, encoding_errors: str, workers: int
-) -> Iterator[np.ndarray]:
-    """Token arrays of `tasks` in order; several processes when there is enough work, with at most two
+) -> Iterator[tuple[np.ndarray, int]]:
+    """(token array, text bytes) of `tasks` in order; several processes when there is enough work, with at most two
     tasks per process in flight so memory stays bounded however large the corpus."""
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
@@ -455,9 +458,9 @@ def prepare_corpus(
             "split": split,
             "train_tokens": counts["train"],
             "val_tokens": counts["val"],
-            "train_bytes": cut,
-            "val_bytes": total - cut,
-            "val_bytes_per_token": (total - cut) / max(counts["val"], 1),
+            "train_bytes": counts["train_bytes"],  # of the text tokenized, not of the files
+            "val_bytes": counts["val_bytes"],
+            "val_bytes_per_token": counts["val_bytes"] / max(counts["val"], 1),
             "seconds": round(time.perf_counter() - started, 3),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -478,17 +481,21 @@ def _write_shards(
     encoding_errors: str,
     progress: Callable[[int, int], None] | None,
 ) -> dict[str, int]:
-    """Tokenize each named byte range of the corpus into `folder/<name>.bin`; the token count of each."""
+    """Tokenize each named byte range of the corpus into `folder/<name>.bin`; the token count of each, and
+    under `<name>_bytes` the UTF-8 bytes of the text tokenized."""
     workers = workers or min(os.cpu_count() or 1, 8)
     total = sum(hi - lo for lo, hi in ranges.values())
     counts, done = {}, 0
     for name, (lo, hi) in ranges.items():
         tasks = list(_tasks(_pieces(units, lo, hi, chunk_bytes), chunk_bytes))
-        counts[name] = 0
+        counts[name] = counts[f"{name}_bytes"] = 0
         with open(folder / f"{name}.bin", "wb") as f:
-            for task, ids in zip(tasks, _tokenized(tasks, tokenizer, encoding_errors, workers), strict=True):
+            for task, (ids, text_bytes) in zip(
+                tasks, _tokenized(tasks, tokenizer, encoding_errors, workers), strict=True
+            ):
                 f.write(ids.tobytes())
                 counts[name] += len(ids)
+                counts[f"{name}_bytes"] += text_bytes
                 done += sum(p.end - p.start for p in task)
                 if progress:
                     progress(done, total)

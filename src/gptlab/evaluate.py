@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,37 +122,51 @@ def score_run(
     from gptlab.config import DataConfig, config_from_dict
     from gptlab.data import prepare_corpus
     from gptlab.generate import load_generator
-    from gptlab.train import resolve_device
+    from gptlab.train import resolve_autocast, resolve_device
 
     if split not in ("val", "train", "all"):
         raise GptlabError(f"split must be val, train or all, got {split!r}")
-    run = load_generator(run_path, device, dtype, command="eval perplexity")
+    # fp32 weights under the dtype's autocast, as training evaluates: the two losses compare.
+    target = resolve_device(device)
+    autocast_dtype = resolve_autocast(dtype, target)
+    run = load_generator(run_path, device, "fp32", command="eval perplexity")
+    model_context = run.model.config.context_length
+    context = context or model_context
+    if context > model_context:
+        raise GptlabError(f"context {context} exceeds the model's context length {model_context}")
+    if stride is not None and not 0 < stride <= context:
+        raise GptlabError(f"stride must be between 1 and the context length {context}, got {stride}")
     data = dict(run.config.get("data") or {})
     if source is None and "source" not in data:
         raise GptlabError(f"{run_path} does not record the text it was trained on; name one with --data FILE_OR_NAME")
     data = config_from_dict(DataConfig, {**data, **({"source": source} if source is not None else {})}, "data.")
     corpus = prepare_corpus(data, tokenizer=run.tokenizer)
-    parts = {
-        "val": [corpus.val_tokens],
-        "train": [corpus.train_tokens],
-        "all": [corpus.train_tokens, corpus.val_tokens],
-    }
-    tokens = np.concatenate(parts[split]) if split == "all" else parts[split][0]
+    parts = {"val": [corpus.val_tokens], "train": [corpus.train_tokens]}
+    parts["all"] = parts["train"] + parts["val"]
+    if max_tokens:  # cut before joining the parts: a memory map is copied only as far as needed
+        parts[split] = _first_tokens(parts[split], max_tokens + 1)
+    tokens = parts[split][0] if len(parts[split]) == 1 else np.concatenate(parts[split])
     bytes_per_token = _bytes_per_token(corpus.meta, split)
-    if max_tokens:
-        tokens = tokens[: max_tokens + 1]
-    model_context = run.model.config.context_length
-    context = context or model_context
-    if context > model_context:
-        raise GptlabError(f"context {context} exceeds the model's context length {model_context}")
-    # load_generator put the weights in the evaluation dtype already; the loss itself is always fp32.
-    score = score_tokens(run.model, tokens, context, stride or context, batch_size, resolve_device(device), progress)
+    autocast = torch.autocast(target.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    with autocast:
+        score = score_tokens(run.model, tokens, context, stride or context, batch_size, target, progress)
     score.bytes = score.tokens * bytes_per_token
     score.extra = {
         "run": str(run.checkpoint), "source": corpus.meta.get("source", data.source), "split": split,
         "context": context, "stride": stride or context, "tokenizer": run.tokenizer.kind,
     }  # fmt: skip
     return score
+
+
+def _first_tokens(parts: list[np.ndarray], count: int) -> list[np.ndarray]:
+    """The first `count` tokens of the parts laid end to end, still as parts."""
+    kept = []
+    for part in parts:
+        if count <= 0:
+            break
+        kept.append(part[:count])
+        count -= len(kept[-1])
+    return kept
 
 
 def _bytes_per_token(meta: dict, split: str) -> float:
