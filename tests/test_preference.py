@@ -315,3 +315,15 @@ def test_a_stored_reference_for_other_tokens_is_recomputed(tmp_path):
     again = json.loads((run / SPLIT_DIR / REFERENCE_FILE).read_text())
     assert any("computing it again" in line for line in lines)
     assert again["fingerprint"] != first["fingerprint"] and again["train"] != first["train"]
+
+
+def test_a_run_never_replaces_the_run_it_starts_from(tmp_path, capsys):
+    base = base_run(tmp_path)  # tmp_path/base/checkpoints/step-...
+    data = tmp_path / "pref.json"
+    data.write_text(json.dumps(preference_records()))
+    args = ["finetune", "preference", "--init-from", str(base.parents[1]), "--out", str(base.parents[1]),
+            "--preference.source", str(data), "--template", "chat", *FAST, "--overwrite"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "lie inside the new run's directory" in err and "--out" in err and err.count("\n") == 1
+    assert find_checkpoint(base.parents[1]) == base  # untouched

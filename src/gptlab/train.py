@@ -585,6 +585,12 @@ def _check_run_dir(
             return ckpt.find_checkpoint(run_dir)
         except GptlabError:
             return None  # killed before its first checkpoint: start over in the same directory
+    source = config.get("init_from")
+    if source and run_dir.exists() and run_dir.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
+        raise GptlabError(
+            f"the weights to start from ({source}) lie inside the new run's directory {run_dir}, which the run "
+            "would replace; write the new run elsewhere with --out"
+        )
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise GptlabError(
