@@ -246,3 +246,30 @@ def test_lora_run_on_a_lora_base_is_refused(tmp_path):
     make_run(chained, model, extra, weights=lora_state_dict(model))
     with pytest.raises(GptlabError, match="itself a LoRA run; merge it first"):
         load_run(chained)
+
+
+def test_adapters_start_the_same_in_every_process_for_one_seed():
+    """The adapters' random start must not hang on string hashing, which differs from process to process."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, hashlib; from gptlab.config import GPTConfig, LoRAConfig; from gptlab.model import GPT; "
+        "from gptlab.lora import apply_lora, lora_state_dict; torch.manual_seed(0); "
+        "m = GPT(GPTConfig(vocab_size=64, context_length=8, n_layer=2, n_head=2, n_embd=16)); "
+        "apply_lora(m, LoRAConfig(rank=2, targets=['attn.qkv', 'attn.proj', 'mlp.fc', 'mlp.proj', 'lm_head'])); "
+        "s = lora_state_dict(m); print(hashlib.sha256(b''.join(s[k].numpy().tobytes() for k in sorted(s))).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout  # fmt: skip
+        for seed in ("1", "2", "3")
+    }
+    assert len(digests) == 1 and len(next(iter(digests)).strip()) == len(hashlib.sha256().hexdigest())

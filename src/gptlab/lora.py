@@ -110,7 +110,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             )
         chosen |= matched
     model.requires_grad_(False)
-    for name in chosen:
+    # In the model's own order, not the set's: the adapters' random initialisation must not depend on
+    # string hashing, which differs from process to process (PYTHONHASHSEED).
+    for name in (n for n in linears if n in chosen):
         _set_module(model, name, LoRALinear(linears[name], config.rank, config.alpha, config.dropout))
     return model
 
@@ -140,9 +142,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     # state dict strips, so compare names without it.
     from gptlab.distributed import CHECKPOINT_WRAPPED
 
-    trainable = {
-        name.replace(f"{CHECKPOINT_WRAPPED}.", "") for name, p in model.named_parameters() if p.requires_grad
-    }
+    trainable = {name.replace(f"{CHECKPOINT_WRAPPED}.", "") for name, p in model.named_parameters() if p.requires_grad}
     return {name: t for name, t in model.state_dict().items() if name.endswith(ADAPTER_SUFFIXES) or name in trainable}
 
 
