@@ -197,3 +197,39 @@ def test_the_loss_plot_draws_the_unigram_baseline(tmp_path, monkeypatch):
     plot_metrics(records, tmp_path / "loss.png", tokens_per_step=100)
     assert [(y, kw["label"]) for y, kw in drawn] == [(6.36, "unigram baseline 6.36")]
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def _write_metrics(run, records):
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_plot_overlays_runs_and_reports_last_and_best(tmp_path, capsys):
+    from gptlab.cli import main
+
+    for name, losses in (("a", [3.0, 2.5, 2.6]), ("b", [3.0, 2.2, 2.1])):
+        records = []
+        for step, loss in zip((0, 10, 20), losses, strict=True):
+            if step:
+                records.append({"step": step, "split": "train", "loss": loss - 0.1, "tokens": step * 100,
+                                "elapsed": step * 0.5})  # fmt: skip
+            records.append({"step": step, "split": "val", "tokens": step * 100, "val_loss": loss})
+        _write_metrics(tmp_path / name, records)
+    out = tmp_path / "cmp.png"
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--x", "time"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert out.stat().st_size > 10_000 and f"plot: {out}" in lines
+    assert lines[1].split()[1:] == ["2.6000", "2.5000"] and lines[2].split()[1:] == ["2.1000", "2.1000"]
+    assert main(["plot", str(tmp_path / "a"), "--metric", "accuracy", "--out", str(out)]) == 2
+    assert "has no 'accuracy' in its metrics; it has val_loss" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_evaluations_are_placed_at_the_training_time_of_their_step():
+    from gptlab.train import _plot_positions
+
+    train = [{"step": 10, "elapsed": 4.0}, {"step": 20, "elapsed": 10.0}]
+    evals = [{"step": 0}, {"step": 15}, {"step": 20}]
+    assert _plot_positions(evals, "time", train) == [0.0, 7.0, 10.0]
+    assert _plot_positions([{"step": 3, "tokens": 300}], "tokens", train) == [300]

@@ -224,6 +224,38 @@ def run_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", metavar="RUN", nargs="+", help="run directories whose metrics.jsonl to draw")
+    parser.add_argument("--out", default="runs.png", help="the PNG to write (default runs.png)")
+    parser.add_argument("--x", choices=["step", "tokens", "time"], default="tokens", help="x axis (default tokens)")
+    parser.add_argument(
+        "--metric", default="val_loss",
+        help="what each evaluation logged: val_loss (default, with the training loss faintly), bits_per_byte, "
+        "perplexity, reward_accuracy, accuracy, ...",
+    )  # fmt: skip
+
+
+@command("plot", "draw several runs' curves in one PNG, to compare them", _plot_arguments)
+def run_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gptlab.train import METRICS_FILE, MetricsLog, plot_runs
+
+    runs = {}
+    for run in args.runs:
+        path = Path(run) / METRICS_FILE
+        if not path.is_file():
+            raise GptlabError(f"{run} has no {METRICS_FILE}; give run directories written by gptlab")
+        runs[run] = MetricsLog(path).read()
+    summary = plot_runs(runs, Path(args.out), args.x, args.metric)
+    width = max(len(run) for run in summary)
+    print(f"{'run':<{width}}  {args.metric + ' (last)':>18}  {'best':>10}")
+    for run, (last, best) in summary.items():
+        print(f"{run:<{width}}  {last:>18.4f}  {best:>10.4f}")
+    print(f"plot: {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------- run configs on the command line
 
 

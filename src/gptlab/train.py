@@ -354,6 +354,61 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, tokens_per_step: flo
     os.replace(tmp, path)
 
 
+PLOT_AXES = {"step": "optimizer step", "tokens": "tokens seen", "time": "training time (s)"}
+
+
+def _plot_positions(records: list[dict[str, Any]], x: str, train: list[dict[str, Any]]) -> list[float]:
+    """Where each record goes on the x axis; evaluations carry no time of their own, so theirs is the
+    training records' elapsed time at that step."""
+    import numpy as np
+
+    if x in ("step", "tokens"):
+        return [r[x] for r in records]
+    steps, elapsed = [0, *(t["step"] for t in train)], [0.0, *(t["elapsed"] for t in train)]
+    return [float(np.interp(r["step"], steps, elapsed)) for r in records]
+
+
+def plot_runs(runs: dict[str, list[dict[str, Any]]], path: Path, x: str = "tokens", metric: str = "val_loss") -> dict:
+    """Overlay runs' curves in one PNG: `metric` at each evaluation (and, for val_loss, the training loss
+    faintly in the same colour) against steps, tokens or training time. Returns {run: (last, best)}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if x not in PLOT_AXES:
+        raise GptlabError(f"the x axis must be one of {', '.join(PLOT_AXES)}, got {x!r}")
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
+    summary = {}
+    for index, (name, records) in enumerate(runs.items()):
+        train = [r for r in records if r.get("split") == "train"]
+        evals = [r for r in records if r.get("split") == "val" and metric in r]
+        if not evals:
+            known = sorted({k for r in records if r.get("split") == "val" for k in r} - {"step", "split", "tokens"})
+            raise GptlabError(
+                f"run {name} has no {metric!r} in its metrics; it has {', '.join(known) or 'no evaluations'}"
+            )
+        color = f"C{index % 10}"
+        if metric == "val_loss" and train:
+            xs = _plot_positions(train, x, train)
+            ax.plot(xs, [r["loss"] for r in train], color=color, alpha=0.3, linewidth=1)
+        values = [r[metric] for r in evals]
+        ax.plot(_plot_positions(evals, x, train), values, "o-", color=color, markersize=3, label=name)
+        higher_is_better = "accuracy" in metric
+        summary[name] = (values[-1], max(values) if higher_is_better else min(values))
+    ax.set_xlabel(PLOT_AXES[x])
+    ax.set_ylabel(metric + (" (faint: training loss)" if metric == "val_loss" else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return summary
+
+
 # ---------------------------------------------------------------- the loop
 
 
