@@ -493,6 +493,37 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
+def train_from_start(
+    model: torch.nn.Module,
+    objective: RecordsObjective,
+    config: dict[str, Any],
+    run_dir: Path,
+    runtime,
+    resume_from: Path | None,
+    log: Callable[[str], None],
+) -> tuple[dict[str, float], TrainResult]:
+    """Evaluate the starting model (a fresh run's step 0 of the curves), then train it in the one loop
+    (compiled with `train.compile`, checkpoints holding only the adapters under LoRA).
+
+    Returns the starting evaluation (empty on resume) and the loop's result."""
+    from gptlab.lora import lora_state_dict
+    from gptlab.train import METRICS_FILE, MetricsLog, train
+
+    start_eval: dict[str, float] = {}
+    if resume_from is None:
+        with torch.no_grad(), runtime.autocast():
+            start_eval = objective.evaluate(model.eval(), runtime)
+        if runtime.is_main:
+            MetricsLog(run_dir / METRICS_FILE).append({"step": 0, "split": "val", "tokens": 0, **start_eval})
+        log("before training: " + " | ".join(f"{k} {v:.4f}" for k, v in start_eval.items()))
+    result = train(
+        model, objective, config["train"], run_dir, runtime, resume_from=resume_from, log=log,
+        wrap_model=torch.compile if config["train"].compile else None,
+        save_weights=lora_state_dict if "lora" in config else None,
+    )  # fmt: skip
+    return start_eval, result
+
+
 def finetune_instruct(
     values: dict[str, Any],
     resume: bool = False,
@@ -506,9 +537,9 @@ def finetune_instruct(
     model's responses to the test split to `test_responses.json` in the run directory.
     """
     from gptlab.config import run_config_to_dict
-    from gptlab.lora import count_trainable, lora_state_dict
+    from gptlab.lora import count_trainable
     from gptlab.tokenizer import load_tokenizer
-    from gptlab.train import METRICS_FILE, MetricsLog, make_runtime, open_run_dir, train
+    from gptlab.train import make_runtime, open_run_dir
 
     config = resolve_records_config(values, resume)
     template, instruct = get_template(config["template"]), config["instruct"]
@@ -536,18 +567,7 @@ def finetune_instruct(
         config["train"], instruct, runtime.rank, runtime.world_size,
     )  # fmt: skip
 
-    start_eval: dict[str, float] = {}
-    if resume_from is None:  # the starting point of the loss curve
-        with torch.no_grad(), runtime.autocast():
-            start_eval = objective.evaluate(model.eval(), runtime)
-        if runtime.is_main:
-            MetricsLog(run_dir / METRICS_FILE).append({"step": 0, "split": "val", "tokens": 0, **start_eval})
-        log(f"before finetuning: response-only val_loss {start_eval['val_loss']:.4f}")
-    result = train(
-        model, objective, config["train"], run_dir, runtime, resume_from=resume_from, log=log,
-        wrap_model=torch.compile if config["train"].compile else None,
-        save_weights=lora_state_dict if "lora" in config else None,
-    )  # fmt: skip
+    start_eval, result = train_from_start(model, objective, config, run_dir, runtime, resume_from, log)
 
     model.eval()
     with runtime.autocast():

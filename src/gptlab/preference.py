@@ -43,6 +43,7 @@ from gptlab.instruct import (
     resolve_records_config,
     resolve_source,
     split_records,
+    train_from_start,
     write_split,
 )
 from gptlab.templates import Template, get_template
@@ -344,9 +345,9 @@ def finetune_preference(
     `test_responses.json` (with the chosen response as the reference answer, for `gptlab eval judge`).
     """
     from gptlab.config import run_config_to_dict
-    from gptlab.lora import count_trainable, lora_state_dict
+    from gptlab.lora import count_trainable
     from gptlab.tokenizer import load_tokenizer
-    from gptlab.train import METRICS_FILE, MetricsLog, make_runtime, open_run_dir, train
+    from gptlab.train import make_runtime, open_run_dir
 
     config = resolve_records_config(values, resume, "preference", PREFERENCE_DEFAULTS)
     template, preference = get_template(config["template"]), config["preference"]
@@ -390,16 +391,8 @@ def finetune_preference(
         config["train"], preference, runtime.rank, runtime.world_size,
     )  # fmt: skip
 
-    start_eval: dict[str, float] = {}
-    if resume_from is None:  # the starting point of the curves: the policy is the reference
-        start_eval = objective.evaluate(model.eval(), runtime)
-        if runtime.is_main:
-            MetricsLog(run_dir / METRICS_FILE).append({"step": 0, "split": "val", "tokens": 0, **start_eval})
-    result = train(
-        model, objective, config["train"], run_dir, runtime, resume_from=resume_from, log=log,
-        wrap_model=torch.compile if config["train"].compile else None,
-        save_weights=lora_state_dict if "lora" in config else None,
-    )  # fmt: skip
+    # At step 0 the policy is the reference: DPO loss log 2, every reward 0.
+    start_eval, result = train_from_start(model, objective, config, run_dir, runtime, resume_from, log)
 
     model.eval()
     test_metrics = objective.metrics(model, runtime, "test", pairs["test"])
