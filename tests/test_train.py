@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,14 @@ def test_evaluations_are_placed_at_the_training_time_of_their_step():
     evals = [{"step": 0}, {"step": 15}, {"step": 20}]
     assert _plot_positions(evals, "time", train) == [0.0, 7.0, 10.0]
     assert _plot_positions([{"step": 3, "tokens": 300}], "tokens", train) == [300]
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")), ids=str)
+def test_every_recipe_is_a_valid_run_config(recipe):
+    from gptlab.config import load_config_file, resolve_run_config, section_types
+
+    values = load_config_file(recipe)
+    assert values["task"] in ("pretrain", "classify", "instruct", "preference")
+    sections = [name for name in section_types() if name in values or name == "train"]
+    resolved = resolve_run_config(values, sections)
+    assert resolved["train"].max_steps > 0 and recipe.read_text().startswith("# ")  # says what it is for
