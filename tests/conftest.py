@@ -27,3 +27,25 @@ def _seed():
     import torch
 
     torch.manual_seed(0)
+
+
+def run_torchrun(args: list[str], cwd: Path, run_dir: Path, timeout: float = 300):
+    """`torchrun --standalone --nproc-per-node 2 -m gptlab ARGS` in `cwd` with its own cache; the finished process.
+
+    One retry, after clearing `run_dir`: torchrun's standalone rendezvous picks a free port and can lose it
+    to another process before binding it (a failure of the machine, not of gptlab); a real bug fails twice.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2",
+               "-m", "gptlab", *args]  # fmt: skip
+    env = {**os.environ, "GPTLAB_CACHE": str(cwd / "cache")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if done.returncode != 0:
+        print(f"torchrun failed once (retrying):\n{done.stderr[-3000:]}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -1,11 +1,8 @@
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import run_torchrun
 from gptlab.checkpoint import WEIGHTS_FILE, find_checkpoint, load_weights, read_run_config
 from gptlab.cli import main
 from gptlab.templates import format_instruction
@@ -94,11 +91,7 @@ def test_eval_judge_errors_are_one_line(tmp_path, capsys, monkeypatch):
 def test_torchrun_finetunes_with_each_rank_on_its_own_batches(tmp_path):
     """Two gloo ranks share one run: set up, logged and written by rank 0 only."""
     args = finetune_args(tmp_path, None, "--train.device", "cpu", "--train.eval_batches", "1")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "GPTLAB_CACHE": str(tmp_path / "cache")}
-    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "gptlab", *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_torchrun(args, tmp_path, tmp_path / "run")
     assert done.stdout.count("response-only validation loss: ") == 1  # rank 0 reports, rank 1 is quiet
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if line.get("split") == "val"] == [0, 4]  # written once, not per rank

@@ -15,14 +15,13 @@ import multiprocessing
 import os
 import signal
 import socket
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_torchrun
 from gptlab import checkpoint as ckpt
 from gptlab import distributed
 from gptlab.config import GPTConfig, TrainConfig
@@ -396,15 +395,11 @@ def test_the_world_comes_from_torchruns_environment(monkeypatch):
 
 
 def test_torchrun_runs_the_pretrain_command_with_fsdp(tmp_path, corpus):
-    torchrun = Path(sys.executable).with_name("torchrun")
     argv = _pretrain_argv(
         corpus, tmp_path / "run", "--train.parallel", "fsdp", "--activation-checkpointing",
         "--train.max_steps", "4", "--train.sample_tokens", "4",
     )  # fmt: skip
-    env = {**os.environ, "GPTLAB_CACHE": str(tmp_path / "cache")}
-    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "gptlab", *argv]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_SECONDS, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_torchrun(argv, tmp_path, tmp_path / "run", timeout=HANG_SECONDS)
     assert done.stdout.count("done: 4 steps") == 1  # rank 0 prints, rank 1 is quiet
     assert done.stdout.count("sample | ") == 1
     checkpoint = ckpt.find_checkpoint(tmp_path / "run")

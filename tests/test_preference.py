@@ -253,16 +253,10 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys, records, extra, mes
 
 def test_torchrun_tunes_with_each_rank_on_its_own_pairs(tmp_path):
     """Two gloo ranks share one run: the same reference on both, set up and written by rank 0 only."""
-    import os
-    import subprocess
-    import sys
+    from conftest import run_torchrun
 
     args = cli_args(tmp_path, None, "--train.device", "cpu", "--train.eval_batches", "1")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "GPTLAB_CACHE": str(tmp_path / "cache")}
-    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "gptlab", *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_torchrun(args, tmp_path, tmp_path / "run")
     assert done.stdout.count("validation DPO loss: 0.6931 -> ") == 1  # rank 0 reports, rank 1 is quiet
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if line.get("split") == "val"] == [0, 4]
