@@ -13,15 +13,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from gptlab.errors import GptlabError
-
-IGNORE_INDEX = -100
+from gptlab.model import IGNORE_INDEX
 
 
 @dataclass
@@ -51,12 +49,16 @@ class TextScore:
         }  # fmt: skip
 
 
+def check_stride(stride: int, context: int) -> None:
+    if not 0 < stride <= context:
+        raise GptlabError(f"stride must be between 1 and the context length {context}, got {stride}")
+
+
 def sliding_windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
     """(begin, end, scored) for each window over a stream of `n_tokens`: inputs are tokens[begin:end],
     targets tokens[begin + 1:end + 1], and only the last `scored` targets count (the others were scored
     by an earlier window). Together the windows score targets 1 .. n_tokens - 1 once each."""
-    if not 0 < stride <= context:
-        raise GptlabError(f"stride must be between 1 and the context length {context}, got {stride}")
+    check_stride(stride, context)
     last = n_tokens - 1  # inputs end here at most: the final token is only ever a target
     done = 0
     for begin in range(0, max(last, 0), stride):
@@ -122,20 +124,20 @@ def score_run(
     from gptlab.config import DataConfig, config_from_dict
     from gptlab.data import prepare_corpus
     from gptlab.generate import load_generator
-    from gptlab.train import resolve_autocast, resolve_device
+    from gptlab.train import Runtime, resolve_autocast, resolve_device
 
     if split not in ("val", "train", "all"):
         raise GptlabError(f"split must be val, train or all, got {split!r}")
     # fp32 weights under the dtype's autocast, as training evaluates: the two losses compare.
     target = resolve_device(device)
-    autocast_dtype = resolve_autocast(dtype, target)
+    runtime = Runtime(target, resolve_autocast(dtype, target))
     run = load_generator(run_path, device, "fp32", command="eval perplexity")
     model_context = run.model.config.context_length
     context = context or model_context
     if context > model_context:
         raise GptlabError(f"context {context} exceeds the model's context length {model_context}")
-    if stride is not None and not 0 < stride <= context:
-        raise GptlabError(f"stride must be between 1 and the context length {context}, got {stride}")
+    stride = stride or context
+    check_stride(stride, context)  # before tokenizing the text, which may take long
     data = dict(run.config.get("data") or {})
     if source is None and "source" not in data:
         raise GptlabError(f"{run_path} does not record the text it was trained on; name one with --data FILE_OR_NAME")
@@ -147,13 +149,12 @@ def score_run(
         parts[split] = _first_tokens(parts[split], max_tokens + 1)
     tokens = parts[split][0] if len(parts[split]) == 1 else np.concatenate(parts[split])
     bytes_per_token = _bytes_per_token(corpus.meta, split)
-    autocast = torch.autocast(target.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    with autocast:
-        score = score_tokens(run.model, tokens, context, stride or context, batch_size, target, progress)
+    with runtime.autocast():
+        score = score_tokens(run.model, tokens, context, stride, batch_size, target, progress)
     score.bytes = score.tokens * bytes_per_token
     score.extra = {
         "run": str(run.checkpoint), "source": corpus.meta.get("source", data.source), "split": split,
-        "context": context, "stride": stride or context, "tokenizer": run.tokenizer.kind,
+        "context": context, "stride": stride, "tokenizer": run.tokenizer.kind,
     }  # fmt: skip
     return score
 

@@ -21,10 +21,10 @@ import torch
 from gptlab import checkpoint as ckpt
 from gptlab.config import GenerationConfig, GPTConfig, InstructConfig, RecordsConfig, TrainConfig
 from gptlab.errors import GptlabError
+from gptlab.model import IGNORE_INDEX
 from gptlab.templates import ROLES, Template, format_instruction, format_messages, get_template
 from gptlab.train import TrainResult
 
-IGNORE_INDEX = -100
 SPLITS = ("train", "validation", "test")
 SPLIT_DIR = "data"  # the run's split: data/train.json, data/validation.json, data/test.json
 RESPONSES_FILE = "test_responses.json"

@@ -150,7 +150,7 @@ class GPT(nn.Module):
 
         The loss lives in forward (not in a separate call on the head) so that DDP, FSDP and
         torch.compile see the whole computation; it is computed in chunks so the (B*T, V) logits
-        are never held at once (ignore_index -100 marks positions without a target).
+        are never held at once (IGNORE_INDEX, -100, marks positions without a target).
         """
         hidden = self.hidden_states(idx, attention_mask, positions, cache)
         if targets is not None:
@@ -167,11 +167,14 @@ class GPT(nn.Module):
         return self.lm_head(hidden)
 
 
+# Target id of positions without a target: the losses skip them (PyTorch's cross-entropy default).
+IGNORE_INDEX = -100
+
 # Logits chunks of about this many elements (64 MiB in fp32) bound the loss's memory.
 LOSS_CHUNK_ELEMENTS = 1 << 24
 
 
-def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):
+def linear_cross_entropy(hidden, weight, targets, ignore_index: int = IGNORE_INDEX):
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, without materialising all logits.
 
     hidden (N, C), weight (V, C), targets (N,). In training the gradients are computed chunk by chunk
@@ -190,7 +193,7 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = -100):
     return _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, None)[0]
 
 
-def token_losses(hidden, weight, targets, ignore_index: int = -100):
+def token_losses(hidden, weight, targets, ignore_index: int = IGNORE_INDEX):
     """Each row's cross-entropy of `hidden @ weight.T` against `targets` (N,), 0 where the target is ignored.
 
     For losses that weigh sequences apart (DPO sums a response's log-probabilities). Only rows with a

@@ -343,11 +343,19 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, tokens_per_step: flo
         ax.axhline(unigram[-1], color="gray", linestyle="--", linewidth=1, label=f"unigram baseline {unigram[-1]:.2f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
     top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step, lambda t: t / max(tokens_per_step, 1e-9)))
     top.set_xlabel("tokens seen")
+    _save_plot(fig, ax, path)
+
+
+def _save_plot(fig, ax, path: Path) -> None:
+    """Grid, legend and layout, then the PNG written atomically (a viewer never sees half a file)."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
@@ -398,14 +406,7 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], path: Path, x: str = "token
         summary[name] = (values[-1], max(values) if higher_is_better else min(values))
     ax.set_xlabel(PLOT_AXES[x])
     ax.set_ylabel(metric + (" (faint: training loss)" if metric == "val_loss" else ""))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_plot(fig, ax, path)
     return summary
 
 
@@ -641,7 +642,7 @@ def _check_run_dir(
         except GptlabError:
             return None  # killed before its first checkpoint: start over in the same directory
     source = config.get("init_from")
-    if source and run_dir.exists() and run_dir.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
+    if source and run_dir.exists() and Path(source).resolve().is_relative_to(run_dir.resolve()):
         raise GptlabError(
             f"the weights to start from ({source}) lie inside the new run's directory {run_dir}, which the run "
             "would replace; write the new run elsewhere with --out"
