@@ -292,19 +292,19 @@ def reference_log_probs(
         if stored.get("fingerprint") == fingerprint:
             return {name: torch.tensor(stored[name], dtype=torch.float32).view(-1, 2) for name in SPLITS}
         log(f"{path} was computed for other pairs (the template or max_length changed?); computing it again")
-    started, total = time.perf_counter(), sum(len(p) for p in pairs.values())
-    done = 0
+    started = time.perf_counter()
+    every = 20 * batch_size
 
-    def progress(count: int, _: int) -> None:
-        if runtime.is_main and (count + done) % (20 * batch_size) < batch_size:
-            log(f"reference log-probabilities: {count + done}/{total} pairs")
+    def progress(count: int, total: int) -> None:
+        if runtime.is_main and (count % every < batch_size or count == total):
+            log(f"reference log-probabilities: {count}/{total} pairs")
 
     model.eval()
-    reference = {}
-    for name in SPLITS:
-        reference[name] = pair_log_probs(model, pairs[name], tokenizer.eot_id, batch_size, runtime, progress)
-        done += len(pairs[name])
+    in_order = [pair for name in SPLITS for pair in pairs[name]]  # one pass, the splits laid end to end
+    computed = pair_log_probs(model, in_order, tokenizer.eot_id, batch_size, runtime, progress)
     model.train()
+    reference = dict(zip(SPLITS, computed.split([len(pairs[name]) for name in SPLITS]), strict=True))
+    total = len(in_order)
     if runtime.is_main:
         stored = {"fingerprint": fingerprint, **{name: reference[name].tolist() for name in SPLITS}}
         ckpt.atomic_write_text(path, json.dumps(stored))
