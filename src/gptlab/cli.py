@@ -256,6 +256,21 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def progress_bar(description: str, unit: str):
+    """A progress(done, total) callback drawing a bar with rate and time left on stderr (when it is a terminal)."""
+    from tqdm import tqdm
+
+    scale = unit == "B"
+    with tqdm(total=0, unit=unit, unit_scale=scale, desc=description, disable=not sys.stderr.isatty()) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield progress
+
+
 # ---------------------------------------------------------------- run configs on the command line
 
 
@@ -593,8 +608,6 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
 def run_prepare(args: argparse.Namespace) -> int:
     import time
 
-    from tqdm import tqdm
-
     from gptlab.config import DataConfig
     from gptlab.data import prepare_corpus
 
@@ -607,12 +620,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         source=args.source, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction
     )
     started = time.perf_counter()
-    with tqdm(total=0, unit="B", unit_scale=True, desc="tokenizing", disable=not sys.stderr.isatty()) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
+    with progress_bar("tokenizing", "B") as progress:
         corpus = prepare_corpus(
             config,
             progress=progress,
@@ -865,7 +873,6 @@ def _perplexity_arguments(parser: argparse.ArgumentParser) -> None:
           _perplexity_arguments)  # fmt: skip
 def run_eval_perplexity(args: argparse.Namespace) -> int:
     import json
-    import time
 
     from gptlab.evaluate import score_run
 
@@ -874,20 +881,11 @@ def run_eval_perplexity(args: argparse.Namespace) -> int:
             raise GptlabError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_tokens < 0:
         raise GptlabError(f"--max-tokens must be 0 (all) or positive, got {args.max_tokens}")
-    started, last = time.perf_counter(), [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - last[0] >= 2 or done == total:
-            rate = done / max(now - started, 1e-9)
-            left = (total - done) / max(rate, 1e-9)
-            print(f"scored {done:,}/{total:,} tokens | {rate:,.0f} tok/s | {left:.0f} s left", file=sys.stderr)
-            last[0] = now
-
-    score = score_run(
-        args.run_path, args.data, args.split, args.stride, args.context, args.batch_size, args.max_tokens, args.device,
-        args.dtype, progress,
-    )  # fmt: skip
+    with progress_bar("scoring", "tok") as progress:
+        score = score_run(
+            args.run_path, args.data, args.split, args.stride, args.context, args.batch_size, args.max_tokens,
+            args.device, args.dtype, progress,
+        )  # fmt: skip
     if args.json:
         print(json.dumps(score.as_dict()))
         return 0
