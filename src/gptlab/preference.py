@@ -358,7 +358,7 @@ def finetune_preference(
         split = read_split(run_dir)
     else:
         records, skipped["same_responses"] = load_preference_records(preference.source)
-        split = split_records(records, preference.split, preference.split_seed, "preference")
+        split = split_records(records, preference.split, preference.split_seed, preference.SECTION)
     runtime = make_runtime(config["train"])
     model = build_model(config).to(runtime.device)
     trainable, total = count_trainable(model)
