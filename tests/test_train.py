@@ -11,10 +11,13 @@ from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.sizing import train_flops_per_token
 from gptlab.train import (
+    Muon,
     Runtime,
     accumulation_steps,
     build_optimizer,
     learning_rate,
+    muon_matrices,
+    orthogonalize,
     plot_metrics,
     resolve_autocast,
     resolve_device,
@@ -98,6 +101,89 @@ def test_weight_decay_only_on_matrices():
     assert total == model.num_parameters()
 
 
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(CONFIG)
+    config = TrainConfig(optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.02, weight_decay=0.1)
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    on_muon = {id(p) for g in optimizer.param_groups if g["muon"] for p in g["params"]}
+    block = model.blocks[0]
+    expected = {block.attn.qkv.weight, block.attn.proj.weight, block.mlp.fc.weight, block.mlp.proj.weight}
+    assert {id(p) for p in expected} <= on_muon and len(on_muon) == 4 * CONFIG.n_layer
+    for off in (model.token_embedding.weight, model.lm_head.weight, block.attn.qkv.bias, model.ln_f.weight):
+        assert id(off) not in on_muon
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == model.num_parameters()
+    muon_group = next(g for g in optimizer.param_groups if g["muon"])
+    assert muon_group["lr_scale"] == pytest.approx(20.0) and muon_group["weight_decay"] == 0.1
+
+
+def test_muon_leaves_lora_adapters_to_adamw():
+    from gptlab.config import LoRAConfig
+    from gptlab.lora import apply_lora
+
+    model = GPT(CONFIG)
+    apply_lora(model, LoRAConfig(rank=2))
+    assert muon_matrices(model) == []  # the wrapped weights are frozen and the adapters are not nn.Linear
+
+
+def test_orthogonalize_pushes_singular_values_towards_one():
+    torch.manual_seed(0)
+    for shape in [(3, 24, 8), (3, 8, 24), (2, 16, 16)]:
+        updates = torch.randn(shape) * torch.logspace(-1.5, 0, shape[-1])  # columns 30x apart in scale
+        result = orthogonalize(updates)
+        singular = torch.linalg.svdvals(result)
+        assert singular.min() > 0.6 and singular.max() < 1.25, shape
+        # the same directions: the result is close to the exact polar factor U V^T
+        u, _, vh = torch.linalg.svd(updates, full_matrices=False)
+        polar = u @ vh
+        cosine = (result * polar).sum((-2, -1)) / (result.norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))
+        assert cosine.min() > 0.95, shape
+        alone = orthogonalize(updates[1:2])  # batching does not mix matrices
+        assert torch.allclose(alone[0], result[1], atol=1e-5)
+
+
+def test_muon_step_by_hand():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(6, 4))
+    start = weight.detach().clone()
+    optimizer = Muon([{"params": [weight], "muon": True, "weight_decay": 0.1}], lr=0.05, momentum=0.9)
+    grad = torch.randn(6, 4)
+    weight.grad = grad.clone()
+    optimizer.step()
+    nesterov = grad + 0.9 * grad  # momentum buffer = grad after one step
+    expected = start * (1 - 0.05 * 0.1) - 0.05 * (6 / 4) ** 0.5 * orthogonalize(nesterov[None])[0]
+    assert torch.allclose(weight.detach(), expected, atol=1e-6)
+    assert torch.equal(optimizer.state[weight]["momentum_buffer"], grad)
+
+
+def test_muons_adamw_groups_step_like_torch_adamw():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=32, context_length=16, n_layer=2, n_head=2, n_embd=32)  # no dropout
+    ours, theirs = GPT(config), GPT(config)
+    theirs.load_state_dict(ours.state_dict())
+    reference = build_optimizer(theirs, TrainConfig(weight_decay=0.1, learning_rate=3e-3), torch.device("cpu"))
+    # the same groups (AdamW's: decayed matrices, the rest undecayed), over our copy's parameters
+    ours_by_name, names = dict(ours.named_parameters()), {id(p): n for n, p in theirs.named_parameters()}
+    groups = [{**g, "params": [ours_by_name[names[id(p)]] for p in g["params"]]} for g in reference.param_groups]
+    mine = Muon(groups, lr=3e-3, betas=(0.9, 0.95))
+    x, y = torch.randint(0, 32, (4, 16)), torch.randint(0, 32, (4, 16))
+    for _ in range(3):
+        for model, optimizer in ((ours, mine), (theirs, reference)):
+            model(x, y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_muon_learns_and_bad_optimizer_names_are_refused(tmp_path):
+    result, _ = run(tmp_path, train_config(max_steps=24, eval_interval=8, optimizer="muon"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert train_losses[-1] < train_losses[0] - 0.5
+    with pytest.raises(GptlabError, match="train.optimizer must be one of adamw, muon"):
+        run(tmp_path / "bad", train_config(optimizer="sgd"))
+
+
 def test_accumulation_reaches_target_tokens():
     assert accumulation_steps(TrainConfig(tokens_per_step=None), 64) == 1
     assert accumulation_steps(TrainConfig(tokens_per_step=256), 64) == 4
@@ -137,10 +223,11 @@ def test_training_lowers_the_loss_and_writes_metrics_plot_checkpoints(tmp_path):
     assert result.step == 24 and math.isfinite(result.best_val_loss)
 
 
-def test_resume_continues_exactly(tmp_path):
-    full, full_model = run(tmp_path / "full", train_config(keep_checkpoints=10))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(tmp_path, optimizer):
+    full, full_model = run(tmp_path / "full", train_config(keep_checkpoints=10, optimizer=optimizer))
     midway = tmp_path / "full" / "checkpoints" / "step-0000008"
-    resumed, resumed_model = run(tmp_path / "resumed", train_config(), resume_from=midway)
+    resumed, resumed_model = run(tmp_path / "resumed", train_config(optimizer=optimizer), resume_from=midway)
     assert resumed.train_loss == full.train_loss  # bitwise, dropout included
     for a, b in zip(full_model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)

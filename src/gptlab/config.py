@@ -123,6 +123,14 @@ class TrainConfig:
     decay_embeddings: bool = field(default=True, metadata={"help": "apply weight decay to embeddings too"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    optimizer: str = field(
+        default="adamw",
+        metadata={"help": "adamw, or muon: Muon for the blocks' weight matrices, AdamW for the rest"},
+    )
+    muon_learning_rate: float = field(
+        default=0.02, metadata={"help": "Muon's peak learning rate (scheduled like learning_rate)"}
+    )
+    muon_momentum: float = field(default=0.95, metadata={"help": "Muon's Nesterov momentum"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: off)"})
     eval_interval: int = field(default=200, metadata={"help": "evaluate every N steps"})
     eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation"})
