@@ -182,6 +182,11 @@ def test_muon_learns_and_bad_optimizer_names_are_refused(tmp_path):
     assert train_losses[-1] < train_losses[0] - 0.5
     with pytest.raises(GptlabError, match="train.optimizer must be one of adamw, muon"):
         run(tmp_path / "bad", train_config(optimizer="sgd"))
+    # a Muon checkpoint cannot resume as AdamW: one line, and the checkpoint is left as it was
+    latest = tmp_path / "checkpoints" / (tmp_path / "latest").read_text().strip()
+    with pytest.raises(GptlabError, match="holds the state of another optimizer.*--init-from"):
+        run(tmp_path / "switched", train_config(max_steps=30), resume_from=latest)
+    assert (tmp_path / "latest").read_text().strip() == "step-0000024"
 
 
 def test_accumulation_reaches_target_tokens():

@@ -398,7 +398,13 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoin
             "train.parallel ddp, or start an FSDP run from its weights with --init-from"
         )
     else:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # other parameter groups: another train.optimizer, or other frozen weights
+            raise GptlabError(
+                f"checkpoint {checkpoint} holds the state of another optimizer ({str(exc).splitlines()[0]}); "
+                "resume with the run's own train.optimizer, or start a new run from its weights with --init-from"
+            ) from None
 
 
 def check_resume(state: dict[str, Any], runtime: Runtime, tokens_per_step: int) -> None:
