@@ -168,14 +168,22 @@ def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 # ---------------------------------------------------------------- equivalence
 
 
-@pytest.mark.parametrize("parallel, activation_checkpointing", [("ddp", False), ("fsdp", True)])
-def test_two_ranks_reach_the_weights_of_one_process_with_the_double_batch(tmp_path, parallel, activation_checkpointing):
+@pytest.mark.parametrize(
+    "parallel, activation_checkpointing, optimizer",
+    [("ddp", False, "adamw"), ("fsdp", True, "adamw"), ("ddp", False, "muon")],
+)
+def test_two_ranks_reach_the_weights_of_one_process_with_the_double_batch(
+    tmp_path, parallel, activation_checkpointing, optimizer
+):
     tokens_per_step = 2 * 2 * 2 * CONFIG.context_length  # 2 micro-steps of 2 ranks x 2 rows
     config = train_config(
-        parallel=parallel, activation_checkpointing=activation_checkpointing, tokens_per_step=tokens_per_step
-    )
+        parallel=parallel, activation_checkpointing=activation_checkpointing, tokens_per_step=tokens_per_step,
+        optimizer=optimizer,
+    )  # fmt: skip
     ranked = results(run_ranks(tmp_path, train_ranked, tmp_path / "two", config))
-    single = train_ranked(tmp_path / "one", train_config(batch_size=4, tokens_per_step=tokens_per_step))
+    single = train_ranked(
+        tmp_path / "one", train_config(batch_size=4, tokens_per_step=tokens_per_step, optimizer=optimizer)
+    )
     assert_weights_close(ranked[0], single)
     state = ckpt.load_trainer_state(ckpt.find_checkpoint(tmp_path / "two"))
     assert state["world_size"] == 2 and len(state["objective_ranks"]) == 2
@@ -378,6 +386,14 @@ def test_devices_and_modes_without_a_distributed_backend_are_refused(monkeypatch
         distributed.start(Runtime(torch.device("cpu"), world_size=2), TrainConfig(parallel="zero3"))
     assert distributed.parallel_mode(TrainConfig(parallel="fsdp"), world_size=1) == "none"
     assert distributed.parallel_mode(TrainConfig(), world_size=2) == "ddp"
+
+
+def test_muon_is_refused_on_sharded_weights(monkeypatch):
+    from gptlab.train import build_optimizer
+
+    monkeypatch.setattr(distributed, "is_sharded", lambda model: True)
+    with pytest.raises(GptlabError, match="FSDP shards; use --train.parallel ddp or --train.optimizer adamw"):
+        build_optimizer(GPT(CONFIG), TrainConfig(optimizer="muon"), torch.device("cpu"))
 
 
 def test_the_world_comes_from_torchruns_environment(monkeypatch):
