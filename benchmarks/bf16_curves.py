@@ -38,8 +38,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "bf16_curves.json"
 TOLERANCE = 0.01
 
 SHAPES = {
-    # name: (preset, tokenizer kind, batch size, training settings from the shape's recipe)
-    "char-small": (  # recipes/shakespeare-char.yaml
+    # name: (preset, tokenizer kind, batch size, AdamW settings from the shape's recipe)
+    "char-small": (  # recipes/shakespeare-char.yaml before it moved to Muon (the numbers in docs/benchmarks.md)
         "char-small", "byte", 12,
         dict(learning_rate=6e-3, min_lr_ratio=0.1, warmup_steps=50, beta2=0.99, weight_decay=0.1),
     ),
@@ -81,7 +81,7 @@ def train_run(shape: str, name: str, train_tokens, val_tokens, vocab_size: int, 
     from gptlab.config import TrainConfig, get_preset
     from gptlab.data import RandomWindows
     from gptlab.model import GPT
-    from gptlab.train import build_optimizer, learning_rate, validate_train_config
+    from gptlab.train import build_optimizer, set_learning_rate, validate_train_config
 
     preset, _, batch_size, recipe = SHAPES[shape]
     device = torch.device(args.device)
@@ -105,8 +105,7 @@ def train_run(shape: str, name: str, train_tokens, val_tokens, vocab_size: int, 
         x, y = (t.to(device) for t in batches.next_batch())
         sync()
         start = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
+        set_learning_rate(optimizer, step, config)
         with torch.autocast(**autocast):
             loss = model(x, y)
         loss.backward()

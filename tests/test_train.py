@@ -21,6 +21,7 @@ from gptlab.train import (
     plot_metrics,
     resolve_autocast,
     resolve_device,
+    set_learning_rate,
     train,
 )
 
@@ -113,7 +114,10 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
         assert id(off) not in on_muon
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == model.num_parameters()
     muon_group = next(g for g in optimizer.param_groups if g["muon"])
-    assert muon_group["lr_scale"] == pytest.approx(20.0) and muon_group["weight_decay"] == 0.1
+    assert muon_group["weight_decay"] == 0.1
+    assert set_learning_rate(optimizer, 10**6, config) == pytest.approx(1e-4)  # the cosine's floor, 0.1 of the peak
+    # Muon's group first, at its own peak's floor; AdamW's groups at the schedule's
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-3, 1e-4, 1e-4])
 
 
 def test_muon_leaves_lora_adapters_to_adamw():
@@ -123,6 +127,22 @@ def test_muon_leaves_lora_adapters_to_adamw():
     model = GPT(CONFIG)
     apply_lora(model, LoRAConfig(rank=2))
     assert muon_matrices(model) == []  # the wrapped weights are frozen and the adapters are not nn.Linear
+    with pytest.raises(GptlabError, match="no weight matrices to train here.*--train.optimizer adamw"):
+        build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+
+
+def test_muon_puts_loaded_step_counts_on_the_parameters_device():
+    # Checkpoints hold CPU tensors; "meta" stands in for a GPU here.
+    weight, bias = torch.nn.Parameter(torch.ones(4, 4)), torch.nn.Parameter(torch.ones(4))
+    trained = Muon([{"params": [weight], "muon": True}, {"params": [bias]}], lr=0.01)
+    weight.grad, bias.grad = torch.ones(4, 4), torch.ones(4)
+    trained.step()
+    on_meta = [torch.nn.Parameter(torch.empty(4, 4, device="meta")), torch.nn.Parameter(torch.empty(4, device="meta"))]
+    resumed = Muon([{"params": [on_meta[0]], "muon": True}, {"params": [on_meta[1]]}], lr=0.01)
+    resumed.load_state_dict(trained.state_dict())
+    for param, state in resumed.state.items():
+        assert all(t.device == param.device for t in state.values()), state.keys()
+    assert resumed.state[on_meta[1]]["step"].dtype == torch.float32
 
 
 def test_orthogonalize_pushes_singular_values_towards_one():
@@ -184,9 +204,32 @@ def test_muon_learns_and_bad_optimizer_names_are_refused(tmp_path):
         run(tmp_path / "bad", train_config(optimizer="sgd"))
     # a Muon checkpoint cannot resume as AdamW: one line, and the checkpoint is left as it was
     latest = tmp_path / "checkpoints" / (tmp_path / "latest").read_text().strip()
-    with pytest.raises(GptlabError, match="holds the state of another optimizer.*--init-from"):
+    with pytest.raises(GptlabError, match="trained with train.optimizer muon; resume with --train.optimizer muon"):
         run(tmp_path / "switched", train_config(max_steps=30), resume_from=latest)
     assert (tmp_path / "latest").read_text().strip() == "step-0000024"
+
+
+def test_a_resumed_run_takes_its_optimizer_settings_from_the_config(tmp_path):
+    run(tmp_path / "first", train_config(max_steps=8, optimizer="muon"))
+    latest = tmp_path / "first" / "checkpoints" / "step-0000008"
+    changed = train_config(max_steps=9, optimizer="muon", muon_momentum=0.5, muon_learning_rate=0.01, beta2=0.9)
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    seen = []
+    original = Muon.step
+
+    def spy(self, closure=None):
+        seen.append([(g.get("muon"), g["lr"], g["momentum"], g["betas"]) for g in self.param_groups])
+        return original(self, closure)
+
+    Muon.step = spy
+    try:
+        train(model, RandomWindows(), changed, tmp_path / "second", Runtime(torch.device("cpu")), resume_from=latest)
+    finally:
+        Muon.step = original
+    (muon, muon_lr, momentum, _), (_, adamw_lr, _, betas) = seen[-1][:2]
+    assert muon and momentum == 0.5 and betas == (0.9, 0.9)
+    assert muon_lr == pytest.approx(adamw_lr * 0.01 / 3e-3)
 
 
 def test_accumulation_reaches_target_tokens():

@@ -204,6 +204,11 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
             "use --train.parallel ddp or --train.optimizer adamw"
         )
     matrices = muon_matrices(model) if config.optimizer == "muon" else []
+    if config.optimizer == "muon" and not matrices:
+        raise GptlabError(
+            "train.optimizer muon has no weight matrices to train here (the blocks are frozen; LoRA's adapters and "
+            "heads stay on AdamW); use --train.optimizer adamw"
+        )
     on_muon = {id(p) for p in matrices}
     embedding_params = {
         id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and not config.decay_embeddings
@@ -226,11 +231,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
-    muon_group = {
-        "params": matrices, "muon": True, "weight_decay": config.weight_decay,
-        "lr_scale": config.muon_learning_rate / config.learning_rate,
-    }  # fmt: skip
-    return Muon([muon_group] * bool(matrices) + groups, lr=config.learning_rate, momentum=config.muon_momentum,
+    muon_group = {"params": matrices, "muon": True, "weight_decay": config.weight_decay}
+    return Muon([muon_group, *groups], lr=config.learning_rate, momentum=config.muon_momentum,
                 betas=(config.beta1, config.beta2))  # fmt: skip
 
 
@@ -278,15 +280,23 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, groups, lr: float, momentum: float = 0.95, betas=(0.9, 0.95), eps: float = 1e-8,
                  ns_steps: int = 5):  # fmt: skip
         defaults = {"lr": lr, "momentum": momentum, "betas": betas, "eps": eps, "ns_steps": ns_steps,
-                    "weight_decay": 0.0, "muon": False, "lr_scale": 1.0}  # fmt: skip
+                    "weight_decay": 0.0, "muon": False}  # fmt: skip
         super().__init__(groups, defaults)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # Checkpoints hold CPU tensors; torch.optim moves AdamW's step counts back to the parameters'
+        # device only for optimizers it knows to be fused, and the fused kernel needs them there.
+        for param, state in self.state.items():
+            if "step" in state:
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ARG002 - the loop computes the loss itself
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                (self._muon_step if group["muon"] else self._adamw_step)(group, params)
+                (self._muon_step if group.get("muon") else self._adamw_step)(group, params)
 
     def _muon_step(self, group: dict, params: list[torch.Tensor]) -> None:
         by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -320,6 +330,36 @@ class Muon(torch.optim.Optimizer):
             amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
             eps=group["eps"], maximize=False,
         )  # fmt: skip
+
+
+def restore_optimizer(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    checkpoint: Path,
+    state: dict[str, Any],
+    config: TrainConfig,
+) -> None:
+    """Load the optimizer's state (moments, momentum, step counts) from a checkpoint; its settings
+    (betas, momentum, weight decay) stay the config's, so --allow-config-change changes them."""
+    saved = state.get("optimizer_kind", "adamw")  # checkpoints from before Muon were AdamW's
+    if saved != config.optimizer:
+        raise GptlabError(
+            f"checkpoint {checkpoint} was trained with train.optimizer {saved}; resume with --train.optimizer "
+            f"{saved}, or start a new run from its weights with --init-from"
+        )
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    distributed.load_optimizer(model, optimizer, checkpoint, state)
+    for group, configured in zip(optimizer.param_groups, settings, strict=True):
+        group.update(configured)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> float:
+    """Put the schedule's rate for `step` on every group (Muon's matrices at their own peak, scaled
+    alike); the AdamW rate, which progress lines report."""
+    lr = learning_rate(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * (config.muon_learning_rate / config.learning_rate if group.get("muon") else 1.0)
+    return lr
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -573,7 +613,7 @@ def train(
     if runtime.world_size > 1:
         torch.manual_seed(config.seed + runtime.rank)  # the weights agree already; dropout masks should not
     if state is not None:
-        distributed.load_optimizer(model, optimizer, resume_from, state)
+        restore_optimizer(model, optimizer, resume_from, state, config)
         objective.load_state_dict(distributed.own_state(state, "objective", runtime))
         set_rng_state(distributed.own_state(state, "rng", runtime))
         step, tokens_seen = state["step"], state["tokens_seen"]
@@ -600,6 +640,7 @@ def train(
             "best_val": best_val,
             "world_size": runtime.world_size,
             "tokens_per_step": tokens_per_step,
+            "optimizer_kind": config.optimizer,
         }
         per_rank = {"objective": objective.state_dict(), "rng": rng_state()}
         distributed.save_checkpoint(
@@ -609,9 +650,7 @@ def train(
 
     model.train()
     while step < config.max_steps:
-        lr = learning_rate(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices have their own peak
+        lr = set_learning_rate(optimizer, step, config)
         step_loss = torch.zeros((), device=runtime.device)
         for micro in range(accum):
             batch = runtime.to_device(objective.next_batch())
