@@ -17,6 +17,8 @@ from gptlab.train import (
     build_optimizer,
     learning_rate,
     muon_matrices,
+    newton_schulz,
+    newton_schulz_gram,
     orthogonalize,
     plot_metrics,
     resolve_autocast,
@@ -159,6 +161,14 @@ def test_orthogonalize_pushes_singular_values_towards_one():
         assert cosine.min() > 0.95, shape
         alone = orthogonalize(updates[1:2])  # batching does not mix matrices
         assert torch.allclose(alone[0], result[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 24), (2, 16, 16), (1, 4, 64)])
+def test_the_gram_form_does_the_iterations_of_the_direct_form(shape):
+    torch.manual_seed(0)
+    wide = torch.randn(shape, dtype=torch.float64)  # float64: any difference is the algebra's, not rounding's
+    for steps in (1, 2, 5):
+        assert torch.allclose(newton_schulz_gram(wide, steps), newton_schulz(wide, steps), atol=1e-10)
 
 
 def test_muon_step_by_hand():

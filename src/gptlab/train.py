@@ -247,21 +247,51 @@ def muon_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     ]
 
 
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: a X + b (X X^T) X + c (X X^T)^2 X
+
+
 def orthogonalize(updates: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """The nearest semi-orthogonal matrices to a stack (L, rows, cols) of updates, approximately:
-    Newton-Schulz iterations of the quintic with Keller Jordan's coefficients, which push every
-    singular value towards 1 in a few steps (to about 0.7-1.2, enough for Muon)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    # bf16 on GPUs, as Muon's authors run it; fp32 on CPUs, where bf16 is emulated and 15x slower.
-    x = updates.to(torch.bfloat16 if updates.is_cuda else torch.float32)
-    wide = x.size(-2) <= x.size(-1)
-    x = x if wide else x.mT  # iterate on the (small x small) Gram matrix of the shorter side
+    Newton-Schulz iterations of a quintic that push every singular value towards 1 in a few steps
+    (to about 0.7-1.2, enough for Muon). bf16 on GPUs, as Muon's authors run it; fp32 on CPUs, where
+    bf16 is emulated and 15x slower, and there in the Gram form, which does the same arithmetic in
+    fewer products."""
+    x = updates if updates.size(-2) <= updates.size(-1) else updates.mT  # work on the shorter side
+    if updates.is_cuda:
+        x = newton_schulz(x.to(torch.bfloat16), steps)
+    else:
+        x = newton_schulz_gram(x.to(torch.float32), steps)
+    return (x if updates.size(-2) <= updates.size(-1) else x.mT).to(updates.dtype)
+
+
+def newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The iterations on wide matrices (rows <= cols): X <- a X + (b A + c A^2) X with A = X X^T."""
+    a, b, c = NEWTON_SCHULZ
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         gram = x @ x.mT
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
-        x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b A + c A^2) X
-    return (x if wide else x.mT).to(updates.dtype)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    return x
+
+
+def newton_schulz_gram(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The same iterations carried out on the (rows x rows) Gram matrix G = X0 X0^T of wide matrices.
+
+    Every iterate is X_k = Q_k X0 with Q_k a polynomial in G, so Q_k is symmetric and A_k = Q_k G Q_k:
+    the loop updates Q (four rows^3 products a step) and X0 is multiplied once at the end, instead of
+    two rows^2 x cols products a step. For char-small's 16 matrices that is 30% less time (21.8 ->
+    15.5 ms on 2 threads), with results equal to 2e-6 in fp32 (bf16 would lose too much in G's products)."""
+    a, b, c = NEWTON_SCHULZ
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    gram = x @ x.mT
+    poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # the first step, from Q_0 = I: A_0 = G
+    q = poly + a * torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
+    for _ in range(steps - 1):
+        a_k = q @ (gram @ q)
+        poly = torch.baddbmm(a_k, a_k, a_k, beta=b, alpha=c)
+        q = torch.baddbmm(q, poly, q, beta=a)
+    return q @ x
 
 
 class Muon(torch.optim.Optimizer):
