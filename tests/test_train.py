@@ -210,6 +210,8 @@ def test_muon_learns_and_bad_optimizer_names_are_refused(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
     assert train_losses[-1] < train_losses[0] - 0.5
+    last = [r for r in records if r["split"] == "train"][-1]
+    assert last["muon_lr"] == pytest.approx(last["lr"] * 0.02 / 3e-3)  # logged beside AdamW's
     with pytest.raises(GptlabError, match="train.optimizer must be one of adamw, muon"):
         run(tmp_path / "bad", train_config(optimizer="sgd"))
     # a Muon checkpoint cannot resume as AdamW: one line, and the checkpoint is left as it was

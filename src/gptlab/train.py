@@ -388,8 +388,13 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, config: Train
     alike); the AdamW rate, which progress lines report."""
     lr = learning_rate(step, config)
     for group in optimizer.param_groups:
-        group["lr"] = lr * (config.muon_learning_rate / config.learning_rate if group.get("muon") else 1.0)
+        group["lr"] = muon_rate(lr, config) if group.get("muon") else lr
     return lr
+
+
+def muon_rate(lr: float, config: TrainConfig) -> float:
+    """Muon's rate when AdamW's is `lr`: the schedule scales both peaks alike."""
+    return lr * config.muon_learning_rate / config.learning_rate
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -715,9 +720,13 @@ def train(
                 "step": step, "split": "train", "loss": mean_loss, "lr": lr, "tokens": tokens_seen,
                 "tokens_per_second": tokens_per_second, "mfu": mfu, "elapsed": elapsed_before + elapsed,
             }  # fmt: skip
+            rates = f"lr {lr:.2e}"
+            if config.optimizer == "muon":
+                record["muon_lr"] = muon_rate(lr, config)
+                rates += f" (Muon {record['muon_lr']:.2e})"
             metrics.append(record)
             log(
-                f"step {step:>6}/{config.max_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                f"step {step:>6}/{config.max_steps} | loss {mean_loss:.4f} | {rates} | "
                 f"{tokens_per_second:,.0f} tok/s | MFU {mfu:.1%} | {format_duration(elapsed_before + elapsed)} "
                 f"elapsed | {format_duration(left)} left"
             )
