@@ -159,10 +159,10 @@ def train_ranked(run_dir: Path, config: TrainConfig, resume_from: Path | None = 
     return ckpt.load_weights(ckpt.find_checkpoint(run_dir) / ckpt.WEIGHTS_FILE)
 
 
-def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+def assert_weights_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=atol, msg=name)
 
 
 # ---------------------------------------------------------------- equivalence
@@ -184,7 +184,9 @@ def test_two_ranks_reach_the_weights_of_one_process_with_the_double_batch(
     single = train_ranked(
         tmp_path / "one", train_config(batch_size=4, tokens_per_step=tokens_per_step, optimizer=optimizer)
     )
-    assert_weights_close(ranked[0], single)
+    # Muon's iterations multiply the gradient's weakest directions by about 3.4 each, so the all-reduce's
+    # rounding grows to ~3e-5 in 4 steps; a missed or doubled reduction would differ by a step, ~2e-3.
+    assert_weights_close(ranked[0], single, atol=1e-4 if optimizer == "muon" else 1e-6)
     state = ckpt.load_trainer_state(ckpt.find_checkpoint(tmp_path / "two"))
     assert state["world_size"] == 2 and len(state["objective_ranks"]) == 2
     assert (ckpt.find_checkpoint(tmp_path / "two") / distributed.OPTIMIZER_DIR).is_dir() == (parallel == "fsdp")
