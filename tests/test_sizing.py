@@ -4,7 +4,7 @@ import torch
 from gptlab.cli import main
 from gptlab.config import PRESETS, get_preset
 from gptlab.model import GPT
-from gptlab.sizing import count_parameters, train_flops_per_token
+from gptlab.sizing import count_parameters, muon_state_bytes, train_flops_per_token, training_memory_bytes
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,3 +55,20 @@ def test_size_cli_unknown_preset_fails_with_one_line(capsys):
 def test_every_preset_is_valid():
     for name in PRESETS:
         get_preset(name)
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(tie_embeddings=False), dict(qkv_bias=False, bias=False)])
+def test_optimizer_state_sizes_equal_what_the_optimizers_hold(fields):
+    from gptlab.config import TrainConfig
+    from gptlab.train import build_optimizer
+
+    config = get_preset("tiny", **fields)
+    n_params = count_parameters(config).total
+    for name, expected in (("adamw", training_memory_bytes(n_params)["fp32"]["adamw_states"]),
+                           ("muon", muon_state_bytes(config, n_params)["fp32"])):  # fmt: skip
+        model = GPT(config)
+        optimizer = build_optimizer(model, TrainConfig(optimizer=name), torch.device("cpu"))
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)).backward()
+        optimizer.step()
+        held = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if t.dim())
+        assert held == expected, name

@@ -75,6 +75,13 @@ def training_memory_bytes(n_params: int) -> dict[str, dict[str, int]]:
     }
 
 
+def muon_state_bytes(config: GPTConfig, n_params: int) -> dict[str, int]:
+    """Optimizer state with `train.optimizer muon`: one momentum buffer for each block matrix (the
+    12 C^2 weights of a block's four linear layers), AdamW's two moments for every other parameter."""
+    matrices = config.n_layer * 12 * config.n_embd * config.n_embd
+    return {dtype: (matrices + 2 * (n_params - matrices)) * size for dtype, size in (("fp32", 4), ("bf16", 2))}
+
+
 def gpu_hours(config: GPTConfig, tokens: float, peak_flops: float, mfu: float) -> float:
     """Device-hours to train on `tokens` at `mfu` of a device's `peak_flops` FLOP/s."""
     return train_flops_per_token(config) * tokens / (peak_flops * mfu) / 3600.0
@@ -104,6 +111,7 @@ def size_report(
         "forward_flops_per_token": forward_flops_per_token(config),
         "train_flops_per_token": train_flops_per_token(config),
         "memory": training_memory_bytes(counts.total),
+        "muon_state_bytes": muon_state_bytes(config, counts.total),
         "kv_cache_bytes_per_token": {
             "fp32": kv_cache_bytes_per_token(config, 4),
             "bf16": kv_cache_bytes_per_token(config, 2),
@@ -138,6 +146,8 @@ def format_size_report(report: dict[str, object]) -> str:
             (f"memory {dtype}: weights / grads / AdamW", " / ".join(human(v, "B") for v in parts.values())
              + f"  (total {human(total, 'B')})")
         )  # fmt: skip
+    muon = report["muon_state_bytes"]
+    rows.append(("optimizer state with Muon, fp32 / bf16", f"{human(muon['fp32'], 'B')} / {human(muon['bf16'], 'B')}"))  # type: ignore[index]
     kv = report["kv_cache_bytes_per_token"]
     rows.append(("KV cache per token, fp32 / bf16", f"{human(kv['fp32'], 'B')} / {human(kv['bf16'], 'B')}"))  # type: ignore[index]
     rows.append(
