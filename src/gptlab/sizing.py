@@ -46,6 +46,12 @@ def count_parameters(config: GPTConfig) -> ParameterCounts:
     )
 
 
+def block_matrix_params(config: GPTConfig) -> int:
+    """The weights of the blocks' four linear layers (QKV 3C^2, projection C^2, MLP 4C^2 twice): the
+    matrix products of the forward pass besides the head, and what Muon trains."""
+    return config.n_layer * 12 * config.n_embd * config.n_embd
+
+
 def forward_flops_per_token(config: GPTConfig, sequence_length: int | None = None) -> int:
     """Forward FLOPs per token: 2 per multiply-add of every matrix (LM head included) plus attention.
 
@@ -54,7 +60,7 @@ def forward_flops_per_token(config: GPTConfig, sequence_length: int | None = Non
     """
     T = sequence_length or config.context_length
     C, L = config.n_embd, config.n_layer
-    matmul_params = L * 12 * C * C + config.vocab_size * C
+    matmul_params = block_matrix_params(config) + config.vocab_size * C
     return 2 * matmul_params + 4 * L * T * C
 
 
@@ -67,19 +73,22 @@ def kv_cache_bytes_per_token(config: GPTConfig, bytes_per_value: int = 2) -> int
     return 2 * config.n_layer * config.n_embd * bytes_per_value
 
 
+BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}
+
+
 def training_memory_bytes(n_params: int) -> dict[str, dict[str, int]]:
     """Weights, gradients and AdamW's two moments, in fp32 and in bf16."""
     return {
         dtype: {"weights": n_params * size, "gradients": n_params * size, "adamw_states": 2 * n_params * size}
-        for dtype, size in (("fp32", 4), ("bf16", 2))
+        for dtype, size in BYTES_PER_VALUE.items()
     }
 
 
 def muon_state_bytes(config: GPTConfig, n_params: int) -> dict[str, int]:
     """Optimizer state with `train.optimizer muon`: one momentum buffer for each block matrix (the
     12 C^2 weights of a block's four linear layers), AdamW's two moments for every other parameter."""
-    matrices = config.n_layer * 12 * config.n_embd * config.n_embd
-    return {dtype: (matrices + 2 * (n_params - matrices)) * size for dtype, size in (("fp32", 4), ("bf16", 2))}
+    matrices = block_matrix_params(config)
+    return {dtype: (matrices + 2 * (n_params - matrices)) * size for dtype, size in BYTES_PER_VALUE.items()}
 
 
 def gpu_hours(config: GPTConfig, tokens: float, peak_flops: float, mfu: float) -> float:

@@ -256,12 +256,13 @@ def orthogonalize(updates: torch.Tensor, steps: int = 5) -> torch.Tensor:
     (to about 0.7-1.2, enough for Muon). bf16 on GPUs, as Muon's authors run it; fp32 on CPUs, where
     bf16 is emulated and 15x slower, and there in the Gram form, which does the same arithmetic in
     fewer products."""
-    x = updates if updates.size(-2) <= updates.size(-1) else updates.mT  # work on the shorter side
+    wide = updates.size(-2) <= updates.size(-1)
+    x = updates if wide else updates.mT  # work on the shorter side
     if updates.is_cuda:
         x = newton_schulz(x.to(torch.bfloat16), steps)
     else:
         x = newton_schulz_gram(x.to(torch.float32), steps)
-    return (x if updates.size(-2) <= updates.size(-1) else x.mT).to(updates.dtype)
+    return (x if wide else x.mT).to(updates.dtype)
 
 
 def newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
