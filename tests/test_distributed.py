@@ -192,6 +192,44 @@ def test_two_ranks_reach_the_weights_of_one_process_with_the_double_batch(
     assert (ckpt.find_checkpoint(tmp_path / "two") / distributed.OPTIMIZER_DIR).is_dir() == (parallel == "fsdp")
 
 
+def _muon_step_with_split(split: bool) -> dict:
+    """One Muon step of a 3-layer model on gradients every rank draws alike: the weights after it, and
+    how many matrices this rank orthogonalised."""
+    from gptlab import train as train_module
+
+    torch.distributed.init_process_group("gloo")
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{**CONFIG.__dict__, "n_layer": 3}))
+        for param in model.parameters():
+            param.grad = torch.randn_like(param)
+        counted = []
+        original = train_module.orthogonalize
+
+        def counting(updates, steps):
+            counted.append(updates.size(0))
+            return original(updates, steps)
+
+        train_module.orthogonalize = counting
+        optimizer = train_module.build_optimizer(
+            model, TrainConfig(optimizer="muon"), torch.device("cpu"), replicated=split
+        )
+        optimizer.step()
+        return {"weights": model.state_dict(), "orthogonalised": sum(counted)}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_muon_splits_its_orthogonalisation_among_ddp_ranks_with_the_same_result(tmp_path):
+    split = results(run_ranks(tmp_path, _muon_step_with_split, True))
+    whole = results(run_ranks(tmp_path, _muon_step_with_split, False))
+    # 3 matrices of each of 4 shapes: rank 0 does 2 of each, rank 1 the third, where one process does all 3.
+    assert [r["orthogonalised"] for r in split] == [8, 4]
+    assert [r["orthogonalised"] for r in whole] == [12, 12]
+    for ranked in split:
+        assert_weights_close(ranked["weights"], whole[0]["weights"])
+
+
 @pytest.mark.parametrize("parallel, first, then", [("fsdp", 2, 1), ("ddp", 1, 2)])
 def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, parallel, first, then):
     # The global batch stays 4 rows; GlobalBatches keeps its data order whatever the number of ranks.

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch.optim.adamw import adamw as adamw_update
 
 from gptlab import checkpoint as ckpt
@@ -195,9 +197,13 @@ def _sync(device: torch.device) -> None:
 OPTIMIZERS = ("adamw", "muon")
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, config: TrainConfig, device: torch.device, replicated: bool = False
+) -> torch.optim.Optimizer:
     """AdamW that decays matrices only (biases and norms never, embeddings as configured); with
-    `train.optimizer muon`, the blocks' weight matrices go to Muon instead and the rest stays on AdamW."""
+    `train.optimizer muon`, the blocks' weight matrices go to Muon instead and the rest stays on AdamW.
+    `replicated`: every rank of the process group holds the model and the same gradients (DDP), so Muon
+    splits its work among them."""
     if config.optimizer == "muon" and distributed.is_sharded(model):
         raise GptlabError(
             "train.optimizer muon orthogonalises whole weight matrices, which FSDP shards; "
@@ -233,7 +239,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.d
         return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
     muon_group = {"params": matrices, "muon": True, "weight_decay": config.weight_decay}
     return Muon([muon_group, *groups], lr=config.learning_rate, momentum=config.muon_momentum,
-                betas=(config.beta1, config.beta2))  # fmt: skip
+                betas=(config.beta1, config.beta2), split_across_ranks=replicated)  # fmt: skip
 
 
 def muon_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -257,12 +263,14 @@ def orthogonalize(updates: torch.Tensor, steps: int = 5) -> torch.Tensor:
     bf16 is emulated and 15x slower, and there in the Gram form, which does the same arithmetic in
     fewer products."""
     wide = updates.size(-2) <= updates.size(-1)
-    x = updates if wide else updates.mT  # work on the shorter side
-    if updates.is_cuda:
-        x = newton_schulz(x.to(torch.bfloat16), steps)
-    else:
-        x = newton_schulz_gram(x.to(torch.float32), steps)
+    x = (updates if wide else updates.mT).to(iteration_dtype(updates.device))  # work on the shorter side
+    x = newton_schulz(x, steps) if updates.is_cuda else newton_schulz_gram(x, steps)
     return (x if wide else x.mT).to(updates.dtype)
+
+
+def iteration_dtype(device: torch.device) -> torch.dtype:
+    """What `orthogonalize` computes in: bf16 on GPUs, fp32 where bf16 would be emulated."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
@@ -310,10 +318,13 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, groups, lr: float, momentum: float = 0.95, betas=(0.9, 0.95), eps: float = 1e-8,
-                 ns_steps: int = 5):  # fmt: skip
+                 ns_steps: int = 5, split_across_ranks: bool = False):  # fmt: skip
         defaults = {"lr": lr, "momentum": momentum, "betas": betas, "eps": eps, "ns_steps": ns_steps,
                     "weight_decay": 0.0, "muon": False}  # fmt: skip
         super().__init__(groups, defaults)
+        # Under DDP every rank holds the same gradients and momentum, so each can orthogonalise a share
+        # of the matrices and gather the others' results instead of all of them doing all the work.
+        self.split_across_ranks = split_across_ranks
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -339,12 +350,40 @@ class Muon(torch.optim.Optimizer):
             buffer = state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
             nesterov = p.grad.add(buffer, alpha=group["momentum"])
             by_shape.setdefault(tuple(p.shape), []).append((p, nesterov))
-        for (rows, cols), pairs in by_shape.items():
-            directions = orthogonalize(torch.stack([u for _, u in pairs]), group["ns_steps"])
+        stacks = [torch.stack([u for _, u in pairs]) for pairs in by_shape.values()]
+        orthogonal = self._orthogonalize(stacks, group["ns_steps"])
+        for ((rows, cols), pairs), directions in zip(by_shape.items(), orthogonal, strict=True):
             step_size = group["lr"] * max(1.0, rows / cols) ** 0.5
             for (p, _), direction in zip(pairs, directions, strict=True):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(direction, alpha=-step_size)
+
+    def _orthogonalize(self, stacks: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+        """`orthogonalize` of each stack (L, rows, cols), split across the ranks when asked: of every
+        stack rank r takes the r-th of equal slices (the last may be short), and one all-gather of all
+        the slices, packed flat, returns every result to every rank. One collective, not one a shape:
+        gloo's latency is about a millisecond each."""
+        ranks = dist.get_world_size() if self.split_across_ranks and dist.is_initialized() else 1
+        if ranks == 1:
+            return [orthogonalize(stack, steps) for stack in stacks]
+        rank = dist.get_rank()
+        shares = [-(-stack.size(0) // ranks) for stack in stacks]
+        dtype = iteration_dtype(stacks[0].device)  # the results' own precision: bf16 halves NCCL's traffic
+        packed = []
+        for stack, share in zip(stacks, shares, strict=True):
+            mine = stack[rank * share : (rank + 1) * share]
+            flat = (orthogonalize(mine, steps) if len(mine) else mine).to(dtype).flatten()
+            packed.append(F.pad(flat, (0, share * stack[0].numel() - flat.numel())))
+        packed = torch.cat(packed)
+        gathered = packed.new_empty(ranks * packed.numel())
+        dist.all_gather_single(gathered, packed)
+        gathered = gathered.view(ranks, -1)
+        results, offset = [], 0
+        for stack, share in zip(stacks, shares, strict=True):
+            size = share * stack[0].numel()
+            results.append(gathered[:, offset : offset + size].reshape(-1, *stack.shape[1:])[: stack.size(0)].to(stack))
+            offset += size
+        return results
 
     def _adamw_step(self, group: dict, params: list[torch.Tensor]) -> None:
         for p in params:
@@ -646,7 +685,8 @@ def train(
         ckpt.load_model_state(model, ckpt.load_weights(resume_from / ckpt.WEIGHTS_FILE, runtime.device), strict=False)
     # DDP or FSDP across the ranks; FSDP shards the parameters in place, so the optimizer comes after.
     stepper = distributed.parallelize(model, config, runtime)
-    optimizer = build_optimizer(model, config, runtime.device)
+    replicated = distributed.parallel_mode(config, runtime.world_size) == "ddp"
+    optimizer = build_optimizer(model, config, runtime.device, replicated=replicated)
     if runtime.world_size > 1:
         torch.manual_seed(config.seed + runtime.rank)  # the weights agree already; dropout masks should not
     if state is not None:
