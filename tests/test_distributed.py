@@ -230,6 +230,32 @@ def test_muon_splits_its_orthogonalisation_among_ddp_ranks_with_the_same_result(
         assert_weights_close(ranked["weights"], whole[0]["weights"])
 
 
+def _spread_squares(count: int) -> dict:
+    """Squares of 0..count-1 computed with distributed.spread_rows on this rank: the rows, and which
+    items this rank computed itself."""
+    torch.distributed.init_process_group("gloo")
+    try:
+        runtime = Runtime(torch.device("cpu"), rank=torch.distributed.get_rank(), world_size=2)
+        computed = []
+
+        def squares(items):
+            computed.extend(items)
+            return torch.tensor([[i, i * i] for i in items], dtype=torch.float32).view(-1, 2)
+
+        return {"rows": distributed.spread_rows(squares, list(range(count)), runtime), "computed": computed}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("count, shares", [(5, ([0, 1, 2], [3, 4])), (1, ([0], []))])
+def test_spread_rows_gives_every_rank_all_rows_each_computing_its_share(tmp_path, count, shares):
+    ranked = results(run_ranks(tmp_path, _spread_squares, count))
+    expected = torch.tensor([[i, i * i] for i in range(count)], dtype=torch.float32)
+    for rank, outcome in enumerate(ranked):
+        assert outcome["computed"] == shares[rank]
+        assert torch.equal(outcome["rows"], expected)
+
+
 @pytest.mark.parametrize("parallel, first, then", [("fsdp", 2, 1), ("ddp", 1, 2)])
 def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, parallel, first, then):
     # The global batch stays 4 rows; GlobalBatches keeps its data order whatever the number of ranks.

@@ -261,6 +261,14 @@ def test_torchrun_tunes_with_each_rank_on_its_own_pairs(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if line.get("split") == "val"] == [0, 4]
     assert len(json.loads((tmp_path / "run" / RESPONSES_FILE).read_text())) == 3
+    # Each rank scored half of the pairs for the reference; together they match one process scoring all.
+    assert "reference log-probabilities of 30 pairs over 2 ranks" in done.stdout
+    one = run_values(tmp_path, train={"max_steps": 1, "eval_interval": 1})
+    finetune_preference({**one, "out_dir": str(tmp_path / "one")})
+    ranked, single = (json.loads((tmp_path / run / SPLIT_DIR / REFERENCE_FILE).read_text()) for run in ("run", "one"))
+    assert ranked["fingerprint"] == single["fingerprint"]
+    for split in ("train", "validation", "test"):
+        torch.testing.assert_close(torch.tensor(ranked[split]), torch.tensor(single[split]), rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_is_off_unless_asked_for(tmp_path):

@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -300,6 +300,22 @@ def mean_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total)
     return total / runtime.world_size
+
+
+def spread_rows(
+    compute: Callable[[Sequence[Any]], torch.Tensor], items: Sequence[Any], runtime: Runtime
+) -> torch.Tensor:
+    """`compute(items)`, a CPU tensor with one row per item, with the items spread over the ranks: each
+    computes a contiguous share and every rank gets all the rows, in order. Only for work without
+    collectives inside (not an FSDP model's forward), since the shares may differ by a batch."""
+    if runtime.world_size == 1:
+        return compute(items)
+    share = -(-len(items) // runtime.world_size)
+    mine = compute(items[runtime.rank * share : (runtime.rank + 1) * share]).cpu()
+    padded = torch.cat([mine, mine.new_zeros(share - len(mine), *mine.shape[1:])])
+    gathered = padded.new_empty(runtime.world_size * share, *mine.shape[1:])
+    dist.all_gather_single(gathered, padded)  # CPU tensors go through gloo, also beside NCCL
+    return gathered[: len(items)]
 
 
 # ---------------------------------------------------------------- checkpoints

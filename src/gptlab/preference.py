@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab import checkpoint as ckpt
+from gptlab import distributed
 from gptlab.config import GPTConfig, PreferenceConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.instruct import (
@@ -297,18 +298,23 @@ def reference_log_probs(
 
     def progress(count: int, total: int) -> None:
         if runtime.is_main and (count % every < batch_size or count == total):
-            log(f"reference log-probabilities: {count}/{total} pairs")
+            share = " (rank 0's share)" if runtime.world_size > 1 else ""
+            log(f"reference log-probabilities: {count}/{total} pairs{share}")
 
     model.eval()
     in_order = [pair for name in SPLITS for pair in pairs[name]]  # one pass, the splits laid end to end
-    computed = pair_log_probs(model, in_order, tokenizer.eot_id, batch_size, runtime, progress)
+    # Under torchrun each rank scores its share (the model is not wrapped yet) and all get every row.
+    computed = distributed.spread_rows(
+        lambda share: pair_log_probs(model, share, tokenizer.eot_id, batch_size, runtime, progress), in_order, runtime
+    )
     model.train()
     reference = dict(zip(SPLITS, computed.split([len(pairs[name]) for name in SPLITS]), strict=True))
     total = len(in_order)
     if runtime.is_main:
         stored = {"fingerprint": fingerprint, **{name: reference[name].tolist() for name in SPLITS}}
         ckpt.atomic_write_text(path, json.dumps(stored))
-    log(f"reference log-probabilities of {total} pairs in {time.perf_counter() - started:.1f} s")
+    ranks = f" over {runtime.world_size} ranks" if runtime.world_size > 1 else ""
+    log(f"reference log-probabilities of {total} pairs{ranks} in {time.perf_counter() - started:.1f} s")
     return reference
 
 
