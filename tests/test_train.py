@@ -392,3 +392,14 @@ def test_every_recipe_is_a_valid_run_config(recipe):
     sections = [name for name in section_types() if name in values or name == "train"]
     resolved = resolve_run_config(values, sections)
     assert resolved["train"].max_steps > 0 and recipe.read_text().startswith("# ")  # says what it is for
+
+
+def test_the_gpt_presets_train_at_their_published_learning_rate_unless_one_is_set():
+    from gptlab.config import resolve_run_config
+
+    def rate(values):
+        return resolve_run_config(values, ["model", "train"])["train"].learning_rate
+
+    assert rate({"preset": "gpt2"}) == 6e-4 and rate({"preset": "gpt3-13b"}) == 1e-4
+    assert rate({"preset": "gpt2-xl", "train": {"learning_rate": 1e-3}}) == 1e-3
+    assert rate({"preset": "demo"}) == rate({}) == TrainConfig().learning_rate == 2e-3

@@ -81,6 +81,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bpe-mini": dict(n_layer=6, n_head=6, n_embd=384, context_length=256),
 }
 
+# The peak learning rates GPT-3's paper trained these sizes with (Table 2.1). A run of one of these
+# presets takes its rate unless it sets train.learning_rate; GPT-2's sizes take the GPT-3 row of about
+# their size (GPT-2's paper gives none). The small CPU presets keep TrainConfig's default.
+PRESET_LEARNING_RATES: dict[str, float] = {
+    "gpt2": 6.0e-4, "gpt3-small": 6.0e-4,  # 124-125M
+    "gpt2-medium": 3.0e-4, "gpt3-medium": 3.0e-4,  # 350-355M
+    "gpt2-large": 2.5e-4, "gpt3-large": 2.5e-4,  # 760-774M
+    "gpt2-xl": 2.0e-4, "gpt3-xl": 2.0e-4,  # 1.3-1.6B
+    "gpt3-2.7b": 1.6e-4, "gpt3-6.7b": 1.2e-4, "gpt3-13b": 1.0e-4, "gpt3-175b": 0.6e-4,
+}  # fmt: skip
+
 
 def get_preset(name: str, **overrides: Any) -> GPTConfig:
     """The GPTConfig of a named preset, with fields overridden."""
@@ -116,7 +127,10 @@ class TrainConfig:
     tokens_per_step: int | None = field(
         default=None, metadata={"help": "target tokens per optimizer step (gradient accumulation); default: one batch"}
     )
-    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    learning_rate: float = field(
+        default=2e-3,
+        metadata={"help": "peak learning rate (the gpt2/gpt3 presets: GPT-3's published rate for the size)"},
+    )
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay floor as a fraction of the peak"})
     warmup_steps: int = field(default=40, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
@@ -461,7 +475,8 @@ RUN_FIELDS: dict[str, str] = {
 def resolve_run_config(values: dict[str, Any], sections: list[str]) -> dict[str, Any]:
     """Validate a run config dict: every section becomes its dataclass, unknown fields are refused.
 
-    The model section starts from `preset` (if any) and is overridden field by field.
+    The model section starts from `preset` (if any) and is overridden field by field; so does the train
+    section's learning rate for the presets with a published one (PRESET_LEARNING_RATES).
     """
     types_by_name = section_types()
     resolved: dict[str, Any] = {}
@@ -474,12 +489,14 @@ def resolve_run_config(values: dict[str, Any], sections: list[str]) -> dict[str,
         section = dict(values.get(name) or {})
         if not isinstance(section, dict):
             raise GptlabError(f"config section {name!r} must be a mapping of fields")
+        preset = values.get("preset")
         if name == "model":
-            preset = values.get("preset")
             base = dict(PRESETS[preset]) if preset in PRESETS else {}
             if preset and preset not in PRESETS:
                 get_preset(preset)  # raises the unknown-preset error with a suggestion
             section = {**base, **section}
+        if name == "train" and preset in PRESET_LEARNING_RATES:
+            section = {"learning_rate": PRESET_LEARNING_RATES[preset], **section}
         resolved[name] = config_from_dict(types_by_name[name], section, where=f"{name}.")
     return resolved
 
