@@ -147,6 +147,27 @@ def test_prepared_shards_are_reused_until_the_source_changes(tmp_path, monkeypat
     assert not changed.reused and changed.directory != first.directory
 
 
+def test_shards_another_process_finished_meanwhile_are_kept(tmp_path, monkeypatch):
+    # Two runs prepare the same corpus at once: the one that finishes second keeps the first's shards
+    # (which that run may have open) instead of replacing them, or failing on the full folder.
+    path = tmp_path / "corpus.txt"
+    path.write_text("Both runs read this corpus.\n" * 100)
+    first = prepare(path, tokenizer="byte")
+    inode = (first.directory / "train.bin").stat().st_ino
+    checks = []
+    real = data._is_prepared
+
+    def not_yet_at_the_start(*args):
+        checks.append(1)
+        return len(checks) > 1 and real(*args)  # the first look finds nothing, as it did for both runs
+
+    monkeypatch.setattr(data, "_is_prepared", not_yet_at_the_start)
+    second = prepare(path, tokenizer="byte")
+    assert second.directory == first.directory and (second.directory / "train.bin").stat().st_ino == inode
+    assert np.array_equal(np.asarray(second.train_tokens), np.asarray(first.train_tokens))
+    assert not list(tmp_path.rglob("*.tmp-*"))
+
+
 def test_a_saved_bpe_tokenizer_reuses_the_shards_it_was_trained_with(shared_data, tmp_path):
     from gptlab.tokenizer import load_tokenizer
 

@@ -363,6 +363,45 @@ def pretrain_values(corpus: Path, out_dir: Path, **train) -> dict:
     }  # fmt: skip
 
 
+def _evaluate_pretraining(values: dict) -> dict:
+    """The pretraining objective's metrics for a seeded model on this rank (wrapped as the run's
+    train.parallel says), and how many forward passes this rank ran for them."""
+    from gptlab.config import resolve_run_config
+    from gptlab.data import prepare_corpus
+    from gptlab.objectives import NextTokenObjective
+    from gptlab.train import make_runtime
+
+    config = resolve_run_config(values, ["model", "data", "train"])
+    runtime = make_runtime(config["train"])
+    with distributed.main_first(runtime):
+        corpus = prepare_corpus(config["data"], cache=Path(values["out_dir"]) / "cache")
+    model_config = GPTConfig(**{**config["model"].__dict__, "vocab_size": corpus.tokenizer.vocab_size})
+    objective = NextTokenObjective(
+        corpus, model_config, config["data"], config["train"], runtime.rank, runtime.world_size
+    )
+    torch.manual_seed(0)
+    model = GPT(model_config).eval()
+    stepper = distributed.parallelize(model, config["train"], runtime)
+    passes = []
+    stepper.register_forward_hook(lambda *args: passes.append(1))
+    with torch.no_grad():
+        metrics = objective.evaluate(stepper, runtime)
+    return {"metrics": metrics, "passes": len(passes)}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ranks_share_the_validation_batches_and_agree_with_one_process(tmp_path, corpus, parallel):
+    # 3 batches on 2 ranks: rank 0 evaluates 2, rank 1 one, and once more without counting it (FSDP's
+    # ranks must run the same forward passes).
+    values = pretrain_values(corpus, tmp_path / "ranks", eval_batches=3, parallel=parallel)
+    values["model"]["dropout"] = 0.0
+    ranked = results(run_ranks(tmp_path, _evaluate_pretraining, values))
+    single = _evaluate_pretraining({**values, "out_dir": str(tmp_path / "one")})
+    assert single["passes"] == 3 and [r["passes"] for r in ranked] == [2, 2]
+    for outcome in ranked:
+        assert outcome["metrics"]["val_loss"] == pytest.approx(single["metrics"]["val_loss"], rel=1e-6)
+
+
 def test_a_killed_distributed_run_resumes_exactly(tmp_path, corpus):
     env = {"GPTLAB_CACHE": str(tmp_path / "cache")}
     straight = results(run_ranks(tmp_path, _pretrain, pretrain_values(corpus, tmp_path / "straight"), env=env))[0]

@@ -302,6 +302,22 @@ def mean_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return total / runtime.world_size
 
 
+def mean_over_shares(compute: Callable[[Any], torch.Tensor], items: Sequence[Any], runtime: Runtime) -> torch.Tensor:
+    """The mean of `compute(item)` (a scalar tensor) over all items, every rank computing each
+    world_size-th one. All ranks run the same number of computations (a short share repeats its last
+    item and leaves it out), so a model whose forward pass needs every rank (FSDP) stays in step."""
+    if runtime.world_size == 1:
+        return torch.stack([compute(item) for item in items]).mean()
+    mine = items[runtime.rank :: runtime.world_size]
+    total = torch.zeros((), device=runtime.device)
+    for i in range(-(-len(items) // runtime.world_size)):
+        value = compute(mine[min(i, len(mine) - 1)] if mine else items[0])
+        if i < len(mine):
+            total += value
+    dist.all_reduce(total)
+    return total / len(items)
+
+
 def spread_rows(
     compute: Callable[[Sequence[Any]], torch.Tensor], items: Sequence[Any], runtime: Runtime
 ) -> torch.Tensor:

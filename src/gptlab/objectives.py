@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptlab import distributed
 from gptlab.config import DataConfig, GPTConfig, TrainConfig
 from gptlab.sizing import train_flops_per_token
 
@@ -64,8 +65,12 @@ class NextTokenObjective:
         return model(batch["input"], batch["target"])
 
     def evaluate(self, model: torch.nn.Module, runtime) -> dict[str, float]:
-        losses = [model(x.to(runtime.device), y.to(runtime.device)).float() for x, y in self.val_batches]
-        val_loss = torch.stack(losses).mean().item()
+        # Under torchrun each rank evaluates its share of the batches and the losses are averaged over all.
+        val_loss = distributed.mean_over_shares(
+            lambda batch: model(batch[0].to(runtime.device), batch[1].to(runtime.device)).float(),
+            self.val_batches,
+            runtime,
+        ).item()
         metrics = {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
         if self.bytes_per_token:
             metrics["bits_per_byte"] = val_loss / math.log(2) / self.bytes_per_token
