@@ -90,9 +90,15 @@ def test_eval_judge_errors_are_one_line(tmp_path, capsys, monkeypatch):
 
 def test_torchrun_finetunes_with_each_rank_on_its_own_batches(tmp_path):
     """Two gloo ranks share one run: set up, logged and written by rank 0 only."""
-    args = finetune_args(tmp_path, None, "--train.device", "cpu", "--train.eval_batches", "1")
+    args = finetune_args(tmp_path, None, "--train.device", "cpu", "--train.eval_batches", "3")
     done = run_torchrun(args, tmp_path, tmp_path / "run")
     assert done.stdout.count("response-only validation loss: ") == 1  # rank 0 reports, rank 1 is quiet
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if line.get("split") == "val"] == [0, 4]  # written once, not per rank
     assert any(line.get("tokens", 0) > 0 for line in lines if line.get("split") == "train")
+    # The ranks shared the 3 validation batches; the starting model's loss is what one process measures.
+    one = [a if a != str(tmp_path / "run") else str(tmp_path / "one") for a in args]
+    assert main([*one, "--train.max_steps", "1"]) == 0
+    start = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("run", "one")]
+    assert start[0]["step"] == start[1]["step"] == 0
+    assert start[0]["val_loss"] == pytest.approx(start[1]["val_loss"], rel=1e-6)

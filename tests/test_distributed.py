@@ -247,7 +247,9 @@ def _spread_squares(count: int) -> dict:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("count, shares", [(5, ([0, 1, 2], [3, 4])), (1, ([0], []))])
+# Every rank computes as many items (FSDP's ranks must run the same forward passes): the short share
+# is filled up with its last item (or the first of all), whose rows are dropped.
+@pytest.mark.parametrize("count, shares", [(5, ([0, 1, 2], [3, 4, 4])), (1, ([0], [0]))])
 def test_spread_rows_gives_every_rank_all_rows_each_computing_its_share(tmp_path, count, shares):
     ranked = results(run_ranks(tmp_path, _spread_squares, count))
     expected = torch.tensor([[i, i * i] for i in range(count)], dtype=torch.float32)
@@ -400,6 +402,35 @@ def test_ranks_share_the_validation_batches_and_agree_with_one_process(tmp_path,
     assert single["passes"] == 3 and [r["passes"] for r in ranked] == [2, 2]
     for outcome in ranked:
         assert outcome["metrics"]["val_loss"] == pytest.approx(single["metrics"]["val_loss"], rel=1e-6)
+
+
+def _evaluate_classifier(ranks: int) -> dict[str, float]:
+    """A seeded classifier's validation metrics from the classification objective, on this rank."""
+    from gptlab.classify import GPTClassifier
+    from test_classify import CONFIG as CLASSIFIER_CONFIG
+    from test_classify import make_objective
+
+    if ranks > 1:
+        torch.distributed.init_process_group("gloo")
+    try:
+        rank = torch.distributed.get_rank() if ranks > 1 else 0
+        objective = make_objective(rank=rank, world_size=ranks)
+        torch.manual_seed(0)
+        model = GPTClassifier(CLASSIFIER_CONFIG, 2).eval()
+        with torch.no_grad():
+            return objective.evaluate(model, Runtime(torch.device("cpu"), rank=rank, world_size=ranks))
+    finally:
+        if ranks > 1:
+            torch.distributed.destroy_process_group()
+
+
+def test_ranks_share_a_classifiers_validation_and_agree_with_one_process(tmp_path):
+    ranked = results(run_ranks(tmp_path, _evaluate_classifier, 2))
+    single = _evaluate_classifier(1)
+    for metrics in ranked:
+        assert metrics.keys() == single.keys()
+        for name, value in single.items():
+            assert metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
 
 
 def test_a_killed_distributed_run_resumes_exactly(tmp_path, corpus):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptlab import checkpoint as ckpt
+from gptlab import distributed
 from gptlab.config import ClassifyConfig, GPTConfig, LoRAConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
@@ -438,7 +439,11 @@ def evaluate_split(
     pad_id: int, batch_size: int = 32, device="cpu",
 ) -> dict[str, Any]:  # fmt: skip
     """The classification report of one split, with its mean cross-entropy as `loss`."""
-    log_probs = predict_log_probs(model, sequences, pad_id, batch_size, device)
+    return predictions_report(predict_log_probs(model, sequences, pad_id, batch_size, device), label_ids, labels)
+
+
+def predictions_report(log_probs: torch.Tensor, label_ids: Sequence[int], labels: list[str]) -> dict[str, Any]:
+    """The classification report of predicted log-probabilities (N, L), with their mean cross-entropy as `loss`."""
     targets = torch.as_tensor(list(label_ids))
     loss = F.nll_loss(log_probs, targets).item()
     return {"loss": loss, **classification_report(targets.tolist(), log_probs.argmax(-1).tolist(), labels)}
@@ -513,11 +518,15 @@ class ClassificationObjective:
         return F.cross_entropy(logits.float(), batch["label"], weight=weights)
 
     def evaluate(self, model: torch.nn.Module, runtime) -> dict[str, float]:
-        report = evaluate_split(
-            model, self.val_sequences, self.val_labels, self.labels, self.pad_id, self.batch_size * 4, runtime.device
-        )
-        train_sequences = [self.train_sequences[i] for i in self.train_sample]
-        train_log_probs = predict_log_probs(model, train_sequences, self.pad_id, self.batch_size * 4, runtime.device)
+        def log_probs(sequences: Sequence[Sequence[int]]) -> torch.Tensor:  # each rank predicts its share
+            return distributed.spread_rows(
+                lambda share: predict_log_probs(model, share, self.pad_id, self.batch_size * 4, runtime.device),
+                sequences,
+                runtime,
+            )
+
+        report = predictions_report(log_probs(self.val_sequences), self.val_labels, self.labels)
+        train_log_probs = log_probs([self.train_sequences[i] for i in self.train_sample])
         train_hits = train_log_probs.argmax(-1) == torch.as_tensor([self.train_labels[i] for i in self.train_sample])
         return {
             "val_loss": report["loss"],

@@ -321,16 +321,18 @@ def mean_over_shares(compute: Callable[[Any], torch.Tensor], items: Sequence[Any
 def spread_rows(
     compute: Callable[[Sequence[Any]], torch.Tensor], items: Sequence[Any], runtime: Runtime
 ) -> torch.Tensor:
-    """`compute(items)`, a CPU tensor with one row per item, with the items spread over the ranks: each
-    computes a contiguous share and every rank gets all the rows, in order. Only for work without
-    collectives inside (not an FSDP model's forward), since the shares may differ by a batch."""
+    """`compute(items)`, a tensor with one row per item, with the items spread over the ranks: each
+    computes a contiguous share and every rank gets all the rows, in order. Every rank computes as
+    many items (a short share is filled up with its last item, whose extra rows are dropped), so a
+    model whose forward pass needs every rank (FSDP) stays in step."""
     if runtime.world_size == 1:
         return compute(items)
     share = -(-len(items) // runtime.world_size)
-    mine = compute(items[runtime.rank * share : (runtime.rank + 1) * share]).cpu()
-    padded = torch.cat([mine, mine.new_zeros(share - len(mine), *mine.shape[1:])])
-    gathered = padded.new_empty(runtime.world_size * share, *mine.shape[1:])
-    dist.all_gather_single(gathered, padded)  # CPU tensors go through gloo, also beside NCCL
+    mine = list(items[runtime.rank * share : (runtime.rank + 1) * share])
+    filled = mine + [mine[-1] if mine else items[0]] * (share - len(mine))
+    rows = compute(filled).cpu()  # the short shares are the last ones, so their filler rows come after every real row
+    gathered = rows.new_empty(runtime.world_size * share, *rows.shape[1:])
+    dist.all_gather_single(gathered, rows)  # CPU tensors go through gloo, also beside NCCL
     return gathered[: len(items)]
 
 

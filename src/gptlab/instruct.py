@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from gptlab import checkpoint as ckpt
+from gptlab import distributed
 from gptlab.config import GenerationConfig, GPTConfig, InstructConfig, RecordsConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.model import IGNORE_INDEX
@@ -366,13 +367,20 @@ class InstructionObjective(RecordsObjective):
 
     def evaluate(self, model: torch.nn.Module, runtime) -> dict[str, float]:
         """Loss per response token over (up to `eval_batches` batches of) the validation split, and its perplexity."""
-        total, count = 0.0, 0
         examples = self.val_examples[: self.eval_batches * self.batch_size]
-        for start in range(0, len(examples), self.batch_size):
-            batch = runtime.to_device(collate(examples[start : start + self.batch_size], self.tokenizer.eot_id))
-            tokens = int((batch["target"] != IGNORE_INDEX).sum())
-            total += model(batch["input"], batch["target"]).float().item() * tokens
-            count += tokens
+        batches = [examples[start : start + self.batch_size] for start in range(0, len(examples), self.batch_size)]
+
+        def sums(share: Sequence[Sequence[Example]]) -> torch.Tensor:
+            """(summed loss, response tokens) of each batch."""
+            rows = []
+            for batch_examples in share:
+                batch = runtime.to_device(collate(batch_examples, self.tokenizer.eot_id))
+                tokens = (batch["target"] != IGNORE_INDEX).sum().double()
+                rows.append(torch.stack([model(batch["input"], batch["target"]).double() * tokens, tokens]))
+            return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.float64)
+
+        # Under torchrun each rank evaluates its share of the batches.
+        total, count = distributed.spread_rows(sums, batches, runtime).sum(0).tolist()
         val_loss = total / max(count, 1)
         return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
 

@@ -253,7 +253,9 @@ class PreferenceObjective(RecordsObjective):
         """The DPO metrics of `pairs` (the first of `split`'s) under `model`; empty for no pairs."""
         if not pairs:
             return {}
-        policy = pair_log_probs(model, pairs, self.tokenizer.eot_id, self.batch_size, runtime)
+        policy = distributed.spread_rows(  # under torchrun each rank scores its share of the pairs
+            lambda share: pair_log_probs(model, share, self.tokenizer.eot_id, self.batch_size, runtime), pairs, runtime
+        )
         return preference_metrics(policy, self.reference[split][: len(pairs)], self.beta, self.label_smoothing)
 
     def evaluate(self, model: torch.nn.Module, runtime) -> dict[str, float]:
