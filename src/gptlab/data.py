@@ -542,13 +542,13 @@ def _is_prepared(directory: Path, identity: dict[str, Any], spec: str, tokenizer
 # ---------------------------------------------------------------- batches
 
 
-def _check_windows(tokens: np.ndarray, context_length: int, what: str = "the tokens") -> None:
+def _check_windows(tokens: np.ndarray, context_length: int, what: str = "the data") -> None:
     if context_length < 1:
         raise GptlabError(f"context_length must be positive, got {context_length}")
     if len(tokens) < context_length + 1:
         raise GptlabError(
-            f"{what} hold {len(tokens)} tokens, fewer than one window of context_length + 1 = {context_length + 1}; "
-            "use more text or a shorter context length"
+            f"there are {len(tokens)} tokens in {what}, fewer than one window of context_length + 1 = "
+            f"{context_length + 1}; use more text or a shorter context length (--model.context_length)"
         )
 
 
