@@ -433,6 +433,26 @@ def test_ranks_share_a_classifiers_validation_and_agree_with_one_process(tmp_pat
             assert metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
 
 
+def _greedy_tokens(parallel: str | None) -> list[list[int]]:
+    """Greedy continuations from a seeded model, sharded by FSDP across the ranks or whole."""
+    from gptlab.config import GenerationConfig
+    from gptlab.generate import generate_ids
+    from gptlab.train import make_runtime
+
+    config = train_config(parallel=parallel or "auto")
+    runtime = make_runtime(config) if parallel else Runtime(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    distributed.parallelize(model, config, runtime)
+    return generate_ids(model, [[1, 2, 3], [4, 5]], GenerationConfig(temperature=0.0, max_new_tokens=8))
+
+
+def test_a_sharded_model_generates_what_the_whole_model_does(tmp_path):
+    # Every rank decodes the same prompts in lockstep; the decoding head must not copy a sharded weight.
+    ranked = results(run_ranks(tmp_path, _greedy_tokens, "fsdp"))
+    assert ranked[0] == ranked[1] == _greedy_tokens(None)
+
+
 def test_a_killed_distributed_run_resumes_exactly(tmp_path, corpus):
     env = {"GPTLAB_CACHE": str(tmp_path / "cache")}
     straight = results(run_ranks(tmp_path, _pretrain, pretrain_values(corpus, tmp_path / "straight"), env=env))[0]

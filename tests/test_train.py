@@ -402,4 +402,8 @@ def test_the_gpt_presets_train_at_their_published_learning_rate_unless_one_is_se
 
     assert rate({"preset": "gpt2"}) == 6e-4 and rate({"preset": "gpt3-13b"}) == 1e-4
     assert rate({"preset": "gpt2-xl", "train": {"learning_rate": 1e-3}}) == 1e-3
-    assert rate({"preset": "demo"}) == rate({}) == TrainConfig().learning_rate == 2e-3
+    assert rate({"preset": "demo"}) == TrainConfig().learning_rate == 2e-3
+    assert rate({}) == 6e-4  # GPTConfig's own defaults are GPT-2 small's shape
+    # Continued pretraining has no preset, only the model it continues: its shape decides.
+    assert rate({"preset": None, "model": {"n_layer": 24, "n_head": 16, "n_embd": 1024}}) == 3e-4
+    assert rate({"preset": "gpt2", "model": {"n_layer": 6}}) == 2e-3  # not GPT-2's size any more

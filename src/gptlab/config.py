@@ -81,9 +81,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bpe-mini": dict(n_layer=6, n_head=6, n_embd=384, context_length=256),
 }
 
-# The peak learning rates GPT-3's paper trained these sizes with (Table 2.1). A run of one of these
-# presets takes its rate unless it sets train.learning_rate; GPT-2's sizes take the GPT-3 row of about
-# their size (GPT-2's paper gives none). The small CPU presets keep TrainConfig's default.
+# The peak learning rates GPT-3's paper trained these sizes with (Table 2.1). A run whose model has one
+# of these shapes (from the preset, or the run it continues) takes the rate unless it sets
+# train.learning_rate; GPT-2's sizes take the GPT-3 row of about their size (GPT-2's paper gives none).
+# Other shapes, the small CPU presets among them, keep TrainConfig's default.
 PRESET_LEARNING_RATES: dict[str, float] = {
     "gpt2": 6.0e-4, "gpt3-small": 6.0e-4,  # 124-125M
     "gpt2-medium": 3.0e-4, "gpt3-medium": 3.0e-4,  # 350-355M
@@ -91,6 +92,15 @@ PRESET_LEARNING_RATES: dict[str, float] = {
     "gpt2-xl": 2.0e-4, "gpt3-xl": 2.0e-4,  # 1.3-1.6B
     "gpt3-2.7b": 1.6e-4, "gpt3-6.7b": 1.2e-4, "gpt3-13b": 1.0e-4, "gpt3-175b": 0.6e-4,
 }  # fmt: skip
+
+
+def published_learning_rate(model: GPTConfig) -> float | None:
+    """The PRESET_LEARNING_RATES rate of the preset with this model's depth and width, if any."""
+    for name, rate in PRESET_LEARNING_RATES.items():
+        shape = PRESETS[name]
+        if (model.n_layer, model.n_head, model.n_embd) == (shape["n_layer"], shape["n_head"], shape["n_embd"]):
+            return rate
+    return None
 
 
 def get_preset(name: str, **overrides: Any) -> GPTConfig:
@@ -129,7 +139,9 @@ class TrainConfig:
     )
     learning_rate: float = field(
         default=2e-3,
-        metadata={"help": "peak learning rate (the gpt2/gpt3 presets: GPT-3's published rate for the size)"},
+        metadata={
+            "help": "peak learning rate (models of GPT-2's and GPT-3's shapes: GPT-3's published rate for the size)"
+        },
     )
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay floor as a fraction of the peak"})
     warmup_steps: int = field(default=40, metadata={"help": "linear warm-up steps"})
@@ -475,11 +487,12 @@ RUN_FIELDS: dict[str, str] = {
 def resolve_run_config(values: dict[str, Any], sections: list[str]) -> dict[str, Any]:
     """Validate a run config dict: every section becomes its dataclass, unknown fields are refused.
 
-    The model section starts from `preset` (if any) and is overridden field by field; so does the train
-    section's learning rate for the presets with a published one (PRESET_LEARNING_RATES).
+    The model section starts from `preset` (if any) and is overridden field by field; the train
+    section's learning rate defaults to the published one of models of GPT-2's and GPT-3's shapes.
     """
     types_by_name = section_types()
     resolved: dict[str, Any] = {}
+    sections = sorted(sections, key=lambda name: name != "model")  # the train section's default needs the model
     for key, value in values.items():
         if key not in RUN_FIELDS and key not in types_by_name:
             raise GptlabError(f"unknown config field {key!r}{_suggest(key, [*RUN_FIELDS, *types_by_name])}")
@@ -489,14 +502,16 @@ def resolve_run_config(values: dict[str, Any], sections: list[str]) -> dict[str,
         section = dict(values.get(name) or {})
         if not isinstance(section, dict):
             raise GptlabError(f"config section {name!r} must be a mapping of fields")
-        preset = values.get("preset")
         if name == "model":
+            preset = values.get("preset")
             base = dict(PRESETS[preset]) if preset in PRESETS else {}
             if preset and preset not in PRESETS:
                 get_preset(preset)  # raises the unknown-preset error with a suggestion
             section = {**base, **section}
-        if name == "train" and preset in PRESET_LEARNING_RATES:
-            section = {"learning_rate": PRESET_LEARNING_RATES[preset], **section}
+        if name == "train" and "model" in resolved and "learning_rate" not in section:
+            rate = published_learning_rate(resolved["model"])
+            if rate:
+                section["learning_rate"] = rate
         resolved[name] = config_from_dict(types_by_name[name], section, where=f"{name}.")
     return resolved
 

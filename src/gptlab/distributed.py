@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -268,6 +269,8 @@ def parallelize(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.M
 
 
 def is_sharded(model: nn.Module) -> bool:
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False  # nothing can have sharded it, and importing FSDP costs a second (gptlab generate)
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)

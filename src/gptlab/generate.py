@@ -133,8 +133,11 @@ def decoding_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tens
     head is most of a decoding step's work on small models. So a plain bias-free head gets a transposed
     copy, made once per weight version and kept while the model lives; other heads are used as they are.
     """
+    from gptlab.distributed import is_sharded
+
     head = getattr(model, "lm_head", None)
-    if head is None or not hasattr(model, "hidden_states"):
+    # FSDP gathers a sharded model's weights in the hooks of its forward, which hidden_states skips.
+    if head is None or not hasattr(model, "hidden_states") or is_sharded(model):
         return None
     weight = head.weight if type(head) is torch.nn.Linear and head.bias is None else None
     if weight is None or weight.device.type != "cpu":
