@@ -89,10 +89,17 @@ def test_a_resumed_run_on_the_device_ends_where_the_straight_one_does(tmp_path, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_muons_iterations_run_in_bf16_on_cuda_and_return_the_input_dtype():
+def test_muons_iterations_run_in_bf16_on_cuda_and_return_the_input_dtype(monkeypatch):
+    from gptlab import train as train_module
+
+    seen = []
+    for name in ("newton_schulz", "newton_schulz_gram"):  # the direct form on CUDA, the Gram form on CPUs
+        original = getattr(train_module, name)
+        monkeypatch.setattr(train_module, name, lambda x, steps, f=original: seen.append(x.dtype) or f(x, steps))
     torch.manual_seed(0)
     updates = torch.randn(3, 64, 160, device=DEVICE)
     directions = orthogonalize(updates)
+    assert seen == [torch.bfloat16 if DEVICE == "cuda" else torch.float32]
     assert directions.dtype == torch.float32 and directions.device.type == DEVICE
     singular = torch.linalg.svdvals(directions.float().cpu())
     # bf16 rounds the iterations (CUDA); fp32 on the CPU: both land in the band Muon needs.
@@ -127,8 +134,9 @@ def test_the_chunked_loss_on_the_device_equals_cross_entropy(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 autocast runs on CUDA (a CPU without bf16 units trains in fp32)")
 def test_runtime_autocast_keeps_the_loss_in_fp32():
-    runtime = Runtime(torch.device(DEVICE), torch.bfloat16 if DEVICE == "cuda" else None)
+    runtime = Runtime(torch.device(DEVICE), torch.bfloat16)
     model = GPT(CONFIG).to(DEVICE)
     x = torch.randint(0, 32, (2, 16), device=DEVICE)
     with runtime.autocast():

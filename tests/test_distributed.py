@@ -365,6 +365,30 @@ def pretrain_values(corpus: Path, out_dir: Path, **train) -> dict:
     }  # fmt: skip
 
 
+def _fail_in_rank_ones_share(helper: str) -> None:
+    """spread_rows or mean_over_shares where computing rank 1's share raises."""
+    torch.distributed.init_process_group("gloo")
+    try:
+        rank = torch.distributed.get_rank()
+        runtime = Runtime(torch.device("cpu"), rank=rank, world_size=2)
+
+        def compute(items):
+            if rank == 1:
+                raise ValueError("a bad example")
+            return torch.zeros(len(items), 1) if helper == "spread_rows" else torch.tensor(0.0)
+
+        getattr(distributed, helper)(compute, [1, 2, 3, 4], runtime)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("helper", ["spread_rows", "mean_over_shares"])
+def test_an_error_in_one_ranks_share_stops_every_rank(tmp_path, helper):
+    outcomes = run_ranks(tmp_path, _fail_in_rank_ones_share, helper)  # fails the test if a rank hangs
+    assert "rank 1: ValueError: a bad example" in outcomes[0]["error"]
+    assert "ValueError: a bad example" in outcomes[1]["error"]
+
+
 def _evaluate_pretraining(values: dict) -> dict:
     """The pretraining objective's metrics for a seeded model on this rank (wrapped as the run's
     train.parallel says), and how many forward passes this rank ran for them."""

@@ -262,6 +262,7 @@ def test_torchrun_tunes_with_each_rank_on_its_own_pairs(tmp_path):
     assert [line["step"] for line in lines if line.get("split") == "val"] == [0, 4]
     assert len(json.loads((tmp_path / "run" / RESPONSES_FILE).read_text())) == 3
     # Each rank scored half of the pairs for the reference; together they match one process scoring all.
+    assert "reference log-probabilities: 15/15 pairs (rank 0's share)" in done.stdout
     assert "reference log-probabilities of 30 pairs over 2 ranks" in done.stdout
     one = run_values(tmp_path, train={"max_steps": 1, "eval_interval": 1})
     finetune_preference({**one, "out_dir": str(tmp_path / "one")})
