@@ -37,7 +37,7 @@ def time_steps(shape: str, steps: int) -> dict[str, float]:
         param.grad = torch.randn_like(param)  # the same on every rank, as after DDP's all-reduce
     config = TrainConfig(optimizer="muon")
     optimizers = {
-        split: build_optimizer(model, config, torch.device("cpu"), replicated=split) for split in (False, True)
+        split: build_optimizer(model, config, torch.device("cpu"), data_parallel=split) for split in (False, True)
     }
     seconds: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(steps + 2):

@@ -198,17 +198,12 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 def build_optimizer(
-    model: torch.nn.Module, config: TrainConfig, device: torch.device, replicated: bool = False
+    model: torch.nn.Module, config: TrainConfig, device: torch.device, data_parallel: bool = False
 ) -> torch.optim.Optimizer:
     """AdamW that decays matrices only (biases and norms never, embeddings as configured); with
     `train.optimizer muon`, the blocks' weight matrices go to Muon instead and the rest stays on AdamW.
-    `replicated`: every rank of the process group holds the model and the same gradients (DDP), so Muon
-    splits its work among them."""
-    if config.optimizer == "muon" and distributed.is_sharded(model):
-        raise GptlabError(
-            "train.optimizer muon orthogonalises whole weight matrices, which FSDP shards; "
-            "use --train.parallel ddp or --train.optimizer adamw"
-        )
+    `data_parallel`: the ranks of the process group train this model together (DDP or FSDP), so
+    Muon splits its work among them."""
     matrices = muon_matrices(model) if config.optimizer == "muon" else []
     if config.optimizer == "muon" and not matrices:
         raise GptlabError(
@@ -231,15 +226,13 @@ def build_optimizer(
     ]
     if not decay and not no_decay and not matrices:
         raise GptlabError("the model has no trainable parameters; check what is frozen")
-    # The fused kernel: on a CPU, 10x faster than the per-tensor loop AdamW uses there by default
-    # (docs/benchmarks.md); sharded (DTensor) parameters keep the default path on a CPU.
-    fused = device.type in ("cuda", "mps") or (device.type == "cpu" and not distributed.is_sharded(model)) or None
+    fused = fused_adamw(device, distributed.is_sharded(model))
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
     muon_group = {"params": matrices, "muon": True, "weight_decay": config.weight_decay}
     return Muon([muon_group, *groups], lr=config.learning_rate, momentum=config.muon_momentum,
-                betas=(config.beta1, config.beta2), split_across_ranks=replicated)  # fmt: skip
+                betas=(config.beta1, config.beta2), split_across_ranks=data_parallel)  # fmt: skip
 
 
 def muon_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -350,13 +343,15 @@ class Muon(torch.optim.Optimizer):
             buffer = state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
             nesterov = p.grad.add(buffer, alpha=group["momentum"])
             by_shape.setdefault(tuple(p.shape), []).append((p, nesterov))
-        stacks = [torch.stack([u for _, u in pairs]) for pairs in by_shape.values()]
+        # FSDP's shards (DTensors) are gathered whole: the iterations need every row of a matrix.
+        stacks = [torch.stack([whole(u) for _, u in pairs]) for pairs in by_shape.values()]
         orthogonal = self._orthogonalize(stacks, group["ns_steps"])
         for ((rows, cols), pairs), directions in zip(by_shape.items(), orthogonal, strict=True):
             step_size = group["lr"] * max(1.0, rows / cols) ** 0.5
             for (p, _), direction in zip(pairs, directions, strict=True):
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(direction, alpha=-step_size)
+                weights, direction = own_rows(p, direction)
+                weights.mul_(1 - group["lr"] * group["weight_decay"])
+                weights.add_(direction, alpha=-step_size)
 
     def _orthogonalize(self, stacks: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
         """`orthogonalize` of each stack (L, rows, cols), split across the ranks when asked: of every
@@ -397,10 +392,39 @@ class Muon(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         adamw_update(
             params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [], [s["step"] for s in states], fused=params[0].device.type in ("cpu", "cuda", "mps"),
+            [], [s["step"] for s in states], fused=fused_adamw(params[0].device, any(map(is_shard, params))),
             amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
             eps=group["eps"], maximize=False,
         )  # fmt: skip
+
+
+def is_shard(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is FSDP's shard of a parameter (a DTensor), not a whole one."""
+    return hasattr(tensor, "full_tensor")
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from the ranks if it is a shard (a collective: every rank calls it)."""
+    return tensor.full_tensor() if is_shard(tensor) else tensor
+
+
+def own_rows(param: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor to update in place for `param`, and the rows of the whole `update` that belong to it:
+    all of them, or for an FSDP shard its local rows (FSDP splits dim 0 as torch.chunk does)."""
+    if not is_shard(param):
+        return param, update
+    from torch.distributed.tensor import Shard
+
+    if tuple(param.placements) != (Shard(0),):
+        raise GptlabError(f"Muon updates parameters sharded by rows (FSDP's Shard(0)), not {param.placements}")
+    mesh = param.device_mesh
+    return param.to_local(), update.chunk(mesh.size(), dim=0)[mesh.get_local_rank()]
+
+
+def fused_adamw(device: torch.device, sharded: bool) -> bool | None:
+    """The fused AdamW kernel: on a CPU 10x faster than the per-tensor loop AdamW uses there by default
+    (docs/benchmarks.md); sharded (DTensor) parameters keep the default path on a CPU."""
+    return device.type in ("cuda", "mps") or (device.type == "cpu" and not sharded) or None
 
 
 def restore_optimizer(
@@ -685,8 +709,8 @@ def train(
         ckpt.load_model_state(model, ckpt.load_weights(resume_from / ckpt.WEIGHTS_FILE, runtime.device), strict=False)
     # DDP or FSDP across the ranks; FSDP shards the parameters in place, so the optimizer comes after.
     stepper = distributed.parallelize(model, config, runtime)
-    replicated = distributed.parallel_mode(config, runtime.world_size) == "ddp"
-    optimizer = build_optimizer(model, config, runtime.device, replicated=replicated)
+    data_parallel = distributed.parallel_mode(config, runtime.world_size) != "none"
+    optimizer = build_optimizer(model, config, runtime.device, data_parallel=data_parallel)
     if runtime.world_size > 1:
         torch.manual_seed(config.seed + runtime.rank)  # the weights agree already; dropout masks should not
     if state is not None:
