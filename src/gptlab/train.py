@@ -307,7 +307,9 @@ class Muon(torch.optim.Optimizer):
     (one batched product per iteration). PyTorch's own `torch.optim.Muon` runs the iterations in
     bf16 on every device, which a CPU without bf16 units emulates: its step on char-small's matrices
     takes 0.9 s on one thread of an AVX2 CPU, this one's 0.03 s (docs/benchmarks.md). Its weight
-    decay is scaled by Muon's rate, as PyTorch's is.
+    decay is scaled by Muon's rate, as PyTorch's is. Under DDP and FSDP the ranks share the
+    iterations (`split_across_ranks`); FSDP's row shards keep their own momentum, and their update is
+    gathered whole for the iterations.
     """
 
     def __init__(self, groups, lr: float, momentum: float = 0.95, betas=(0.9, 0.95), eps: float = 1e-8,
