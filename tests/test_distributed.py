@@ -28,7 +28,7 @@ from gptlab.config import GPTConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.sizing import train_flops_per_token
-from gptlab.train import Runtime, make_runtime, train
+from gptlab.train import Runtime, build_optimizer, make_runtime, train
 
 # No QKV bias: a key bias gets no gradient (softmax ignores it), and Adam would blow its float noise up.
 CONFIG = GPTConfig(vocab_size=32, context_length=16, n_layer=2, n_head=2, n_embd=32, qkv_bias=False)
@@ -258,6 +258,30 @@ def test_spread_rows_gives_every_rank_all_rows_each_computing_its_share(tmp_path
         assert torch.equal(outcome["rows"], expected)
 
 
+def _fsdp_muon_steps(parallel: str | None) -> dict[str, torch.Tensor]:
+    """Three Muon steps of a 4-wide model on one fixed batch, sharded by FSDP over the ranks or whole:
+    the whole weights after them. 4 rows over 3 ranks leave the third rank an empty shard."""
+    from gptlab.train import make_runtime
+
+    config = train_config(parallel=parallel or "auto", optimizer="muon")
+    runtime = make_runtime(config) if parallel else Runtime(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, context_length=16, n_layer=1, n_head=1, n_embd=4))
+    stepper = distributed.parallelize(model, config, runtime)
+    optimizer = build_optimizer(model, config, runtime.device, data_parallel=parallel is not None)
+    batch = GlobalBatches(4).next_batch()  # the same rows on every rank
+    for _ in range(3):
+        stepper(batch["input"], batch["target"]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {name: getattr(t, "full_tensor", lambda t=t: t)().detach().clone() for name, t in model.state_dict().items()}
+
+
+def test_muon_steps_fsdp_shards_of_every_size_like_whole_matrices(tmp_path):
+    ranked = results(run_ranks(tmp_path, _fsdp_muon_steps, "fsdp", world_size=3))
+    assert_weights_close(ranked[0], _fsdp_muon_steps(None), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "parallel, first, then, optimizer", [("fsdp", 2, 1, "adamw"), ("ddp", 1, 2, "adamw"), ("fsdp", 2, 1, "muon")]
 )
@@ -368,7 +392,7 @@ def pretrain_values(corpus: Path, out_dir: Path, **train) -> dict:
     }  # fmt: skip
 
 
-def _fail_in_rank_ones_share(helper: str) -> None:
+def _fail_in_rank_ones_share(helper: str, sharded: bool = False) -> None:
     """spread_rows or mean_over_shares where computing rank 1's share raises."""
     torch.distributed.init_process_group("gloo")
     try:
@@ -380,7 +404,7 @@ def _fail_in_rank_ones_share(helper: str) -> None:
                 raise ValueError("a bad example")
             return torch.zeros(len(items), 1) if helper == "spread_rows" else torch.tensor(0.0)
 
-        getattr(distributed, helper)(compute, [1, 2, 3, 4], runtime)
+        getattr(distributed, helper)(compute, [1, 2, 3, 4], runtime, sharded)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -390,6 +414,14 @@ def test_an_error_in_one_ranks_share_stops_every_rank(tmp_path, helper):
     outcomes = run_ranks(tmp_path, _fail_in_rank_ones_share, helper)  # fails the test if a rank hangs
     assert "rank 1: ValueError: a bad example" in outcomes[0]["error"]
     assert "ValueError: a bad example" in outcomes[1]["error"]
+
+
+def test_under_fsdp_the_failing_rank_raises_its_own_error(tmp_path):
+    # FSDP's other ranks wait in its own collectives, where no error can be shared: the failing rank
+    # must not enter another collective (which gloo would abort the process for), only raise.
+    outcomes = run_ranks(tmp_path, _fail_in_rank_ones_share, "spread_rows", True)
+    assert "ValueError: a bad example" in outcomes[1]["error"] and outcomes[1]["exitcode"] == 1
+    assert outcomes[0]["exitcode"] != 0  # its collective lost its peer: an error, not a hang
 
 
 def _evaluate_pretraining(values: dict) -> dict:

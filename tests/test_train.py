@@ -407,3 +407,4 @@ def test_the_gpt_presets_train_at_their_published_learning_rate_unless_one_is_se
     # Continued pretraining has no preset, only the model it continues: its shape decides.
     assert rate({"preset": None, "model": {"n_layer": 24, "n_head": 16, "n_embd": 1024}}) == 3e-4
     assert rate({"preset": "gpt2", "model": {"n_layer": 6}}) == 2e-3  # not GPT-2's size any more
+    assert rate({"preset": "gpt2", "model": {"n_head": 16}}) == 6e-4  # the same size, other heads

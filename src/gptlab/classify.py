@@ -523,6 +523,7 @@ class ClassificationObjective:
                 lambda share: predict_log_probs(model, share, self.pad_id, self.batch_size * 4, runtime.device),
                 sequences,
                 runtime,
+                distributed.is_sharded(model),
             )
 
         report = predictions_report(log_probs(self.val_sequences), self.val_labels, self.labels)

@@ -95,10 +95,10 @@ PRESET_LEARNING_RATES: dict[str, float] = {
 
 
 def published_learning_rate(model: GPTConfig) -> float | None:
-    """The PRESET_LEARNING_RATES rate of the preset with this model's depth and width, if any."""
+    """The PRESET_LEARNING_RATES rate of the preset with this model's depth and width (its size; the
+    number of heads does not change it), if any."""
     for name, rate in PRESET_LEARNING_RATES.items():
-        shape = PRESETS[name]
-        if (model.n_layer, model.n_head, model.n_embd) == (shape["n_layer"], shape["n_head"], shape["n_embd"]):
+        if (model.n_layer, model.n_embd) == (PRESETS[name]["n_layer"], PRESETS[name]["n_embd"]):
             return rate
     return None
 

@@ -305,18 +305,21 @@ def mean_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return total / runtime.world_size
 
 
-def mean_over_shares(compute: Callable[[Any], torch.Tensor], items: Sequence[Any], runtime: Runtime) -> torch.Tensor:
+def mean_over_shares(
+    compute: Callable[[Any], torch.Tensor], items: Sequence[Any], runtime: Runtime, sharded: bool = False
+) -> torch.Tensor:
     """The mean of `compute(item)` (a scalar tensor) over all items, every rank computing each
     world_size-th one. All ranks run the same number of computations (a short share repeats its last
     item and leaves it out), so a model whose forward pass needs every rank (FSDP) stays in step. An
-    error on one rank reaches all of them (outside FSDP, whose ranks would wait in its forward)."""
+    error on one rank reaches all of them, unless `sharded` (the computation runs FSDP's collectives,
+    where the other ranks wait: the rank then raises its own error)."""
     if not items:
         raise ValueError("mean_over_shares needs at least one item")
     if runtime.world_size == 1:
         return torch.stack([compute(item) for item in items]).mean()
     mine = items[runtime.rank :: runtime.world_size]
     total = torch.zeros((), device=runtime.device)
-    with all_or_none(runtime):
+    with contextlib.nullcontext() if sharded else all_or_none(runtime):
         for i in range(-(-len(items) // runtime.world_size)):
             value = compute(mine[min(i, len(mine) - 1)] if mine else items[0])
             if i < len(mine):
@@ -326,19 +329,19 @@ def mean_over_shares(compute: Callable[[Any], torch.Tensor], items: Sequence[Any
 
 
 def spread_rows(
-    compute: Callable[[Sequence[Any]], torch.Tensor], items: Sequence[Any], runtime: Runtime
+    compute: Callable[[Sequence[Any]], torch.Tensor], items: Sequence[Any], runtime: Runtime, sharded: bool = False
 ) -> torch.Tensor:
     """`compute(items)`, a tensor with one row per item, with the items spread over the ranks: each
     computes a contiguous share and every rank gets all the rows, in order. Every rank computes as
     many items (a short share is filled up with its last item, whose extra rows are dropped), so a
     model whose forward pass needs every rank (FSDP) stays in step. An error on one rank reaches all
-    of them (outside FSDP, whose ranks would wait in its forward)."""
+    of them, unless `sharded`, as in `mean_over_shares`."""
     if runtime.world_size == 1 or not items:
         return compute(items)
     share = -(-len(items) // runtime.world_size)
     mine = list(items[runtime.rank * share : (runtime.rank + 1) * share])
     filled = mine + [mine[-1] if mine else items[0]] * (share - len(mine))
-    with all_or_none(runtime):
+    with contextlib.nullcontext() if sharded else all_or_none(runtime):
         rows = compute(filled).cpu()  # the short shares are the last, so their filler rows follow every real row
     gathered = rows.new_empty(runtime.world_size * share, *rows.shape[1:])
     dist.all_gather_single(gathered, rows)  # CPU tensors go through gloo, also beside NCCL

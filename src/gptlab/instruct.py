@@ -380,7 +380,7 @@ class InstructionObjective(RecordsObjective):
             return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.float64)
 
         # Under torchrun each rank evaluates its share of the batches.
-        total, count = distributed.spread_rows(sums, batches, runtime).sum(0).tolist()
+        total, count = distributed.spread_rows(sums, batches, runtime, distributed.is_sharded(model)).sum(0).tolist()
         val_loss = total / max(count, 1)
         return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
 

@@ -70,6 +70,7 @@ class NextTokenObjective:
             lambda batch: model(batch[0].to(runtime.device), batch[1].to(runtime.device)).float(),
             self.val_batches,
             runtime,
+            distributed.is_sharded(model),
         ).item()
         metrics = {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
         if self.bytes_per_token:

@@ -254,7 +254,10 @@ class PreferenceObjective(RecordsObjective):
         if not pairs:
             return {}
         policy = distributed.spread_rows(  # under torchrun each rank scores its share of the pairs
-            lambda share: pair_log_probs(model, share, self.tokenizer.eot_id, self.batch_size, runtime), pairs, runtime
+            lambda share: pair_log_probs(model, share, self.tokenizer.eot_id, self.batch_size, runtime),
+            pairs,
+            runtime,
+            distributed.is_sharded(model),
         )
         return preference_metrics(policy, self.reference[split][: len(pairs)], self.beta, self.label_smoothing)
 

@@ -345,22 +345,34 @@ class Muon(torch.optim.Optimizer):
             buffer = state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
             nesterov = p.grad.add(buffer, alpha=group["momentum"])
             by_shape.setdefault(tuple(p.shape), []).append((p, nesterov))
-        # FSDP's shards (DTensors) are gathered whole: the iterations need every row of a matrix.
-        stacks = [torch.stack([whole(u) for _, u in pairs]) for pairs in by_shape.values()]
-        orthogonal = self._orthogonalize(stacks, group["ns_steps"])
-        for ((rows, cols), pairs), directions in zip(by_shape.items(), orthogonal, strict=True):
-            step_size = group["lr"] * max(1.0, rows / cols) ** 0.5
-            for (p, _), direction in zip(pairs, directions, strict=True):
-                weights, direction = own_rows(p, direction)
-                weights.mul_(1 - group["lr"] * group["weight_decay"])
-                weights.add_(direction, alpha=-step_size)
+        # Whole matrices go in one round. FSDP's shards (DTensors) are gathered whole, since the
+        # iterations need every row, in rounds of as many matrices as there are ranks (each rank
+        # orthogonalises one), so that no rank holds more whole matrices than that at a time.
+        if any(is_shard(p) for p in params):
+            size = self._ranks()
+            rounds = [[pairs[i : i + size]] for pairs in by_shape.values() for i in range(0, len(pairs), size)]
+        else:
+            rounds = [list(by_shape.values())]
+        for shapes in rounds:
+            stacks = [torch.stack([whole(u) for _, u in pairs]) for pairs in shapes]
+            for pairs, directions in zip(shapes, self._orthogonalize(stacks, group["ns_steps"]), strict=True):
+                rows, cols = pairs[0][0].shape
+                step_size = group["lr"] * max(1.0, rows / cols) ** 0.5
+                for (p, _), direction in zip(pairs, directions, strict=True):
+                    weights, direction = own_rows(p, direction)
+                    weights.mul_(1 - group["lr"] * group["weight_decay"])
+                    weights.add_(direction, alpha=-step_size)
+
+    def _ranks(self) -> int:
+        """How many ranks share the iterations: the process group's, when asked to split."""
+        return dist.get_world_size() if self.split_across_ranks and dist.is_initialized() else 1
 
     def _orthogonalize(self, stacks: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
         """`orthogonalize` of each stack (L, rows, cols), split across the ranks when asked: of every
         stack rank r takes the r-th of equal slices (the last may be short), and one all-gather of all
         the slices, packed flat, returns every result to every rank. One collective, not one a shape:
         gloo's latency is about a millisecond each."""
-        ranks = dist.get_world_size() if self.split_across_ranks and dist.is_initialized() else 1
+        ranks = self._ranks()
         if ranks == 1:
             return [orthogonalize(stack, steps) for stack in stacks]
         rank = dist.get_rank()
@@ -412,15 +424,17 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 def own_rows(param: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The tensor to update in place for `param`, and the rows of the whole `update` that belong to it:
-    all of them, or for an FSDP shard its local rows (FSDP splits dim 0 as torch.chunk does)."""
+    all of them, or for an FSDP shard its local rows. FSDP gives rank r the rows from r * ceil(rows /
+    ranks), as many as its shard holds (the last shards may be short or empty)."""
     if not is_shard(param):
         return param, update
     from torch.distributed.tensor import Shard
 
     if tuple(param.placements) != (Shard(0),):
         raise GptlabError(f"Muon updates parameters sharded by rows (FSDP's Shard(0)), not {param.placements}")
-    mesh = param.device_mesh
-    return param.to_local(), update.chunk(mesh.size(), dim=0)[mesh.get_local_rank()]
+    mesh, local = param.device_mesh, param.to_local()
+    start = min(mesh.get_local_rank() * -(-update.size(0) // mesh.size()), update.size(0))
+    return local, update.narrow(0, start, local.size(0))
 
 
 def fused_adamw(device: torch.device, sharded: bool) -> bool | None:
