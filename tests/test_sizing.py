@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -44,6 +46,9 @@ def test_size_cli_prints_table(capsys):
     assert main(["size", "gpt2"]) == 0
     out = capsys.readouterr().out
     assert "124,439,808" in out and "KV cache" in out and "device-hours" in out
+    assert re.search(r"peak learning rate \(GPT-3 paper\) +0\.0006, the default for this size", out)
+    assert main(["size", "char-small"]) == 0
+    assert "peak learning rate" not in capsys.readouterr().out  # no published rate for this size
 
 
 def test_size_cli_unknown_preset_fails_with_one_line(capsys):

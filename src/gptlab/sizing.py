@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gptlab.config import GPTConfig
+from gptlab.config import GPTConfig, published_learning_rate
 
 
 @dataclass
@@ -125,6 +125,7 @@ def size_report(
             "fp32": kv_cache_bytes_per_token(config, 4),
             "bf16": kv_cache_bytes_per_token(config, 2),
         },
+        "published_learning_rate": published_learning_rate(config),
         "tokens": tokens,
         "peak_flops": peak_flops,
         "mfu": mfu,
@@ -159,6 +160,10 @@ def format_size_report(report: dict[str, object]) -> str:
     rows.append(("optimizer state with Muon, fp32 / bf16", f"{human(muon['fp32'], 'B')} / {human(muon['bf16'], 'B')}"))  # type: ignore[index]
     kv = report["kv_cache_bytes_per_token"]
     rows.append(("KV cache per token, fp32 / bf16", f"{human(kv['fp32'], 'B')} / {human(kv['bf16'], 'B')}"))  # type: ignore[index]
+    if report["published_learning_rate"]:
+        rows.append(
+            ("peak learning rate (GPT-3 paper)", f"{report['published_learning_rate']:g}, the default for this size")
+        )
     rows.append(
         (f"training on {human(report['tokens'])} tokens",
          f"{report['gpu_hours']:,.1f} device-hours at {human(report['peak_flops'])}FLOP/s peak, "
