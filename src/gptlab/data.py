@@ -464,14 +464,18 @@ def prepare_corpus(
             "seconds": round(time.perf_counter() - started, 3),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
         # Another process may have prepared the same corpus meanwhile (two runs started together): its
         # shards are as good, and may be open already, so they are kept.
-        if not _is_prepared(directory, identity, specs[-1], tokenizer):
+        def ready() -> bool:
+            return _is_prepared(directory, identity, specs[-1], tokenizer)
+
+        if not ready():
             shutil.rmtree(directory, ignore_errors=True)
             try:
                 os.replace(tmp, directory)
             except OSError:
-                if not _is_prepared(directory, identity, specs[-1], tokenizer):
+                if not ready():
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

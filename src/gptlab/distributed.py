@@ -12,7 +12,6 @@ import atexit
 import contextlib
 import os
 import shutil
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -269,11 +268,34 @@ def parallelize(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.M
 
 
 def is_sharded(model: nn.Module) -> bool:
-    if "torch.distributed.fsdp" not in sys.modules:
-        return False  # nothing can have sharded it, and importing FSDP costs a second (gptlab generate)
-    from torch.distributed.fsdp import FSDPModule
+    """Whether FSDP shards the model: its parameters are shards (asked without importing FSDP, which
+    costs a second in `gptlab generate`)."""
+    return any(is_shard(param) for param in model.parameters())
 
-    return isinstance(model, FSDPModule)
+
+def is_shard(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is FSDP's shard of a parameter (a DTensor), not a whole one."""
+    return hasattr(tensor, "full_tensor")
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from the ranks if it is a shard (a collective: every rank calls it)."""
+    return tensor.full_tensor() if is_shard(tensor) else tensor
+
+
+def own_rows(param: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor to update in place for `param`, and the rows of the whole `update` that belong to it:
+    all of them, or for an FSDP shard its local rows. FSDP gives rank r the rows from r * ceil(rows /
+    ranks), as many as its shard holds (the last shards may be short or empty)."""
+    if not is_shard(param):
+        return param, update
+    from torch.distributed.tensor import Shard
+
+    if tuple(param.placements) != (Shard(0),):
+        raise GptlabError(f"Muon updates parameters sharded by rows (FSDP's Shard(0)), not {param.placements}")
+    mesh, local = param.device_mesh, param.to_local()
+    start = min(mesh.get_local_rank() * -(-update.size(0) // mesh.size()), update.size(0))
+    return local, update.narrow(0, start, local.size(0))
 
 
 @contextlib.contextmanager
@@ -308,24 +330,12 @@ def mean_across_ranks(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
 def mean_over_shares(
     compute: Callable[[Any], torch.Tensor], items: Sequence[Any], runtime: Runtime, sharded: bool = False
 ) -> torch.Tensor:
-    """The mean of `compute(item)` (a scalar tensor) over all items, every rank computing each
-    world_size-th one. All ranks run the same number of computations (a short share repeats its last
-    item and leaves it out), so a model whose forward pass needs every rank (FSDP) stays in step. An
-    error on one rank reaches all of them, unless `sharded` (the computation runs FSDP's collectives,
-    where the other ranks wait: the rank then raises its own error)."""
+    """The mean of `compute(item)` (a scalar tensor) over all items, each rank computing its share of
+    them (`spread_rows`)."""
     if not items:
         raise ValueError("mean_over_shares needs at least one item")
-    if runtime.world_size == 1:
-        return torch.stack([compute(item) for item in items]).mean()
-    mine = items[runtime.rank :: runtime.world_size]
-    total = torch.zeros((), device=runtime.device)
-    with contextlib.nullcontext() if sharded else all_or_none(runtime):
-        for i in range(-(-len(items) // runtime.world_size)):
-            value = compute(mine[min(i, len(mine) - 1)] if mine else items[0])
-            if i < len(mine):
-                total += value
-    dist.all_reduce(total)
-    return total / len(items)
+    values = spread_rows(lambda share: torch.stack([compute(item) for item in share]), items, runtime, sharded)
+    return values.mean()
 
 
 def spread_rows(
@@ -335,7 +345,8 @@ def spread_rows(
     computes a contiguous share and every rank gets all the rows, in order. Every rank computes as
     many items (a short share is filled up with its last item, whose extra rows are dropped), so a
     model whose forward pass needs every rank (FSDP) stays in step. An error on one rank reaches all
-    of them, unless `sharded`, as in `mean_over_shares`."""
+    of them, unless `sharded` (the computation runs FSDP's collectives, where the other ranks wait:
+    the rank then raises its own error)."""
     if runtime.world_size == 1 or not items:
         return compute(items)
     share = -(-len(items) // runtime.world_size)

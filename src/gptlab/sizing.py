@@ -122,8 +122,7 @@ def size_report(
         "memory": training_memory_bytes(counts.total),
         "muon_state_bytes": muon_state_bytes(config, counts.total),
         "kv_cache_bytes_per_token": {
-            "fp32": kv_cache_bytes_per_token(config, 4),
-            "bf16": kv_cache_bytes_per_token(config, 2),
+            dtype: kv_cache_bytes_per_token(config, size) for dtype, size in BYTES_PER_VALUE.items()
         },
         "published_learning_rate": published_learning_rate(config),
         "tokens": tokens,

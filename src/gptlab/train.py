@@ -317,8 +317,8 @@ class Muon(torch.optim.Optimizer):
         defaults = {"lr": lr, "momentum": momentum, "betas": betas, "eps": eps, "ns_steps": ns_steps,
                     "weight_decay": 0.0, "muon": False}  # fmt: skip
         super().__init__(groups, defaults)
-        # Under DDP every rank holds the same gradients and momentum, so each can orthogonalise a share
-        # of the matrices and gather the others' results instead of all of them doing all the work.
+        # Every rank holds the same whole updates (DDP's all-reduced ones, or FSDP's gathered ones), so
+        # each can orthogonalise a share of the matrices and gather the others' results.
         self.split_across_ranks = split_across_ranks
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -348,18 +348,18 @@ class Muon(torch.optim.Optimizer):
         # Whole matrices go in one round. FSDP's shards (DTensors) are gathered whole, since the
         # iterations need every row, in rounds of as many matrices as there are ranks (each rank
         # orthogonalises one), so that no rank holds more whole matrices than that at a time.
-        if any(is_shard(p) for p in params):
+        if any(map(distributed.is_shard, params)):
             size = self._ranks()
             rounds = [[pairs[i : i + size]] for pairs in by_shape.values() for i in range(0, len(pairs), size)]
         else:
             rounds = [list(by_shape.values())]
         for shapes in rounds:
-            stacks = [torch.stack([whole(u) for _, u in pairs]) for pairs in shapes]
+            stacks = [torch.stack([distributed.whole(u) for _, u in pairs]) for pairs in shapes]
             for pairs, directions in zip(shapes, self._orthogonalize(stacks, group["ns_steps"]), strict=True):
                 rows, cols = pairs[0][0].shape
                 step_size = group["lr"] * max(1.0, rows / cols) ** 0.5
                 for (p, _), direction in zip(pairs, directions, strict=True):
-                    weights, direction = own_rows(p, direction)
+                    weights, direction = distributed.own_rows(p, direction)
                     weights.mul_(1 - group["lr"] * group["weight_decay"])
                     weights.add_(direction, alpha=-step_size)
 
@@ -406,35 +406,10 @@ class Muon(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         adamw_update(
             params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [], [s["step"] for s in states], fused=fused_adamw(params[0].device, any(map(is_shard, params))),
+            [], [s["step"] for s in states], fused=fused_adamw(params[0].device, any(map(distributed.is_shard, params))),
             amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
             eps=group["eps"], maximize=False,
         )  # fmt: skip
-
-
-def is_shard(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is FSDP's shard of a parameter (a DTensor), not a whole one."""
-    return hasattr(tensor, "full_tensor")
-
-
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: gathered from the ranks if it is a shard (a collective: every rank calls it)."""
-    return tensor.full_tensor() if is_shard(tensor) else tensor
-
-
-def own_rows(param: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensor to update in place for `param`, and the rows of the whole `update` that belong to it:
-    all of them, or for an FSDP shard its local rows. FSDP gives rank r the rows from r * ceil(rows /
-    ranks), as many as its shard holds (the last shards may be short or empty)."""
-    if not is_shard(param):
-        return param, update
-    from torch.distributed.tensor import Shard
-
-    if tuple(param.placements) != (Shard(0),):
-        raise GptlabError(f"Muon updates parameters sharded by rows (FSDP's Shard(0)), not {param.placements}")
-    mesh, local = param.device_mesh, param.to_local()
-    start = min(mesh.get_local_rank() * -(-update.size(0) // mesh.size()), update.size(0))
-    return local, update.narrow(0, start, local.size(0))
 
 
 def fused_adamw(device: torch.device, sharded: bool) -> bool | None:
