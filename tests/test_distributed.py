@@ -258,6 +258,51 @@ def test_spread_rows_gives_every_rank_all_rows_each_computing_its_share(tmp_path
         assert torch.equal(outcome["rows"], expected)
 
 
+def _answer_records(ranks: int, parallel: str | None = None) -> dict:
+    """Greedy answers of a seeded byte-level model to five instruction records, on this rank of
+    `ranks` (FSDP-sharded if `parallel` is fsdp): the answers and how many records this rank answered."""
+    from gptlab import instruct
+    from gptlab.templates import get_template
+    from gptlab.tokenizer import ByteTokenizer
+
+    if ranks > 1:
+        torch.distributed.init_process_group("gloo")
+    try:
+        runtime = Runtime(torch.device("cpu"), rank=torch.distributed.get_rank() if ranks > 1 else 0, world_size=ranks)
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=257, context_length=256, n_layer=1, n_head=2, n_embd=16)).eval()
+        if parallel:
+            distributed.parallelize(model, train_config(parallel=parallel), runtime)
+        answered, generate = [], instruct.generate_responses
+
+        def counting(model, tokenizer, prompts, *args):
+            answered.extend(prompts)
+            return generate(model, tokenizer, prompts, *args)
+
+        instruct.generate_responses = counting
+        records = [{"instruction": f"Name {word} things.", "input": "", "output": word} for word in "abcde"]
+        answers = instruct.answer_records(model, ByteTokenizer(), records, get_template("alpaca"), 6, runtime)
+        return {"answers": answers, "answered": len(answered)}
+    finally:
+        if ranks > 1:
+            torch.distributed.destroy_process_group()
+
+
+def test_ranks_answer_their_share_of_the_records_and_all_get_every_answer(tmp_path):
+    ranked = results(run_ranks(tmp_path, _answer_records, 2))
+    single = _answer_records(1)
+    assert single["answered"] == 5 and [r["answered"] for r in ranked] == [3, 2]
+    assert ranked[0]["answers"] == ranked[1]["answers"] == single["answers"]
+    assert [a["output"] for a in single["answers"]] == list("abcde")  # in the records' order
+
+
+def test_a_sharded_models_ranks_answer_every_record_in_step(tmp_path):
+    # Rows of different shares end after different numbers of steps; FSDP's ranks must run the same forwards.
+    ranked = results(run_ranks(tmp_path, _answer_records, 2, "fsdp"))
+    assert [r["answered"] for r in ranked] == [5, 5]
+    assert ranked[0]["answers"] == ranked[1]["answers"] == _answer_records(1)["answers"]
+
+
 def _fsdp_muon_steps(parallel: str | None) -> dict[str, torch.Tensor]:
     """Three Muon steps of a 4-wide model on one fixed batch, sharded by FSDP over the ranks or whole:
     the whole weights after them. 4 rows over 3 ranks leave the third rank an empty shard."""
@@ -393,7 +438,7 @@ def pretrain_values(corpus: Path, out_dir: Path, **train) -> dict:
 
 
 def _fail_in_rank_ones_share(helper: str, sharded: bool = False) -> None:
-    """spread_rows or mean_over_shares where computing rank 1's share raises."""
+    """spread_rows, mean_over_shares or spread_items where computing rank 1's share raises."""
     torch.distributed.init_process_group("gloo")
     try:
         rank = torch.distributed.get_rank()
@@ -402,14 +447,19 @@ def _fail_in_rank_ones_share(helper: str, sharded: bool = False) -> None:
         def compute(items):
             if rank == 1:
                 raise ValueError("a bad example")
-            return torch.zeros(len(items), 1) if helper == "spread_rows" else torch.tensor(0.0)
+            if helper == "mean_over_shares":  # one item at a time
+                return torch.tensor(0.0)
+            return torch.zeros(len(items), 1) if helper == "spread_rows" else items
 
-        getattr(distributed, helper)(compute, [1, 2, 3, 4], runtime, sharded)
+        if helper == "spread_items":
+            distributed.spread_items(compute, [1, 2, 3, 4], runtime)
+        else:
+            getattr(distributed, helper)(compute, [1, 2, 3, 4], runtime, sharded)
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("helper", ["spread_rows", "mean_over_shares"])
+@pytest.mark.parametrize("helper", ["spread_rows", "mean_over_shares", "spread_items"])
 def test_an_error_in_one_ranks_share_stops_every_rank(tmp_path, helper):
     outcomes = run_ranks(tmp_path, _fail_in_rank_ones_share, helper)  # fails the test if a rank hangs
     assert "rank 1: ValueError: a bad example" in outcomes[0]["error"]

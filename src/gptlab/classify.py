@@ -517,17 +517,18 @@ class ClassificationObjective:
         weights = None if self.weights is None else self.weights.to(logits.device)
         return F.cross_entropy(logits.float(), batch["label"], weight=weights)
 
-    def evaluate(self, model: torch.nn.Module, runtime) -> dict[str, float]:
-        def log_probs(sequences: Sequence[Sequence[int]]) -> torch.Tensor:  # each rank predicts its share
-            return distributed.spread_rows(
-                lambda share: predict_log_probs(model, share, self.pad_id, self.batch_size * 4, runtime.device),
-                sequences,
-                runtime,
-                distributed.is_sharded(model),
-            )
+    def log_probs(self, model: torch.nn.Module, runtime, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """The predicted log-probabilities (N, labels) of `sequences`, each rank predicting its share."""
+        return distributed.spread_rows(
+            lambda share: predict_log_probs(model, share, self.pad_id, self.batch_size * 4, runtime.device),
+            sequences,
+            runtime,
+            distributed.is_sharded(model),
+        )
 
-        report = predictions_report(log_probs(self.val_sequences), self.val_labels, self.labels)
-        train_log_probs = log_probs([self.train_sequences[i] for i in self.train_sample])
+    def evaluate(self, model: torch.nn.Module, runtime) -> dict[str, float]:
+        report = predictions_report(self.log_probs(model, runtime, self.val_sequences), self.val_labels, self.labels)
+        train_log_probs = self.log_probs(model, runtime, [self.train_sequences[i] for i in self.train_sample])
         train_hits = train_log_probs.argmax(-1) == torch.as_tensor([self.train_labels[i] for i in self.train_sample])
         return {
             "val_loss": report["loss"],
@@ -894,8 +895,8 @@ def finetune_classify(
 
     model.eval()
     with runtime.autocast():
-        reports = {name: evaluate_split(model, *labelled[name], data.labels, tokenizer.eot_id,
-                                        config["train"].batch_size * 4, runtime.device)
+        reports = {name: predictions_report(objective.log_probs(model, runtime, labelled[name][0]), labelled[name][1],
+                                            data.labels)
                    for name in ("validation", "test")}  # fmt: skip
     files = distributed.on_main(lambda: _write_reports(run_dir, result.step, reports), runtime)
     seconds = time.perf_counter() - started

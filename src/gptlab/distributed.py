@@ -359,6 +359,21 @@ def spread_rows(
     return gathered[: len(items)]
 
 
+def spread_items(compute: Callable[[Sequence[Any]], Sequence[T]], items: Sequence[Any], runtime: Runtime) -> list[T]:
+    """`compute(items)`, a list with one result per item (texts, records), with the items spread over
+    the ranks as `spread_rows` spreads them; every rank gets every result, in order. For computations
+    that need no other rank (not a sharded model's forward passes, whose number would differ between
+    shares); an error on one rank reaches all of them."""
+    if runtime.world_size == 1 or not items:
+        return list(compute(items))
+    share = -(-len(items) // runtime.world_size)
+    with all_or_none(runtime):
+        results = list(compute(items[runtime.rank * share : (runtime.rank + 1) * share]))
+    gathered: list[list[T] | None] = [None] * runtime.world_size
+    dist.all_gather_object(gathered, results)
+    return [result for part in gathered for result in part or []]
+
+
 # ---------------------------------------------------------------- checkpoints
 
 

@@ -414,15 +414,30 @@ def generate_responses(
 
 
 def answer_records(
-    model: torch.nn.Module, tokenizer, records: Sequence[dict[str, Any]], template: Template, max_new_tokens: int
+    model: torch.nn.Module,
+    tokenizer,
+    records: Sequence[dict[str, Any]],
+    template: Template,
+    max_new_tokens: int,
+    runtime=None,
 ) -> list[dict[str, Any]]:
-    """Each record with the model's `response` to its prompt and the response's `finish`."""
-    prompts = [prompt_and_reference(record, template)[0] for record in records]
-    responses = generate_responses(model, tokenizer, prompts, template, max_new_tokens)
-    return [
-        {**record, "response": response, "finish": finish}
-        for record, (response, finish) in zip(records, responses, strict=True)
-    ]
+    """Each record with the model's `response` to its prompt and the response's `finish`.
+
+    Given the `runtime` of a torchrun run, each rank answers its share of the records; a sharded
+    (FSDP) model's ranks answer all of them, since every rank must run the same forward passes and
+    the rows of different shares end after different numbers of steps."""
+
+    def answer(share: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        prompts = [prompt_and_reference(record, template)[0] for record in share]
+        responses = generate_responses(model, tokenizer, prompts, template, max_new_tokens)
+        return [
+            {**record, "response": response, "finish": finish}
+            for record, (response, finish) in zip(share, responses, strict=True)
+        ]
+
+    if runtime is None or distributed.is_sharded(model):
+        return answer(records)
+    return distributed.spread_items(answer, records, runtime)
 
 
 # ---------------------------------------------------------------- the run
@@ -579,7 +594,7 @@ def finetune_instruct(
 
     model.eval()
     with runtime.autocast():
-        responses = answer_records(model, tokenizer, split["test"], template, instruct.response_tokens)
+        responses = answer_records(model, tokenizer, split["test"], template, instruct.response_tokens, runtime)
     responses_file = run_dir / RESPONSES_FILE
     if runtime.is_main:
         ckpt.atomic_write_text(responses_file, json.dumps(responses, indent=1, ensure_ascii=False))

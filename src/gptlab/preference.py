@@ -411,7 +411,7 @@ def finetune_preference(
     if split["test"]:
         with runtime.autocast():
             answers = [with_response(r, r["chosen"]) for r in split["test"]]
-            answered = answer_records(model, tokenizer, answers, template, preference.response_tokens)
+            answered = answer_records(model, tokenizer, answers, template, preference.response_tokens, runtime)
         responses = [{**record, **answer} for record, answer in zip(split["test"], answered, strict=True)]
     responses_file = run_dir / RESPONSES_FILE
     if runtime.is_main:
