@@ -136,6 +136,30 @@ def test_bad_labelled_files_are_one_line_errors(tmp_path, content, options, mess
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"label": "spam"}, "line 2 has no field 'text'"),
+        ({"label": "spam", "text": 5}, "line 2 holds 5 in field 'text', not a string"),
+        ({"text": "yo"}, "line 2 has no field 'label'"),
+        ({"label": ["spam"], "text": "yo"}, """line 2 holds ["spam"] in field 'label', not a string or number"""),
+        ({"label": "spam", "text": " "}, "line 2 has an empty text"),
+    ],
+)
+def test_json_lines_name_a_missing_or_mistyped_field(tmp_path, row, message):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"label": "ham", "text": "hi"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(GptlabError) as error:
+        read(path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_json_lines_may_number_their_labels(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"label": 0, "text": "hi"}) + "\n" + json.dumps({"label": 1, "text": "yo"}) + "\n")
+    assert read(path).labels == ["0", "1"]
+
+
 def test_mixed_delimiters_in_a_csv_name_the_line(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("label,text\nham,hi there\nspam\twin now\n")

@@ -79,6 +79,8 @@ def test_few_shot_reports_on_the_same_test_split(runs, capsys):
     "args, message",
     [
         (["classify", "{lm}", "hello"], "is not a classifier (task: pretrain)"),
+        (["classify", "{clf}", ""], "text 1 is empty or only spaces"),
+        (["classify", "{clf}", "hello", " "], "text 2 is empty or only spaces"),
         (["classify", "{clf}", "--few-shot", "2", "--labels", "ham,spam"], "is a classifier, not a language model"),
         (["classify", "{lm}", "--few-shot", "2"], "--few-shot needs the label names"),
         (["classify", "{clf}", "--labels", "a,b"], "--labels and --split-from go with --few-shot"),

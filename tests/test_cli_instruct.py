@@ -66,12 +66,21 @@ def test_lora_flag_trains_adapters_only(tmp_path, capsys):
         ([], [], "holds no records"),
         (None, ["--lora", "--lora.targets", "mlp.fcc"], "LoRA target 'mlp.fcc' matches no linear layer"),
         (None, ["--instruct.trainable", "some"], "instruct.trainable must be all or lora"),
+        (None, ["--instruct.max_length", "3"], "no training or validation record keeps a response token within 3"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, records, extra, message):
     assert main(finetune_args(tmp_path, records, *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_resuming_a_finished_run_reports_it(tmp_path, capsys):
+    assert main(finetune_args(tmp_path)) == 0
+    capsys.readouterr()
+    assert main(["finetune", "instruct", "--resume", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "done: 4 steps" in out and "test responses: 3 in " in out
 
 
 def test_eval_judge_errors_are_one_line(tmp_path, capsys, monkeypatch):

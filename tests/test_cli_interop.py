@@ -8,8 +8,9 @@ import torch
 
 from gptlab.checkpoint import load_run, read_run_config
 from gptlab.cli import main
-from gptlab.tokenizer import GPT2Tokenizer
-from test_interop import GPT2_VOCAB, hub, save_hf_gpt2  # noqa: F401 (hub: a fixture)
+from gptlab.config import GPTConfig
+from gptlab.tokenizer import ByteTokenizer, GPT2Tokenizer
+from test_interop import GPT2_VOCAB, hub, make_run, save_hf_gpt2  # noqa: F401 (hub: a fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,3 +114,14 @@ def test_export_refuses_to_replace_a_directory_unless_forced(tmp_path, shared_da
     assert "already exists" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf"), "--force"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["gptlab"]["tokenizer"] == "gpt2"
+
+
+def test_export_into_the_folder_of_its_runs_is_a_one_line_error_that_deletes_nothing(tmp_path, capsys):
+    config = GPTConfig(vocab_size=257, context_length=16, n_layer=1, n_head=1, n_embd=8)
+    for name in ("shk", "spam"):
+        make_run(tmp_path / "runs" / name, config, ByteTokenizer())
+    assert main(["export", str(tmp_path / "runs" / "shk"), str(tmp_path / "runs"), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "overlaps" in err and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["shk", "spam"]
+    assert all(load_run(tmp_path / "runs" / name).model.config == config for name in ("shk", "spam"))

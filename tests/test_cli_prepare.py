@@ -59,6 +59,8 @@ def test_list_names_the_data_sets(capsys):
         (lambda d: None, ["no-such-data-set"], "no file or folder 'no-such-data-set'"),
         (lambda d: None, ["the-verdict", "--vocab-size", "200"], "vocabulary size 200 is too small"),
         (lambda d: None, ["the-verdict", "--val-fraction", "1.5"], "val_fraction must be between 0 and 1"),
+        (lambda d: (d / "afile").write_text("hi"), ["the-verdict", "--out", "afile"], "afile is a file, not a folder"),
+        (lambda d: (d / "afile").write_text("hi"), ["the-verdict", "--out", "afile/sub"], "afile is a file"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, setup, args, message):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +73,69 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys, args, message):
     assert main(["pretrain", "--out", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def snapshot(run_dir: Path) -> dict[Path, bytes]:
+    """Every file of a run, byte for byte."""
+    return {path.relative_to(run_dir): path.read_bytes() for path in sorted(run_dir.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--model.context_length", "100000"], "context"),  # the data check, before the loop
+        (["--train.tokens_per_step", "1"], "smaller than one batch"),  # the loop's own check
+    ],
+)
+def test_a_failed_run_leaves_the_run_it_would_replace_intact_and_no_directory_of_its_own(
+    tmp_path, shared_data, capsys, monkeypatch, bad, message
+):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    args = [*TINY, *verdict_args(shared_data), "--train.max_steps", "2", "--train.eval_interval", "2"]
+    assert main(["pretrain", "--out", str(run), *args]) == 0
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(run), *args, *bad, "--overwrite"]) == 2
+    assert message in capsys.readouterr().err
+    assert snapshot(run) == before
+    assert main(["pretrain", "--out", str(fresh), *args, *bad]) == 2
+    assert not fresh.exists()
+    assert main(["pretrain", "--out", str(fresh), *args]) == 0  # not refused as "already exists"
+
+
+def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_over_without_its_metrics(
+    tmp_path, shared_data, capsys, monkeypatch
+):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = [*TINY, *verdict_args(shared_data), "--train.max_steps", "4", "--train.eval_interval", "4",
+            "--train.log_interval", "1"]  # fmt: skip
+    assert main(["pretrain", "--out", str(run), *args]) == 0
+    first = train_records(run)
+    shutil.rmtree(run / "checkpoints")  # as if killed before its first checkpoint
+    (run / "latest").unlink()
+    (run / "best").unlink()
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run)]) == 0
+    assert train_records(run) == first  # steps 1 to 4 once each, with the same losses
+    assert "starting it over from step 0" in capsys.readouterr().out
+
+
+def test_resuming_a_run_of_another_task_names_the_command_that_resumes_it(tmp_path, shared_data, capsys, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run), *TINY, *verdict_args(shared_data), "--train.max_steps", "1"]) == 0
+    for command in (["finetune", "instruct"], ["finetune", "preference"], ["finetune", "classify"]):
+        capsys.readouterr()
+        assert main([*command, "--resume", str(run)]) == 2
+        expected = f"{run} is a pretrain run; resume it with `gptlab pretrain --resume {run}`"
+        assert capsys.readouterr().err == f"error: {expected}\n"
+    classify_config = (run / "config.yaml").read_text().replace("task: pretrain", "task: classify")
+    (run / "config.yaml").write_text(classify_config)
+    assert main(["pretrain", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is a classify run" in err and f"`gptlab finetune classify --resume {run}`" in err and err.count("\n") == 1
 
 
 def test_unknown_field_in_config_file_suggests_closest(tmp_path, capsys):

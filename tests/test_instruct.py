@@ -23,6 +23,7 @@ from gptlab.instruct import (
     collate,
     encode_example,
     finetune_instruct,
+    has_response,
     load_records,
     prompt_and_reference,
     record_segments,
@@ -249,6 +250,31 @@ def test_bad_runs_fail_before_writing_anything(tmp_path, overrides, message):
     with pytest.raises(GptlabError, match=message):
         finetune_instruct(values)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_records_whose_response_is_cut_off_are_left_out():
+    record = word_records()[0]
+    prompt_tokens = len(ByteTokenizer().encode(prompt_and_reference(record, CHAT)[0]))
+    assert has_response(encode_example(record, CHAT, ByteTokenizer(), prompt_tokens))
+    assert not has_response(encode_example(record, CHAT, ByteTokenizer(), prompt_tokens - 1))
+
+
+def test_a_run_whose_every_response_is_cut_off_is_refused_before_writing(tmp_path):
+    with pytest.raises(GptlabError, match="no training or validation record keeps a response token within 3 tokens"):
+        finetune_instruct(run_values(tmp_path, instruct={"max_length": 3}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_overwrite_that_fails_leaves_the_run_it_would_replace_intact(tmp_path):
+    values = run_values(tmp_path, train={"max_steps": 2, "eval_interval": 2})
+    finetune_instruct(values)
+    run = tmp_path / "run"
+    before = {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
+    with pytest.raises(GptlabError, match="response token"):
+        finetune_instruct({**values, "instruct": {**values["instruct"], "max_length": 3}}, overwrite=True)
+    with pytest.raises(GptlabError, match="smaller than one batch"):  # checked by the training loop itself
+        finetune_instruct({**values, "train": {**values["train"], "tokens_per_step": 1}}, overwrite=True)
+    assert {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()} == before
 
 
 def test_too_few_records_for_the_split_is_an_error(tmp_path):

@@ -114,13 +114,53 @@ def test_write_safetensors_loads_each_tensor_only_after_writing_the_previous(tmp
 
 def test_import_refuses_an_existing_run_unless_forced(tmp_path, shared_data):
     save_hf_gpt2(tmp_path / "hf")
-    (tmp_path / "run").mkdir()
+    import_hf(tmp_path / "hf", tmp_path / "run")
     (tmp_path / "run" / "notes.txt").write_text("mine")
     with pytest.raises(GptlabError, match="already exists"):
         import_hf(tmp_path / "hf", tmp_path / "run")
     import_hf(tmp_path / "hf", tmp_path / "run", force=True)
     assert not (tmp_path / "run" / "notes.txt").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_force_replaces_only_an_earlier_import_or_export(tmp_path, shared_data):
+    save_hf_gpt2(tmp_path / "hf")
+    config = GPTConfig(vocab_size=257, context_length=16, n_layer=1, n_head=1, n_embd=8)
+    make_run(tmp_path / "run", config, ByteTokenizer())
+    make_run(tmp_path / "other", config, ByteTokenizer())
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(GptlabError, match="notes is not a gptlab run .*--force does not replace it"):
+        import_hf(tmp_path / "hf", tmp_path / "notes", force=True)
+    for folder in ("notes", "other"):
+        with pytest.raises(GptlabError, match=f"{folder} is not a transformers directory"):
+            export_run(tmp_path / "run", tmp_path / folder, force=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and (tmp_path / "other" / "config.yaml").is_file()
+    (tmp_path / "empty").mkdir()
+    export_run(tmp_path / "run", tmp_path / "empty")
+    export_run(tmp_path / "other", tmp_path / "empty", force=True)  # an earlier export is replaced
+    assert (tmp_path / "empty" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("out", ["{run}", "{root}", "{run}/exported", "{link}"])
+def test_export_refuses_a_directory_that_overlaps_the_run(tmp_path, out):
+    config = GPTConfig(vocab_size=257, context_length=16, n_layer=1, n_head=1, n_embd=8)
+    run = tmp_path / "runs" / "mine"
+    make_run(run, config, ByteTokenizer())
+    (tmp_path / "link").symlink_to(run)
+    out_dir = Path(out.format(run=run, root=tmp_path / "runs", link=tmp_path / "link"))
+    with pytest.raises(GptlabError, match="overlaps .*which it is made from"):
+        export_run(run, out_dir, force=True)
+    with pytest.raises(GptlabError, match="overlaps"):
+        export_run(run / "checkpoints" / "step-0000001", out_dir, force=True)
+    assert load_run(run).model.config == config  # the run is untouched
+
+
+def test_import_refuses_to_write_over_its_source(tmp_path, shared_data):
+    save_hf_gpt2(tmp_path / "hf")
+    with pytest.raises(GptlabError, match="overlaps"):
+        import_hf(tmp_path / "hf", tmp_path / "hf", force=True)
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------- bad input

@@ -115,7 +115,9 @@ def test_api_key_is_sent_as_a_bearer_token():
 @pytest.mark.parametrize(
     "reply, score",
     [("85", 85), ("Score: 85/100", 85), ("<think>maybe 3 or 4</think>\n90", 90), ("72.5", 72.5),
-     ("I cannot score this.", None), ("150", None)],
+     ("I cannot score this.", None), ("150", None), ("-5", None), ("Score: \u22125", None), ("100.", 100),
+     ("score: 7.5", 7.5), (".5", 0.5), ("GPT4 would give 80", 80), ("Rated 85-90", 85),
+     ("<think>it could be 3 or", None), ("first 3, no: </think> 90", 90)],
 )  # fmt: skip
 def test_parse_score_reads_the_first_number_in_range(reply, score):
     assert parse_score(reply) == score

@@ -251,6 +251,23 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys, records, extra, mes
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+def test_cli_resuming_a_finished_run_reports_it(tmp_path, capsys):
+    assert main(cli_args(tmp_path)) == 0
+    capsys.readouterr()
+    assert main(["finetune", "preference", "--resume", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "done: 4 steps" in out and "test split: reward accuracy " in out
+
+
+def test_cli_an_overwrite_that_fails_leaves_the_run_it_would_replace_intact(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(cli_args(tmp_path)) == 0
+    before = {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
+    assert main(cli_args(tmp_path, None, "--overwrite", "--preference.max_length", "4")) == 2
+    assert "no training or validation pair keeps two different answers" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()} == before
+
+
 def test_torchrun_tunes_with_each_rank_on_its_own_pairs(tmp_path):
     """Two gloo ranks share one run: the same reference on both, set up and written by rank 0 only."""
     from conftest import run_torchrun

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible server, exercised over real HTTP on 127.0.0.1 with the openai client."""
+"""The OpenAI-compatible server, over real HTTP on 127.0.0.1 with the openai client and in process with TestClient."""
 
+import json
 import socket
 import threading
 import time
@@ -93,3 +94,102 @@ def test_bad_sampling_values_get_a_400_with_a_message(server):
     assert "temperature" in response.json()["error"]["message"]
     response = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
     assert response.status_code == 400 and "role" in response.json()["error"]["message"]
+
+
+def always_predicting(run, token):
+    """The run with its model rigged so that greedy decoding always picks `token`: the final layer norm
+    outputs ones and only `token`'s row of the head is non-zero."""
+    with torch.no_grad():
+        run.model.ln_f.weight.zero_()
+        run.model.ln_f.bias.fill_(1.0)
+        run.model.lm_head.weight.zero_()
+        run.model.lm_head.weight[token] = 1.0
+    return run
+
+
+def in_process_client(run, **defaults):
+    from fastapi.testclient import TestClient
+
+    from gptlab.serve import create_app
+
+    config = GenerationConfig(**{"max_new_tokens": 8, "temperature": 0.0, **defaults})
+    return TestClient(create_app(run, "tiny", config), raise_server_exceptions=False)
+
+
+def chat(content):
+    return [{"role": "user", "content": content}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_longer_than_the_context_is_a_400_when_overflow_is_an_error(tmp_path, stream):
+    client = in_process_client(make_run(tmp_path / "run"), prompt_overflow="error")
+    for path, body in [
+        ("/v1/completions", {"prompt": "x" * 300}),
+        ("/v1/chat/completions", {"messages": chat("x" * 300)}),
+    ]:
+        response = client.post(path, json={**body, "stream": stream})
+        assert response.status_code == 400, path
+        assert "context length is 256" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "path, body, message",
+    [
+        ("/v1/completions", {"prompt": "x", "temperature": "NaN"}, "temperature: Input should be a finite number"),
+        ("/v1/completions", {"prompt": "x", "top_p": "Infinity"}, "top_p: Input should be a finite number"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens: Input should be a valid integer"),
+        ("/v1/chat/completions", {"messages": []}, "no user message"),
+        ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."}]}, "no user message"),
+    ],
+)
+def test_requests_that_cannot_be_answered_are_400s_with_a_message(tmp_path, path, body, message):
+    response = in_process_client(make_run(tmp_path / "run")).post(path, json=body)
+    assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
+def stream_events(response):
+    return [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+
+
+def test_usage_and_finish_reason_come_from_the_decoding(tmp_path):
+    client = in_process_client(always_predicting(make_run(tmp_path / "run"), 255))  # byte 0xff: invalid UTF-8
+    body = client.post("/v1/completions", json={"prompt": "", "max_tokens": 5}).json()
+    assert body["choices"][0]["text"] == "\ufffd" * 5  # re-encoded, that text would be 15 tokens
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 5, "total_tokens": 5}
+    events = stream_events(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 3, "stream": True}))
+    assert "".join(e["choices"][0]["text"] for e in events) == "\ufffd" * 3
+    assert [e["choices"][0]["finish_reason"] for e in events][-1] == "length"
+
+    client = in_process_client(always_predicting(make_run(tmp_path / "spaces", template="alpaca"), ord(" ")))
+    body = client.post("/v1/chat/completions", json={"messages": chat("hi"), "max_tokens": 4}).json()
+    assert body["choices"][0]["message"]["content"] == ""  # the spaces are stripped, but they were generated
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 4
+    request = {"messages": chat("hi"), "max_tokens": 4, "stream": True}
+    assert (
+        stream_events(client.post("/v1/chat/completions", json=request))[-1]["choices"][0]["finish_reason"] == "length"
+    )
+    body = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 6, "stop": "   "}).json()
+    assert (
+        body["choices"][0] == {"index": 0, "text": "", "finish_reason": "stop"}
+        and body["usage"]["completion_tokens"] == 3
+    )
+
+    client = in_process_client(always_predicting(make_run(tmp_path / "eot"), ByteTokenizer().eot_id))
+    body = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 6}).json()
+    assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 1
+
+
+def test_a_port_out_of_range_or_in_use_is_a_one_line_error(tmp_path, capsys):
+    from gptlab.cli import main
+
+    make_run(tmp_path / "run")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        in_use = taken.getsockname()[1]
+        for port, message in [
+            (99999, "the port must be from 0 to 65535, got 99999"),
+            (in_use, "Address already in use"),
+        ]:
+            assert main(["serve", str(tmp_path / "run"), "--port", str(port)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -1,10 +1,13 @@
 import re
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 
-from gptlab.cli import main
-from gptlab.config import PRESETS, get_preset
+from gptlab.checkpoint import write_run_config
+from gptlab.cli import main, resolve_model_config
+from gptlab.config import PRESETS, get_preset, load_config_file
 from gptlab.model import GPT
 from gptlab.sizing import count_parameters, muon_state_bytes, train_flops_per_token, training_memory_bytes
 
@@ -77,3 +80,55 @@ def test_optimizer_state_sizes_equal_what_the_optimizers_hold(fields):
         optimizer.step()
         held = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if t.dim())
         assert held == expected, name
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize(
+    "recipe, expected",
+    [
+        ("demo.yaml", get_preset("demo")),
+        ("gpt2-124m-gpu.yaml", get_preset("gpt2")),
+        ("shakespeare-char.yaml", get_preset("char-small", vocab_size=257)),  # the byte tokenizer's vocabulary
+        ("shakespeare-gpt2.yaml", get_preset("bpe-mini", dropout=0.1)),
+    ],
+)
+def test_size_of_a_pretraining_recipe_is_the_model_it_trains(recipe, expected):
+    assert resolve_model_config(str(RECIPES / recipe)) == expected
+
+
+@pytest.mark.parametrize("recipe", ["instruct-gpt2-medium.yaml", "preference-gpt2-medium.yaml"])
+def test_size_of_a_finetuning_recipe_is_the_model_of_its_init_from_run(recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the recipes name their runs relative to the working directory
+    assert main(["size", str(RECIPES / recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "starts from the run runs/" in err
+    base = str(load_config_file(RECIPES / recipe)["init_from"])
+    write_run_config(Path(base), {"task": "pretrain", "model": asdict(get_preset("gpt2-medium", dropout=0.1))})
+    assert resolve_model_config(str(RECIPES / recipe)) == get_preset("gpt2-medium", dropout=0.1)
+    assert main(["size", str(RECIPES / recipe)]) == 0
+    assert "24 layers, 16 heads, width 1024" in capsys.readouterr().out
+
+
+def test_size_of_a_run_directory_and_a_model_config(tmp_path):
+    write_run_config(tmp_path / "run", {"task": "pretrain", "model": asdict(get_preset("tiny"))})
+    assert resolve_model_config(str(tmp_path / "run")) == get_preset("tiny")
+    (tmp_path / "model.yaml").write_text("preset: tiny\nn_layer: 3\n")
+    assert resolve_model_config(str(tmp_path / "model.yaml")) == get_preset("tiny", n_layer=3)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "holds no config"),
+        ("task: instruct\n", "names no run to start from (init_from)"),
+        ("n_layer: 3.5\n", "invalid value 3.5 for model.n_layer in"),
+        ("task: pretrain\nmodel: [1]\n", "config section 'model' in"),
+    ],
+)
+def test_size_of_a_config_file_without_a_model_is_a_one_line_error(text, message, tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text(text)
+    assert main(["size", str(tmp_path / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -147,6 +147,17 @@ def _check_column(name: str, names: list[str], path: Path, option: str) -> None:
         )
 
 
+def _field(row: dict[str, Any], column: str, line: int, path: Path, types: tuple[type, ...], kind: str) -> Any:
+    """The row's value in `column` (None for JSON null); a missing field or a value of another type is a
+    one-line error. Only JSON lines can have either: a TSV or CSV row holds every column, as text."""
+    if column not in row:
+        raise GptlabError(f"{path} line {line} has no field {column!r}; remove the line or add the field")
+    value = row[column]
+    if value is not None and not isinstance(value, types):
+        raise GptlabError(f"{path} line {line} holds {json.dumps(value)[:40]} in field {column!r}, not a {kind}")
+    return value
+
+
 def read_table(
     path: Path, fmt: str, columns: list[str], text_column: str, label_column: str, require_labels: bool = True
 ) -> Table:
@@ -163,10 +174,10 @@ def read_table(
         _check_column(label_column, names, path, "the label column (classify.label_column)")
     texts, labels, lines = [], [], []
     for line, row in rows:
-        text = row.get(text_column)
-        if not isinstance(text, str) or not text.strip():
+        text = _field(row, text_column, line, path, (str,), "string")
+        if text is None or not text.strip():
             raise GptlabError(f"{path} line {line} has an empty text in column {text_column!r}; remove or fill it")
-        label = row.get(label_column) if has_labels else None
+        label = _field(row, label_column, line, path, (str, int, float), "string or number") if has_labels else None
         if has_labels and (label is None or not str(label).strip()):
             raise GptlabError(f"{path} line {line} has no label in column {label_column!r}; remove or label it")
         texts.append(text)
@@ -677,6 +688,9 @@ def load_classifier(path: str | Path, device="cpu", which: str = "latest") -> ck
 
 def classify_texts(run: ckpt.LoadedRun, texts: Sequence[str], batch_size: int = 32, device="cpu") -> list[dict]:
     """The predicted label and the probability of every label for each text."""
+    for number, text in enumerate(texts, 1):
+        if not text.strip():  # finetuning refuses such texts too: the classifier has nothing to read
+            raise GptlabError(f"text {number} is empty or only spaces; there is nothing to classify")
     max_length = token_limit(run.config["classify"].get("max_length", 0), run.model.config.context_length)
     sequences = encode_texts(run.tokenizer, texts, max_length)
     log_probs = predict_log_probs(run.model, sequences, run.tokenizer.eot_id, batch_size, device)
@@ -849,9 +863,11 @@ def finetune_classify(
     from gptlab import distributed
     from gptlab.config import run_config_to_dict
     from gptlab.tokenizer import load_tokenizer
-    from gptlab.train import make_runtime, open_run_dir, seed_everything, train
+    from gptlab.train import check_resumed_task, check_run_dir, make_runtime, seed_everything, train
 
     started = time.perf_counter()
+    if resume:
+        check_resumed_task(values["out_dir"], "classify")
     config = resolve_classify_config(values)
     base, run_dir = Path(config["init_from"]), Path(config["out_dir"])
     runtime = make_runtime(config["train"])
@@ -859,9 +875,9 @@ def finetune_classify(
     config["classify"] = dataclasses.replace(config["classify"], labels=data.labels)
     stored = run_config_to_dict(config)
     tokenizer = load_tokenizer((run_dir if resume else ckpt.run_dir_of(base)) / "tokenizer")
-    resume_from = open_run_dir(
+    run = check_run_dir(
         run_dir, stored, runtime, tokenizer, resume, overwrite, allow_config_change,
-        lambda: ckpt.atomic_write_text(run_dir / SPLIT_FILE, json.dumps(split_summary(data)) + "\n"),
+        lambda: ckpt.atomic_write_text(run_dir / SPLIT_FILE, json.dumps(split_summary(data)) + "\n"), log,
     )  # fmt: skip
     seed_everything(config["train"].seed)
     model = GPTClassifier(config["model"], len(data.labels), config["classify"].pooling)
@@ -889,8 +905,8 @@ def finetune_classify(
 
         save_weights = lora_state_dict
     result = train(
-        model, objective, config["train"], run_dir, runtime, resume_from=resume_from, log=log,
-        wrap_model=torch.compile if config["train"].compile else None, save_weights=save_weights,
+        model, objective, config["train"], run_dir, runtime, resume_from=run.resume_from, log=log,
+        wrap_model=torch.compile if config["train"].compile else None, save_weights=save_weights, start_run=run.start,
     )  # fmt: skip
 
     model.eval()

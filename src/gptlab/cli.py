@@ -106,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise _unknown_option_error(args._parser, unknown)
         with _stdout_on_rank_zero():
-            return int(args.run(args) or 0)
+            status = int(args.run(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush at exit
+            return status
+    except BrokenPipeError:
+        # The reader left (`gptlab ... | head`): stop quietly, as Unix tools do.
+        _discard_stdout()
+        return 0
     except GptlabError as exc:
         if args.debug:
             raise
@@ -116,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's flush at exit finds no closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # not a file descriptor (a test's captured stdout): nothing is left to flush
+        pass
 
 
 def _late_positionals(args: argparse.Namespace, unknown: list[str]) -> list[str]:
@@ -141,23 +155,72 @@ def _late_positionals(args: argparse.Namespace, unknown: list[str]) -> list[str]
 
 
 def resolve_model_config(name_or_path: str):
-    """A GPTConfig from a preset name, a YAML model config, a run config or a run directory."""
+    """The GPTConfig `gptlab size` reports: a preset's, a run directory's, the model a run config (a recipe)
+    trains, or a model config's (GPTConfig's fields, perhaps over a `preset`)."""
     from pathlib import Path
 
-    from gptlab.config import PRESETS, GPTConfig, config_from_dict, get_preset, load_config_file
+    from gptlab.config import PRESETS, get_preset
 
     path = Path(name_or_path)
     if name_or_path in PRESETS or not path.exists():
         return get_preset(name_or_path)
     if path.is_dir():
-        path = path / "config.yaml"
+        return _run_model_config(path)
+    return _config_file_model(path)
+
+
+def _run_model_config(run, overrides: dict | None = None, source: str = ""):
+    """The model of a run directory or checkpoint folder, with `overrides` (dropout) laid over it."""
+    from pathlib import Path
+
+    from gptlab.checkpoint import read_run_config, run_dir_of
+    from gptlab.config import GPTConfig, config_from_dict
+
+    model = read_run_config(run_dir_of(Path(run)))["model"]
+    return config_from_dict(GPTConfig, {**model, **(overrides or {})}, "model.", source)
+
+
+def _config_file_model(path):
+    """The model a config file describes: a model config's own; a finetuning run's, its init_from run's (a
+    model known only from that run); a pretraining run's, its preset and model section with its tokenizer's
+    vocabulary, as `gptlab pretrain --config` would make it."""
+    import dataclasses
+    from pathlib import Path
+
+    from gptlab.config import GPTConfig, check_run_values, load_config_file, resolve_run_config
+
     values = load_config_file(path)
-    if "model" in values and isinstance(values["model"], dict):
-        values = values["model"]
-    if "preset" in values:
-        preset = values.pop("preset")
-        return get_preset(preset, **values)
-    return config_from_dict(GPTConfig, values, where="model.")
+    if not values:
+        raise GptlabError(
+            f"{path} holds no config; give a preset name, a run, a run config (a recipe) or a model config"
+        )
+    if set(values) - {"preset"} <= {f.name for f in dataclasses.fields(GPTConfig)}:  # GPTConfig's fields
+        model = {key: value for key, value in values.items() if key != "preset"}
+        values = check_run_values({"preset": values.get("preset"), "model": model}, source=str(path))
+        return resolve_run_config(values, ["model"])["model"]
+    values = check_run_values(values, source=str(path))
+    if values.get("init_from"):
+        if not Path(values["init_from"]).exists():
+            raise GptlabError(
+                f"{path} starts from the run {values['init_from']}, which is not here, and its model is that "
+                "run's; make the run first, or size the run or its preset"
+            )
+        return _run_model_config(values["init_from"], values.get("model"), str(path))
+    if values.get("task", "pretrain") != "pretrain":
+        raise GptlabError(f"{path} finetunes a model but names no run to start from (init_from), whose model it is")
+    from gptlab.train import PRETRAIN_DEFAULTS  # torch: only here, so that sizing a preset starts at once
+
+    config = resolve_run_config({**PRETRAIN_DEFAULTS, **values}, ["model", "data"])
+    return dataclasses.replace(config["model"], vocab_size=_pretraining_vocab_size(config["data"]))
+
+
+def _pretraining_vocab_size(data) -> int:
+    """The vocabulary pretraining gives a new model: its tokenizer's, known without building it (a bpe one
+    is trained to data.vocab_size; GPTConfig's default is GPT-2's)."""
+    from gptlab.config import GPTConfig
+    from gptlab.tokenizer import ByteTokenizer
+
+    return {"bpe": data.vocab_size, "byte": ByteTokenizer().vocab_size}.get(data.tokenizer, GPTConfig.vocab_size)
 
 
 def _size_arguments(parser: argparse.ArgumentParser) -> None:
@@ -275,8 +338,9 @@ def progress_bar(description: str, unit: str):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str], run_fields: bool = True) -> None:
-    """One `--section.field` option per config field, documented from the dataclass; `run_fields` adds
-    the top-level fields (--init-from, --out, ...) for commands that make a run."""
+    """One `--section.field` option per config field, documented from the dataclass (a "section.field"
+    entry in `sections`: that field only); `run_fields` adds the top-level fields (--init-from, --out, ...)
+    for commands that make a run."""
     import dataclasses
 
     from gptlab.config import RUN_FIELDS, section_types
@@ -286,10 +350,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str], r
     for name, help_text in RUN_FIELDS.items() if run_fields else ():
         flag = "--out" if name == "out_dir" else f"--{name.replace('_', '-')}"
         parser.add_argument(flag, dest=f"run.{name}", default=argparse.SUPPRESS, help=help_text)
-    for section in sections:
+    for entry in sections:
+        section, _, only = entry.partition(".")
         cls = types_by_name[section]
         group = parser.add_argument_group(f"{section} ({cls.__name__})")
         for f in dataclasses.fields(cls):
+            if only and f.name != only:
+                continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             group.add_argument(
                 f"--{section}.{f.name}",
@@ -307,11 +374,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str], r
 
 def collect_config(args: argparse.Namespace, base: dict | None = None) -> tuple[dict, dict]:
     """(run config values, explicit overrides) from --config, the base and the dotted options."""
-    from gptlab.config import load_config_file, parse_value, section_types, set_dotted
+    from gptlab.config import load_run_config, parse_value, section_types, set_dotted
 
     values = dict(base or {})
     if getattr(args, "config", None):
-        for key, value in load_config_file(args.config).items():
+        for key, value in load_run_config(args.config).items():
             values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
     overrides: dict = {}
     types_by_name = section_types()
@@ -319,7 +386,7 @@ def collect_config(args: argparse.Namespace, base: dict | None = None) -> tuple[
         if "." not in dest:
             continue
         section, name = dest.split(".", 1)
-        value = text if section == "run" else parse_value(types_by_name[section], name, text)
+        value = text if section == "run" else parse_value(types_by_name[section], name, text, f"{section}.")
         set_dotted(overrides, name if section == "run" else dest, value)
     for key, value in overrides.items():
         values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
@@ -327,6 +394,10 @@ def collect_config(args: argparse.Namespace, base: dict | None = None) -> tuple[
 
 
 # ---------------------------------------------------------------- gptlab pretrain
+
+
+# The model options of the finetuning commands: the other model fields fix the shapes of the weights they load.
+FINETUNE_MODEL_OPTIONS = ["model.dropout"]
 
 
 def training_arguments(parser: argparse.ArgumentParser, sections: list[str], lora_help: str | None = None) -> None:
@@ -616,6 +687,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         return 0
     if args.workers < 0 or args.chunk_mb <= 0:
         raise GptlabError("--workers must be 0 or more and --chunk-mb positive")
+    if args.out:
+        _check_folder_path(args.out, "--out")
     config = DataConfig(
         source=args.source, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction
     )
@@ -643,6 +716,16 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_folder_path(folder: str, option: str) -> None:
+    """Refuse a folder path that is, or lies inside, something other than a folder (a file, say)."""
+    from pathlib import Path
+
+    path = Path(folder)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise GptlabError(f"{option} {folder}: {existing} is a file, not a folder")
+
+
 def _print_datasets() -> None:
     from gptlab.download import DATASETS, is_available
 
@@ -658,7 +741,7 @@ importing = command_group("import", "make a gptlab run of GPT-2's published weig
 
 def _import_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--out", metavar="RUN", help=f"the run directory to create (default {default_out})")
-    parser.add_argument("--force", action="store_true", help="replace RUN if it already exists")
+    parser.add_argument("--force", action="store_true", help="replace RUN if it holds an earlier import")
     parser.add_argument(
         "--dropout", type=float, metavar="P", help="dropout for later finetuning (default: config.json's resid_pdrop)"
     )
@@ -704,11 +787,15 @@ def _import_hf_arguments(parser: argparse.ArgumentParser) -> None:
 def run_import_hf(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from gptlab.checkpoint import read_run_config
     from gptlab.interop import import_hf
 
     out = args.out or Path("runs") / Path(args.directory).resolve().name
     run = import_hf(args.directory, out, args.tokenizer, args.force, dropout=args.dropout)
-    print(f"imported {args.directory} into {run}; try: gptlab generate {run} 'Hello'")
+    if read_run_config(run)["task"] == "classify":
+        print(f"imported {args.directory} into {run} (a classifier); try: gptlab classify {run} 'Hello'")
+    else:
+        print(f"imported {args.directory} into {run}; try: gptlab generate {run} 'Hello'")
     return 0
 
 
@@ -718,15 +805,19 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", choices=["latest", "best"], default="latest", help="which checkpoint of RUN (default latest)"
     )
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it already exists")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an earlier export")
 
 
 @command("export", "write a run as a transformers directory (from_pretrained loads it)", _export_arguments)
 def run_export(args: argparse.Namespace) -> int:
-    from gptlab.interop import export_run
+    import json
+
+    from gptlab.interop import HF_CONFIG, export_run
 
     out = export_run(args.run_dir, args.out, which=args.checkpoint, force=args.force)
-    print(f"exported {args.run_dir} to {out}; transformers loads it with AutoModelForCausalLM.from_pretrained")
+    (architecture,) = json.loads((out / HF_CONFIG).read_text())["architectures"]
+    auto = "AutoModelForSequenceClassification" if "SequenceClassification" in architecture else "AutoModelForCausalLM"
+    print(f"exported {args.run_dir} to {out} ({architecture}); transformers loads it with {auto}.from_pretrained")
     return 0
 
 
@@ -735,7 +826,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _instruct_arguments(parser: argparse.ArgumentParser) -> None:
     training_arguments(
-        parser, ["train", "instruct", "lora"], "train low-rank adapters only (--instruct.trainable lora; see --lora.*)"
+        parser,
+        [*FINETUNE_MODEL_OPTIONS, "train", "instruct", "lora"],
+        "train low-rank adapters only (--instruct.trainable lora; see --lora.*)",
     )
 
 
@@ -749,8 +842,9 @@ def run_finetune_instruct(args: argparse.Namespace) -> int:
     result = training_run(args, finetune_instruct, "instruct")
     run_dir, final = result.run_dir, result.final_eval
     print(f"\ndone: {result.train.step} steps in {result.train.elapsed:.0f} s")
-    start = f"{result.start_eval['val_loss']:.4f} -> " if result.start_eval else ""
-    print(f"response-only validation loss: {start}{final['val_loss']:.4f} (perplexity {final['perplexity']:.2f})")
+    if final:  # empty when a resumed run had finished already: no step ran
+        start = f"{result.start_eval['val_loss']:.4f} -> " if result.start_eval else ""
+        print(f"response-only validation loss: {start}{final['val_loss']:.4f} (perplexity {final['perplexity']:.2f})")
     finishes = Counter(r["finish"] for r in result.responses)
     print(
         f"test responses: {len(result.responses)} in {result.responses_file} ({finishes['end_of_text']} ended at "
@@ -769,7 +863,9 @@ def run_finetune_instruct(args: argparse.Namespace) -> int:
 
 def _preference_arguments(parser: argparse.ArgumentParser) -> None:
     training_arguments(
-        parser, ["train", "preference", "lora"], "train low-rank adapters only (--preference.trainable lora)"
+        parser,
+        [*FINETUNE_MODEL_OPTIONS, "train", "preference", "lora"],
+        "train low-rank adapters only (--preference.trainable lora)",
     )
 
 
@@ -780,13 +876,11 @@ def run_finetune_preference(args: argparse.Namespace) -> int:
     result = training_run(args, finetune_preference, "preference")
     run_dir, start, final, test = result.run_dir, result.start_eval, result.final_eval, result.test_metrics
     print(f"\ndone: {result.train.step} steps in {result.train.elapsed:.0f} s")
-    for name, key in (
-        ("DPO loss", "val_loss"),
-        ("reward accuracy", "reward_accuracy"),
-        ("reward margin", "reward_margin"),
-    ):
-        before = f"{start[key]:.4f} -> " if start else ""
-        print(f"validation {name}: {before}{final[key]:.4f}")
+    reported = (("DPO loss", "val_loss"), ("reward accuracy", "reward_accuracy"), ("reward margin", "reward_margin"))
+    if final:  # empty when a resumed run had finished already: no step ran
+        for name, key in reported:
+            before = f"{start[key]:.4f} -> " if start else ""
+            print(f"validation {name}: {before}{final[key]:.4f}")
     if test:
         print(
             f"test split: reward accuracy {test['reward_accuracy']:.2%}, margin {test['reward_margin']:.4f} "
@@ -916,13 +1010,17 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gptlab.generate import load_generator
-    from gptlab.serve import create_app
+    from gptlab.serve import create_app, listening_socket
 
     defaults = _generation_config(args)
-    run = load_generator(args.run_dir, args.device, args.dtype)
-    name = args.name or run.run_dir.resolve().name
-    print(f"serving {run.run_dir} as {name!r} on http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
-    uvicorn.run(create_app(run, name, defaults), host=args.host, port=args.port, log_level="warning")
+    # Bound here, before the model loads, so a bad port or one in use is a one-line error at once.
+    with listening_socket(args.host, args.port) as sock:
+        run = load_generator(args.run_dir, args.device, args.dtype)
+        name = args.name or run.run_dir.resolve().name
+        port = sock.getsockname()[1]
+        print(f"serving {run.run_dir} as {name!r} on http://{args.host}:{port}/v1 (OpenAI-compatible)", flush=True)
+        server = uvicorn.Server(uvicorn.Config(create_app(run, name, defaults), log_level="warning"))
+        server.run(sockets=[sock])
     return 0
 
 
@@ -931,7 +1029,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _finetune_classify_arguments(parser: argparse.ArgumentParser) -> None:
     training_arguments(
-        parser, ["classify", "train", "lora"], "train low-rank adapters and the head (--classify.trainable lora)"
+        parser,
+        [*FINETUNE_MODEL_OPTIONS, "classify", "train", "lora"],
+        "train low-rank adapters and the head (--classify.trainable lora)",
     )
 
 

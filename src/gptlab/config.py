@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -207,16 +208,16 @@ class GenerationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise GptlabError(f"{name} must be a positive integer, got {value!r}")
-        if self.temperature < 0:
-            raise GptlabError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise GptlabError(f"temperature must be >= 0 (0 means greedy) and finite, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise GptlabError(f"top_k must be at least 1 (or none for all tokens), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise GptlabError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise GptlabError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise GptlabError(f"repetition_penalty must be positive (1: off), got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise GptlabError(f"repetition_penalty must be positive and finite (1: off), got {self.repetition_penalty}")
         if self.prompt_overflow not in ("truncate", "error"):
             raise GptlabError(f"prompt_overflow must be 'truncate' or 'error', got {self.prompt_overflow!r}")
         if any(not s for s in self.stop):
@@ -389,18 +390,29 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def config_from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from a dict, refusing unknown fields with a suggestion."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+def config_from_dict(cls: type, values: dict[str, Any], where: str = "", source: str = "") -> Any:
+    """Build dataclass `cls` from a dict, refusing unknown fields (with a suggestion) and values of the
+    wrong type; `where` ("train.") and `source` (a file) place a field in error messages."""
+    return cls(**field_values(cls, values, where, source))
+
+
+def field_values(cls: type, values: dict[str, Any], where: str = "", source: str = "") -> dict[str, Any]:
+    """`values` with every field's value converted to the field's type by `to_field_type`."""
+    if not isinstance(values, dict):
+        raise GptlabError(
+            f"config section {where.rstrip('.')!r}{_in(source)} must be a mapping of fields, got {values!r}"
+        )
+    known = {f.name for f in dataclasses.fields(cls)}
+    converted = {}
     for key, value in values.items():
         if key not in known:
-            raise GptlabError(f"unknown config field {where}{key!r}{_suggest(key, known)}")
+            raise GptlabError(f"unknown config field {where}{key}{_in(source)}{_suggest(str(key), known)}")
         hint = _field_type(cls, key)
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = config_from_dict(hint, value, where=f"{where}{key}.")
-        kwargs[key] = value
-    return cls(**kwargs)
+            converted[key] = config_from_dict(hint, value, where=f"{where}{key}.", source=source)
+        else:
+            converted[key] = to_field_type(hint, value, f"{where}{key}", source)
+    return converted
 
 
 def _field_type(cls: type, name: str) -> Any:
@@ -408,33 +420,83 @@ def _field_type(cls: type, name: str) -> Any:
     return hints[name]
 
 
-def parse_value(cls: type, name: str, text: str) -> Any:
+def _in(source: str) -> str:
+    return f" in {source}" if source else ""
+
+
+def parse_value(cls: type, name: str, text: str, where: str = "") -> Any:
     """Turn the command-line text for field `name` of `cls` into the field's type."""
-    hint = _field_type(cls, name)
-    origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = origin in (typing.Union, types.UnionType) and len(args) == 1
-    if optional:
-        if text.lower() in ("none", "null", ""):
-            return None
-        hint = args[0]
-        origin = typing.get_origin(hint)
+    return to_field_type(_field_type(cls, name), text, f"{where}{name}")
+
+
+def to_field_type(hint: Any, value: Any, name: str, source: str = "") -> Any:
+    """`value` (command-line text, or what a config file holds) as a field of type `hint`, else a one-line
+    error naming field `name`, the value and the type expected."""
     try:
-        if hint is bool:
-            lowered = text.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if hint in (int, float, str):
-            return hint(text)
-        if origin is list:
-            (item,) = typing.get_args(hint) or (str,)
-            return [item(part) for part in text.split(",") if part != ""]
+        return _convert(hint, value)
     except ValueError:
-        raise GptlabError(f"invalid value {text!r} for {name}: expected {getattr(hint, '__name__', hint)}") from None
-    return text
+        raise GptlabError(f"invalid value {value!r} for {name}{_in(source)}: it must be {_describe(hint)}") from None
+
+
+# The words for a type in error messages: (one value, several).
+_TYPE_WORDS = {
+    int: ("a whole number", "whole numbers"),
+    float: ("a finite number", "finite numbers"),
+    bool: ("true or false", "true/false values"),
+    str: ("text", "texts"),
+}
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    """`value` as type `hint`, or ValueError. Text is read as the command line reads it, so YAML's `1e-3`
+    (text to YAML 1.1) is a float and a list field takes comma-separated text; a number is read from its
+    text too (3.7 is no whole number); true/false fits only a true/false field (bool is an int subclass,
+    and YAML reads yes/no/on/off as booleans); a YAML list converts item by item."""
+    optional, hint = _split_optional(hint)
+    if optional and (value is None or isinstance(value, str) and value.lower() in ("none", "null", "")):
+        return None
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (str,)
+        if isinstance(value, str):
+            return [_convert(item, part) for part in value.split(",") if part != ""]
+        if not isinstance(value, list):
+            raise ValueError(value)
+        return [_convert(item, part) for part in value]
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool) and hint is not bool:
+        raise ValueError(value)
+    text = str(value)
+    if hint is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if hint is float:
+        number = float(text)
+        if not math.isfinite(number):  # no field means anything by nan or inf; they fail later, far from here
+            raise ValueError(text)
+        return number
+    if hint in (int, str):
+        return hint(text)
+    return value
+
+
+def _split_optional(hint: Any) -> tuple[bool, Any]:
+    """(whether None is allowed, the type without None) of a field's type hint."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return True, args[0]
+    return False, hint
+
+
+def _describe(hint: Any) -> str:
+    optional, hint = _split_optional(hint)
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (str,)
+        words = f"a list of {_TYPE_WORDS[item][1]} (or one text of them, comma-separated)"
+    else:
+        words = _TYPE_WORDS.get(hint, (getattr(hint, "__name__", str(hint)),))[0]
+    return words + (" or none" if optional else "")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -484,6 +546,27 @@ RUN_FIELDS: dict[str, str] = {
 }
 
 
+def check_run_values(values: dict[str, Any], source: str = "") -> dict[str, Any]:
+    """A run config's values with every field converted to its type (`to_field_type`: text as on the
+    command line), unknown names refused; `source`, the file they come from, for error messages."""
+    types_by_name = section_types()
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in RUN_FIELDS:
+            checked[key] = to_field_type(str | None, value, key, source)
+        elif key in types_by_name:
+            checked[key] = field_values(types_by_name[key], {} if value is None else value, f"{key}.", source)
+        else:
+            known = [*RUN_FIELDS, *types_by_name]
+            raise GptlabError(f"unknown config field {key}{_in(source)}{_suggest(str(key), known)}")
+    return checked
+
+
+def load_run_config(path: str | Path) -> dict[str, Any]:
+    """A run config file (a recipe), its fields checked and converted to their types (errors name the file)."""
+    return check_run_values(load_config_file(path), source=str(path))
+
+
 def resolve_run_config(values: dict[str, Any], sections: list[str]) -> dict[str, Any]:
     """Validate a run config dict: every section becomes its dataclass, unknown fields are refused.
 
@@ -491,17 +574,11 @@ def resolve_run_config(values: dict[str, Any], sections: list[str]) -> dict[str,
     section's learning rate defaults to the published one of models of GPT-2's and GPT-3's shapes.
     """
     types_by_name = section_types()
-    resolved: dict[str, Any] = {}
+    values = check_run_values(values)
+    resolved: dict[str, Any] = {key: value for key, value in values.items() if key in RUN_FIELDS}
     sections = sorted(sections, key=lambda name: name != "model")  # the train section's default needs the model
-    for key, value in values.items():
-        if key not in RUN_FIELDS and key not in types_by_name:
-            raise GptlabError(f"unknown config field {key!r}{_suggest(key, [*RUN_FIELDS, *types_by_name])}")
-        if key in RUN_FIELDS:
-            resolved[key] = value
     for name in sections:
         section = dict(values.get(name) or {})
-        if not isinstance(section, dict):
-            raise GptlabError(f"config section {name!r} must be a mapping of fields")
         if name == "model":
             preset = values.get("preset")
             base = dict(PRESETS[preset]) if preset in PRESETS else {}

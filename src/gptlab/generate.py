@@ -347,43 +347,57 @@ def _check_tokenizer(model: torch.nn.Module, tokenizer) -> None:
 
 
 def stream_rows(
-    model: torch.nn.Module, tokenizer, prompt_ids: Sequence[Sequence[int]], config: GenerationConfig
+    model: torch.nn.Module,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    on_row_end: Callable[[int, int, str], None] | None = None,
 ) -> Iterator[tuple[int, str]]:
     """An iterator of (prompt index, text piece) as the rows of each batch are decoded; every piece is
     valid UTF-8. Bad input is refused here, before the iterator starts.
 
     A row ends at `max_new_tokens`, at end-of-text (when `config.stop_at_eot`) or at a stop string,
     which is found in the decoded text even when it spans several tokens and is not included.
+    `on_row_end(prompt index, tokens generated, reason)` hears of each row's end after its last piece:
+    reason "stop" (end-of-text, counted, or a stop string) or "length" (`max_new_tokens`).
     """
     _check_tokenizer(model, tokenizer)
     _check_ids(model, prompt_ids)
     context = model.config.context_length
     prompts = [prepare_prompt(p, context, config, tokenizer.eot_id) for p in prompt_ids]
-    return _stream_batches(model, tokenizer, prompts, config)
+    return _stream_batches(model, tokenizer, prompts, config, on_row_end or (lambda index, tokens, reason: None))
 
 
 def _stream_batches(
-    model: torch.nn.Module, tokenizer, prompts: list[list[int]], config: GenerationConfig
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    on_row_end: Callable[[int, int, str], None],
 ) -> Iterator[tuple[int, str]]:
     stop_id = tokenizer.eot_id if config.stop_at_eot else None
     generator = make_generator(config, next(model.parameters()).device)
     for offset, batch in _batches(prompts, config.batch_size):
         texts = [_RowText(config.stop) for _ in batch]
+        counts = [0] * len(batch)
         active = set(range(len(batch)))
         for tokens in decode_steps(model, batch, config, generator):
             for i in sorted(active):
                 text = texts[i]
+                counts[i] += 1
                 piece = text.finish() if tokens[i] == stop_id else text.add(tokenizer.decode_bytes([tokens[i]]))
                 if piece:
                     yield offset + i, piece
                 if text.done:
                     active.discard(i)
+                    on_row_end(offset + i, counts[i], "stop")
             if not active:
                 break
         for i in sorted(active):
             piece = texts[i].finish()
             if piece:
                 yield offset + i, piece
+            on_row_end(offset + i, counts[i], "length")
 
 
 def stream(model: torch.nn.Module, tokenizer, prompt: str, config: GenerationConfig | None = None) -> Iterator[str]:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,12 +24,13 @@ from gptlab.config import GenerationConfig, GPTConfig, InstructConfig, RecordsCo
 from gptlab.errors import GptlabError
 from gptlab.model import IGNORE_INDEX
 from gptlab.templates import ROLES, Template, format_instruction, format_messages, get_template
-from gptlab.train import TrainResult
+from gptlab.train import RunDirectory, TrainResult
 
 SPLITS = ("train", "validation", "test")
 SPLIT_DIR = "data"  # the run's split: data/train.json, data/validation.json, data/test.json
 RESPONSES_FILE = "test_responses.json"
 SAMPLE_COUNT = 2  # validation instructions answered at each evaluation
+T = TypeVar("T")
 
 # What an instruction run starts from before the user's config: a finetuning schedule, not pretraining's.
 INSTRUCT_DEFAULTS: dict[str, Any] = {
@@ -210,6 +211,36 @@ def encode_example(
     ids.append(tokenizer.eot_id)
     response.append(True)
     return Example(ids[: max_length + 1], response[: max_length + 1])
+
+
+def has_response(example: Example) -> bool:
+    """Whether truncation left the example a response token to learn (its first token is never a target)."""
+    return any(example.response[1:])
+
+
+def encode_learnable(
+    split: dict[str, list[dict[str, Any]]],
+    encode: Callable[[dict[str, Any]], T | None],
+    names: Sequence[str],
+    what: str,
+    max_length: int,
+    context_length: int,
+    section: str,
+) -> tuple[dict[str, list[T]], dict[str, list[dict[str, Any]]]]:
+    """`encode` of every record of the splits `names`, without the records it gives None for (truncation to
+    `max_length` left them nothing to learn): the encoded items and the records kept, split by split.
+    With no training or validation item left, the run would learn nothing and report a perfect loss."""
+    items, kept = {}, {}
+    for name in names:
+        encoded = [(record, encode(record)) for record in split[name]]
+        kept[name] = [record for record, item in encoded if item is not None]
+        items[name] = [item for _, item in encoded if item is not None]
+    if not items["train"] or not items["validation"]:
+        longer = f"raise {section}.max_length" if max_length < context_length else "start from a longer-context model"
+        raise GptlabError(
+            f"no training or validation {what} within {max_length} tokens; {longer} or shorten the prompts"
+        )
+    return items, kept
 
 
 def collate(examples: Sequence[Example], eot_id: int, mask_prompt: bool = True) -> dict[str, torch.Tensor]:
@@ -520,31 +551,44 @@ def train_from_start(
     model: torch.nn.Module,
     objective: RecordsObjective,
     config: dict[str, Any],
-    run_dir: Path,
+    run: RunDirectory,
     runtime,
-    resume_from: Path | None,
     log: Callable[[str], None],
+    write_files: Callable[[], None] | None = None,
 ) -> tuple[dict[str, float], TrainResult]:
     """Evaluate the starting model (a fresh run's step 0 of the curves), then train it in the one loop
-    (compiled with `train.compile`, checkpoints holding only the adapters under LoRA).
+    (compiled with `train.compile`, checkpoints holding only the adapters under LoRA). Once the loop
+    has started the run directory, rank 0 writes the step-0 metrics and `write_files()` into it.
 
     Returns the starting evaluation (empty on resume) and the loop's result."""
     from gptlab.lora import lora_state_dict
     from gptlab.train import METRICS_FILE, MetricsLog, train
 
     start_eval: dict[str, float] = {}
-    if resume_from is None:
+    if run.resume_from is None:
         with torch.no_grad(), runtime.autocast():
             start_eval = objective.evaluate(model.eval(), runtime)
-        if runtime.is_main:
-            MetricsLog(run_dir / METRICS_FILE).append({"step": 0, "split": "val", "tokens": 0, **start_eval})
         log("before training: " + " | ".join(f"{k} {v:.4f}" for k, v in start_eval.items()))
+
+    def start_run() -> None:
+        run.start()
+        if start_eval:
+            MetricsLog(run.path / METRICS_FILE).append({"step": 0, "split": "val", "tokens": 0, **start_eval})
+        if write_files is not None:
+            write_files()
+
     result = train(
-        model, objective, config["train"], run_dir, runtime, resume_from=resume_from, log=log,
+        model, objective, config["train"], run.path, runtime, resume_from=run.resume_from, log=log,
         wrap_model=torch.compile if config["train"].compile else None,
-        save_weights=lora_state_dict if "lora" in config else None,
+        save_weights=lora_state_dict if "lora" in config else None, start_run=start_run,
     )  # fmt: skip
     return start_eval, result
+
+
+def _answered_example(record: dict[str, Any], template: Template, tokenizer, max_length: int) -> Example | None:
+    """The record's example, or None when truncation to `max_length` cut its whole response off."""
+    example = encode_example(record, template, tokenizer, max_length)
+    return example if has_response(example) else None
 
 
 def finetune_instruct(
@@ -562,8 +606,10 @@ def finetune_instruct(
     from gptlab.config import run_config_to_dict
     from gptlab.lora import count_trainable
     from gptlab.tokenizer import load_tokenizer
-    from gptlab.train import make_runtime, open_run_dir
+    from gptlab.train import check_resumed_task, check_run_dir, make_runtime
 
+    if resume:
+        check_resumed_task(values["out_dir"], "instruct")
     config = resolve_records_config(values, resume)
     template, instruct = get_template(config["template"]), config["instruct"]
     run_dir = Path(config["out_dir"])
@@ -574,23 +620,29 @@ def finetune_instruct(
     trainable, total = count_trainable(model)
 
     stored = run_config_to_dict(config)
-    resume_from = open_run_dir(
-        run_dir, stored, runtime, tokenizer, resume, overwrite, allow_config_change, lambda: write_split(run_dir, split)
-    )
+    run = check_run_dir(
+        run_dir, stored, runtime, tokenizer, resume, overwrite, allow_config_change, lambda: write_split(run_dir, split),
+        log,
+    )  # fmt: skip
     max_length = instruct.max_length or config["model"].context_length
-    examples = {name: [encode_example(r, template, tokenizer, max_length) for r in split[name]] for name in SPLITS}
+    examples, kept = encode_learnable(
+        split, lambda record: _answered_example(record, template, tokenizer, max_length), ("train", "validation"),
+        "record keeps a response token", max_length, config["model"].context_length, "instruct",
+    )  # fmt: skip
+    left_out = sum(len(split[name]) - len(kept[name]) for name in kept)
     log(
-        f"instruction data: {', '.join(f'{len(split[n])} {n}' for n in SPLITS)} records in the {template.name} template; "
+        f"instruction data: {', '.join(f'{len(split[n])} {n}' for n in SPLITS)} records in the {template.name} template"
+        f"{f' ({left_out} without a response token within {max_length} tokens left out)' if left_out else ''}; "
         f"{trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}){' (LoRA)' if 'lora' in config else ''} "
         f"on {runtime.device}"
     )
-    sample_prompts = [prompt_and_reference(r, template)[0] for r in split["validation"]]
+    sample_prompts = [prompt_and_reference(r, template)[0] for r in kept["validation"]]
     objective = InstructionObjective(
         examples["train"], examples["validation"], sample_prompts, tokenizer, template, config["model"],
         config["train"], instruct, runtime.rank, runtime.world_size,
     )  # fmt: skip
 
-    start_eval, result = train_from_start(model, objective, config, run_dir, runtime, resume_from, log)
+    start_eval, result = train_from_start(model, objective, config, run, runtime, log)
 
     model.eval()
     with runtime.autocast():

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from gptlab.checkpoint import CONFIG_FILE
 from gptlab.config import PRESETS, GPTConfig
 from gptlab.errors import GptlabError
 
@@ -57,6 +58,9 @@ GPT2_KNOWN_FILES: dict[tuple[str, str], tuple[int, str]] = {
 }
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _DTYPES_BY_CODE = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+# (the file that marks it, its name) of what import and export write: --force replaces only these.
+_RUN = (CONFIG_FILE, "a gptlab run")
+_EXPORT = (HF_CONFIG, "a transformers directory")
 
 
 # ---------------------------------------------------------------- names and shapes
@@ -482,8 +486,9 @@ def import_hf(
     from gptlab.config import config_to_dict
 
     directory, run_dir = Path(directory), Path(run_dir)
-    _refuse_existing(run_dir, force)
     values = read_hf_config(directory)
+    _refuse_overlap(directory, run_dir)
+    _refuse_existing(run_dir, force, *_RUN)
     config = gpt_config_from_hf(values, str(directory / HF_CONFIG))
     if dropout is not None:
         config = dataclasses.replace(config, dropout=dropout)
@@ -503,7 +508,7 @@ def import_hf(
     run_config: dict[str, Any] = {"task": "pretrain", "model": config_to_dict(config)}
     if labels:
         run_config.update(task="classify", classify={"labels": labels, "pooling": "last"})
-    with _new_directory(run_dir, force) as building:
+    with _new_directory(run_dir, force, *_RUN) as building:
         write_run_config(building, run_config)
         tok.save(building / "tokenizer")
         # save_checkpoint writes the trainer state and the `latest` pointer; the weights are streamed over
@@ -581,7 +586,7 @@ def import_gpt2(
     """Download GPT-2's published weights of `size` (once, into the cache) and make a gptlab run of them."""
     from gptlab.download import dataset_files
 
-    _refuse_existing(Path(run_dir), force)
+    _refuse_existing(Path(run_dir), force, *_RUN)
     dataset_files("gpt2")  # the tokenizer files, so the run works offline from now on
     return import_hf(fetch_gpt2(size, progress), run_dir, tokenizer="gpt2", force=force, dropout=dropout)
 
@@ -623,8 +628,10 @@ def export_run(run: str | Path, out_dir: str | Path, which: str = "latest", forc
     from gptlab.checkpoint import load_run
 
     out_dir = Path(out_dir)
-    _refuse_existing(out_dir, force)
+    _refuse_overlap(Path(run), out_dir)
+    _refuse_existing(out_dir, force, *_EXPORT)
     loaded = load_run(run, which=which)
+    _refuse_overlap(loaded.run_dir, out_dir)  # RUN may be one of its checkpoint folders
     model = loaded.model
     if loaded.config.get("lora"):
         from gptlab.lora import merge_lora
@@ -635,7 +642,7 @@ def export_run(run: str | Path, out_dir: str | Path, which: str = "latest", forc
     tensors = lazy_hf_tensors(model.state_dict(), config, "score.weight" if labels else "lm_head.weight")
     if config.tie_embeddings and not labels:
         del tensors["lm_head.weight"]  # transformers ties it to transformer.wte.weight on loading
-    with _new_directory(out_dir, force) as building:
+    with _new_directory(out_dir, force, *_EXPORT) as building:
         write_safetensors(building / HF_WEIGHTS, tensors)
         _write_json(building / HF_CONFIG, hf_config(config, eot_id, loaded.tokenizer.kind, labels))
         _write_json(
@@ -664,24 +671,40 @@ def _class_labels(run_config: Mapping[str, Any]) -> list[str] | None:
 # ---------------------------------------------------------------- output directories
 
 
-def _refuse_existing(path: Path, force: bool) -> None:
-    if path.exists() and not force and (not path.is_dir() or any(path.iterdir())):
+def _refuse_overlap(source: Path, path: Path) -> None:
+    """Refuse a destination that is, holds or lies inside the directory it is made from: replacing
+    it would delete the source (symbolic links are followed)."""
+    source_resolved, path_resolved = source.resolve(), path.resolve()
+    if path_resolved.is_relative_to(source_resolved) or source_resolved.is_relative_to(path_resolved):
+        raise GptlabError(f"{path} overlaps {source}, which it is made from; write to a directory outside {source}")
+
+
+def _refuse_existing(path: Path, force: bool, marker: str, kind: str) -> None:
+    """Refuse to replace anything but an empty directory, or with `force` a directory holding `marker`:
+    a previous `kind`. Other folders (a run, a home directory given by mistake) are never deleted."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not force:
         raise GptlabError(f"{path} already exists; choose a new directory or pass --force to replace it")
+    if not (path / marker).is_file():
+        raise GptlabError(
+            f"{path} is not {kind} (it has no {marker}), so --force does not replace it; "
+            "choose a new directory or remove it yourself"
+        )
 
 
 @contextmanager
-def _new_directory(path: Path, force: bool) -> Iterator[Path]:
+def _new_directory(path: Path, force: bool, marker: str, kind: str) -> Iterator[Path]:
     """A temporary sibling folder to fill, renamed to `path` only once complete: a failed or killed
     import or export never leaves half a directory behind."""
+    path = path.resolve()  # a link to a directory: replace the directory it points to, keep the link
     path.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         yield building
-        _refuse_existing(path, force)
-        if path.is_dir():
+        _refuse_existing(path, force, marker, kind)
+        if path.exists():
             shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
         os.replace(building, path)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)

@@ -31,8 +31,11 @@ JUDGE_PROMPT = (
     "on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
 )
 RETRY_STATUSES = (429, 500, 502, 503, 504)
-_THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# Reasoning: a <think> block (one left open runs to the end: the reply was cut off while thinking), or
+# everything up to a lone </think> (some servers put the opening tag in the prompt).
+_THINKING = re.compile(r"<think>.*?(?:</think>|\Z)|\A(?:(?!<think>).)*?</think>", re.DOTALL)
+# A number, with its sign (so -5 is not read as 5), not the digits inside a word ("GPT4") or after a point.
+_NUMBER = re.compile(r"(?<![\w.])[-\u2212]?(?:\d+(?:\.\d+)?|\.\d+)")
 
 
 def chat_completions_url(endpoint: str) -> str:
@@ -63,11 +66,12 @@ def judge_prompt(entry: dict[str, Any]) -> str:
 
 
 def parse_score(reply: str) -> float | None:
-    """The first number of the judge's reply (after any <think> block) when it lies in 0-100, else None."""
+    """The first number of the judge's reply (after any <think> block) when it lies in 0-100, else None:
+    a reply of "-5" or "150" is unscored."""
     found = _NUMBER.search(_THINKING.sub("", reply))
     if found is None:
         return None
-    score = float(found.group())
+    score = float(found.group().replace("\u2212", "-"))
     return score if 0 <= score <= 100 else None
 
 

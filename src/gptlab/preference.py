@@ -38,6 +38,8 @@ from gptlab.instruct import (
     check_record,
     collate,
     encode_example,
+    encode_learnable,
+    has_response,
     prompt_and_reference,
     read_records,
     read_split,
@@ -135,22 +137,9 @@ def encode_pair(record: dict[str, Any], template: Template, tokenizer, max_lengt
         encode_example(with_response(record, record[key]), template, tokenizer, max_length, last_response_only=True)
         for key in ("chosen", "rejected")
     )
-    if not any(chosen.response[1:]) or not any(rejected.response[1:]) or chosen.ids == rejected.ids:
+    if not has_response(chosen) or not has_response(rejected) or chosen.ids == rejected.ids:
         return None
     return Pair(chosen, rejected)
-
-
-def encode_pairs(
-    records: Sequence[dict[str, Any]], template: Template, tokenizer, max_length: int
-) -> tuple[list[Pair], list[int]]:
-    """The pairs that keep two different answers after truncation, and the indices of their records."""
-    pairs, kept = [], []
-    for i, record in enumerate(records):
-        pair = encode_pair(record, template, tokenizer, max_length)
-        if pair is not None:
-            pairs.append(pair)
-            kept.append(i)
-    return pairs, kept
 
 
 def collate_pairs(pairs: Sequence[Pair], eot_id: int) -> dict[str, torch.Tensor]:
@@ -284,16 +273,18 @@ def reference_log_probs(
     model: torch.nn.Module,
     pairs: dict[str, list[Pair]],
     run_dir: Path,
+    resume: bool,
     tokenizer,
     batch_size: int,
     runtime,
     log: Callable[[str], None],
 ) -> dict[str, torch.Tensor]:
-    """The reference's log-probabilities of every split's pairs: read from the run, or computed with
-    `model` (the starting weights) and written there by rank 0."""
+    """The reference's log-probabilities of every split's pairs: read from a resumed run, or computed
+    with `model` (the starting weights). `write_reference` stores them in the run."""
     path = run_dir / SPLIT_DIR / REFERENCE_FILE
     fingerprint = pairs_fingerprint(pairs)
-    if path.is_file():
+    # Only a resumed run's file is its own: the directory of a new run may still hold the run it replaces.
+    if resume and path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
         if stored.get("fingerprint") == fingerprint:
             return {name: torch.tensor(stored[name], dtype=torch.float32).view(-1, 2) for name in SPLITS}
@@ -315,12 +306,15 @@ def reference_log_probs(
     model.train()
     reference = dict(zip(SPLITS, computed.split([len(pairs[name]) for name in SPLITS]), strict=True))
     total = len(in_order)
-    if runtime.is_main:
-        stored = {"fingerprint": fingerprint, **{name: reference[name].tolist() for name in SPLITS}}
-        ckpt.atomic_write_text(path, json.dumps(stored))
     ranks = f" over {runtime.world_size} ranks" if runtime.world_size > 1 else ""
     log(f"reference log-probabilities of {total} pairs{ranks} in {time.perf_counter() - started:.1f} s")
     return reference
+
+
+def write_reference(run_dir: Path, pairs: dict[str, list[Pair]], reference: dict[str, torch.Tensor]) -> None:
+    """Store the reference's log-probabilities in the run, with the fingerprint of the pairs they belong to."""
+    stored = {"fingerprint": pairs_fingerprint(pairs), **{name: reference[name].tolist() for name in SPLITS}}
+    ckpt.atomic_write_text(run_dir / SPLIT_DIR / REFERENCE_FILE, json.dumps(stored))
 
 
 # ---------------------------------------------------------------- the run
@@ -358,8 +352,10 @@ def finetune_preference(
     from gptlab.config import run_config_to_dict
     from gptlab.lora import count_trainable
     from gptlab.tokenizer import load_tokenizer
-    from gptlab.train import make_runtime, open_run_dir
+    from gptlab.train import check_resumed_task, check_run_dir, make_runtime
 
+    if resume:
+        check_resumed_task(values["out_dir"], "preference")
     config = resolve_records_config(values, resume, "preference", PREFERENCE_DEFAULTS)
     template, preference = get_template(config["template"]), config["preference"]
     run_dir = Path(config["out_dir"])
@@ -373,46 +369,43 @@ def finetune_preference(
     runtime = make_runtime(config["train"])
     model = build_model(config).to(runtime.device)
     trainable, total = count_trainable(model)
-    resume_from = open_run_dir(
+    run = check_run_dir(
         run_dir, run_config_to_dict(config), runtime, tokenizer, resume, overwrite, allow_config_change,
-        lambda: write_split(run_dir, split),
+        lambda: write_split(run_dir, split), log,
     )  # fmt: skip
 
     max_length = preference.max_length or config["model"].context_length
-    pairs: dict[str, list[Pair]] = {}
-    for name in SPLITS:
-        pairs[name], kept = encode_pairs(split[name], template, tokenizer, max_length)
-        skipped["truncated"] += len(split[name]) - len(kept)
-        split[name] = [split[name][i] for i in kept]
-    if not pairs["train"] or not pairs["validation"]:
-        raise GptlabError(
-            f"no training or validation pair keeps two different answers within {max_length} tokens; "
-            "raise preference.max_length or shorten the prompts"
-        )
+    pairs, kept = encode_learnable(
+        split, lambda record: encode_pair(record, template, tokenizer, max_length), SPLITS,
+        "pair keeps two different answers", max_length, config["model"].context_length, "preference",
+    )  # fmt: skip
+    skipped["truncated"] = sum(len(split[name]) - len(kept[name]) for name in SPLITS)
     log(
         f"preference data: {', '.join(f'{len(pairs[n])} {n}' for n in SPLITS)} pairs in the {template.name} template"
         f"{_skipped_text(skipped)}; {trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})"
         f"{' (LoRA)' if 'lora' in config else ''} on {runtime.device}; beta {preference.beta}"
     )
     batch_size = config["train"].batch_size
-    reference = reference_log_probs(model, pairs, run_dir, tokenizer, batch_size, runtime, log)
-    sample_prompts = [prompt_and_reference(with_response(r, r["chosen"]), template)[0] for r in split["validation"]]
+    reference = reference_log_probs(model, pairs, run_dir, resume, tokenizer, batch_size, runtime, log)
+    sample_prompts = [prompt_and_reference(with_response(r, r["chosen"]), template)[0] for r in kept["validation"]]
     objective = PreferenceObjective(
         pairs["train"], pairs["validation"], reference, sample_prompts, tokenizer, template, config["model"],
         config["train"], preference, runtime.rank, runtime.world_size,
     )  # fmt: skip
 
     # At step 0 the policy is the reference: DPO loss log 2, every reward 0.
-    start_eval, result = train_from_start(model, objective, config, run_dir, runtime, resume_from, log)
+    start_eval, result = train_from_start(
+        model, objective, config, run, runtime, log, lambda: write_reference(run_dir, pairs, reference)
+    )
 
     model.eval()
     test_metrics = objective.metrics(model, runtime, "test", pairs["test"])
     responses: list[dict[str, Any]] = []
-    if split["test"]:
+    if kept["test"]:
         with runtime.autocast():
-            answers = [with_response(r, r["chosen"]) for r in split["test"]]
+            answers = [with_response(r, r["chosen"]) for r in kept["test"]]
             answered = answer_records(model, tokenizer, answers, template, preference.response_tokens, runtime)
-        responses = [{**record, **answer} for record, answer in zip(split["test"], answered, strict=True)]
+        responses = [{**record, **answer} for record, answer in zip(kept["test"], answered, strict=True)]
     responses_file = run_dir / RESPONSES_FILE
     if runtime.is_main:
         ckpt.atomic_write_text(responses_file, json.dumps(responses, indent=1, ensure_ascii=False))

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gptlab.config import GenerationConfig
 from gptlab.errors import GptlabError
 
 
 class _Sampling(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)  # NaN or infinite sampling values break decoding
+
     model: str | None = None
     max_tokens: int | None = Field(default=None, description="tokens to generate (default: the server's)")
     temperature: float | None = None
@@ -69,6 +75,41 @@ def _error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": "invalid_request_error"}})
 
 
+def _invalid_request(_request, exc: RequestValidationError) -> JSONResponse:
+    """A request body of the wrong shape, as OpenAI's API answers it: a 400 naming the first bad field."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"] if part != "body")
+    return _error(f"{where}: {first['msg']}" if where else first["msg"])
+
+
+@dataclass
+class _Outcome:
+    """How one prompt's generation went, known once its pieces are all read."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}  # fmt: skip
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port (0: any free port); a bad port, an unknown host or an address
+    in use is a one-line error, before a model is loaded."""
+    if not 0 <= port <= 65535:
+        raise GptlabError(f"the port must be from 0 to 65535, got {port}")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise GptlabError(f"cannot listen on host {host!r} ({exc.strerror})") from None
+    try:
+        return socket.create_server(address, family=family)
+    except OSError as exc:  # its message repeats the address; the errno's text alone reads better
+        raise GptlabError(f"cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc})") from None
+
+
 def _sse(payloads: Iterator[dict[str, Any]]) -> Iterator[str]:
     for payload in payloads:
         yield f"data: {json.dumps(payload)}\n\n"
@@ -86,25 +127,33 @@ def create_app(run, name: str, defaults: GenerationConfig | None = None) -> Fast
     # One generation at a time: the model's kernels already use every core (or the GPU).
     lock = threading.Lock()
     app = FastAPI(title="gptlab", description=f"OpenAI-compatible API for the gptlab run {run.run_dir}")
+    app.add_exception_handler(RequestValidationError, _invalid_request)
 
-    def pieces(prompt: str, config: GenerationConfig) -> Iterator[str]:
-        with lock:
-            for _, piece in stream_rows(model, tokenizer, [tokenizer.encode(prompt)], config):
-                yield piece
+    def start(prompt: str, config: GenerationConfig) -> tuple[Iterator[str], _Outcome]:
+        """The pieces of `prompt`'s completion, decoded as they are read, and its outcome, filled in after
+        the last piece. A prompt generation refuses (too long, say) raises GptlabError here, before any
+        response has started: a streamed reply could no longer turn into a 400."""
+        ids = tokenizer.encode(prompt)
+        outcome = _Outcome(len(ids))
 
-    def usage(prompt: str, text: str) -> dict[str, int]:
-        prompt_tokens, completion_tokens = len(tokenizer.encode(prompt)), len(tokenizer.encode(text))
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        def ended(_index: int, tokens: int, reason: str) -> None:
+            outcome.completion_tokens, outcome.finish_reason = tokens, reason
 
-    def finish_reason(text: str, config: GenerationConfig) -> str:
-        return "length" if len(tokenizer.encode(text)) >= config.max_new_tokens else "stop"
+        rows = stream_rows(model, tokenizer, [ids], config, ended)
+
+        def pieces() -> Iterator[str]:
+            with lock:
+                for _, piece in rows:
+                    yield piece
+
+        return pieces(), outcome
 
     def chat_prompt(messages: list[ChatMessage]) -> str:
         plain = [m.model_dump() for m in messages]
-        if template is not None:
-            return format_messages(template, plain)
-        return "".join(m["content"] for m in plain)
+        prompt = format_messages(template, plain) if template is not None else "".join(m["content"] for m in plain)
+        if not any(m["role"] == "user" for m in plain):  # checked after format_messages has named any bad role
+            raise GptlabError("the messages hold no user message to reply to")
+        return prompt
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -121,30 +170,32 @@ def create_app(run, name: str, defaults: GenerationConfig | None = None) -> Fast
             prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
             if request.stream and len(prompts) != 1:
                 raise GptlabError("streaming takes one prompt per request")
+            generations = [start(prompt, config) for prompt in prompts]
         except GptlabError as exc:
             return _error(str(exc))
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": ident, "object": "text_completion", "created": created, "model": name}
         if request.stream:
-            chunks = (
-                {"id": ident, "object": "text_completion", "created": created, "model": name,
-                 "choices": [{"index": 0, "text": piece, "finish_reason": None}]}
-                for piece in pieces(prompts[0], config)
-            )  # fmt: skip
-            return StreamingResponse(_sse(chunks), media_type="text/event-stream")
+            pieces, outcome = generations[0]
+
+            def chunks() -> Iterator[dict[str, Any]]:
+                for piece in pieces:
+                    yield {**head, "choices": [{"index": 0, "text": piece, "finish_reason": None}]}
+                yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": outcome.finish_reason}]}
+
+            return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
         choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        for index, prompt in enumerate(prompts):
-            text = "".join(pieces(prompt, config))
-            choices.append({"index": index, "text": text, "finish_reason": finish_reason(text, config)})
-            for key, value in usage(prompt, text).items():
+        for index, (pieces, outcome) in enumerate(generations):
+            choices.append({"index": index, "text": "".join(pieces), "finish_reason": outcome.finish_reason})
+            for key, value in outcome.usage().items():
                 total[key] += value
-        return {"id": ident, "object": "text_completion", "created": created, "model": name,
-                "choices": choices, "usage": total}  # fmt: skip
+        return {**head, "choices": choices, "usage": total}
 
     @app.post("/v1/chat/completions")
     def chat_completions(request: ChatRequest):
         try:
             config = _generation_config(request, defaults, template.stop if template else ())
-            prompt = chat_prompt(request.messages)
+            pieces, outcome = start(chat_prompt(request.messages), config)
         except GptlabError as exc:
             return _error(str(exc))
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -153,17 +204,17 @@ def create_app(run, name: str, defaults: GenerationConfig | None = None) -> Fast
             def chunks() -> Iterator[dict[str, Any]]:
                 head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name}
                 yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
-                for piece in pieces(prompt, config):
+                for piece in pieces:
                     yield {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-                yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": outcome.finish_reason}]}
 
             return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
-        text = "".join(pieces(prompt, config)).strip()
+        text = "".join(pieces).strip()
         return {
             "id": ident, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason(text, config)}],
-            "usage": usage(prompt, text),
+                         "finish_reason": outcome.finish_reason}],
+            "usage": outcome.usage(),
         }  # fmt: skip
 
     return app

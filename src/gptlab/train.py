@@ -615,7 +615,8 @@ def _plot_positions(records: list[dict[str, Any]], x: str, train: list[dict[str,
 
 def plot_runs(runs: dict[str, list[dict[str, Any]]], path: Path, x: str = "tokens", metric: str = "val_loss") -> dict:
     """Overlay runs' curves in one PNG: `metric` at each evaluation (and, for val_loss, the training loss
-    faintly in the same colour) against steps, tokens or training time. Returns {run: (last, best)}."""
+    faintly in the same colour) against steps, tokens or training time. Returns {run: (last, best)}.
+    A name a run did not log is its validation metric: `accuracy` is a classifier's val_accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -624,25 +625,27 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], path: Path, x: str = "token
     if x not in PLOT_AXES:
         raise GptlabError(f"the x axis must be one of {', '.join(PLOT_AXES)}, got {x!r}")
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
-    summary = {}
+    summary, logged = {}, metric
     for index, (name, records) in enumerate(runs.items()):
         train = [r for r in records if r.get("split") == "train"]
-        evals = [r for r in records if r.get("split") == "val" and metric in r]
+        validations = [r for r in records if r.get("split") == "val"]
+        logged = metric if any(metric in r for r in validations) else f"val_{metric}"
+        evals = [r for r in validations if logged in r]
         if not evals:
-            known = sorted({k for r in records if r.get("split") == "val" for k in r} - {"step", "split", "tokens"})
+            known = sorted({k for r in validations for k in r} - {"step", "split", "tokens"})
             raise GptlabError(
                 f"run {name} has no {metric!r} in its metrics; it has {', '.join(known) or 'no evaluations'}"
             )
         color = f"C{index % 10}"
-        if metric == "val_loss" and train:
+        if logged == "val_loss" and train:
             xs = _plot_positions(train, x, train)
             ax.plot(xs, [r["loss"] for r in train], color=color, alpha=0.3, linewidth=1)
-        values = [r[metric] for r in evals]
+        values = [r[logged] for r in evals]
         ax.plot(_plot_positions(evals, x, train), values, "o-", color=color, markersize=3, label=name)
         higher_is_better = "accuracy" in metric
         summary[name] = (values[-1], max(values) if higher_is_better else min(values))
     ax.set_xlabel(PLOT_AXES[x])
-    ax.set_ylabel(metric + (" (faint: training loss)" if metric == "val_loss" else ""))
+    ax.set_ylabel(logged + (" (faint: training loss)" if logged == "val_loss" else ""))
     _save_plot(fig, ax, path)
     return summary
 
@@ -677,17 +680,18 @@ def train(
     log: Callable[[str], None] = lambda line: None,
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     save_weights: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None,
+    start_run: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train `model` on `objective` until `config.max_steps`, checkpointing into `run_dir`.
 
     `model` must already be on `runtime.device`. `resume_from` restores weights, optimizer, data
     position and RNG from a checkpoint so the run continues exactly. Under torchrun the model is wrapped
     in DDP or sharded by FSDP (gptlab.distributed); `wrap_model` wraps it further for the steps
-    (torch.compile); `save_weights` picks what a checkpoint stores (LoRA: adapters).
+    (torch.compile); `save_weights` picks what a checkpoint stores (LoRA: adapters). `start_run` (a
+    `RunDirectory`'s `start`) runs on rank 0 once the loop's own checks have passed, before it writes.
     """
     validate_train_config(config)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir / METRICS_FILE)
     accum = accumulation_steps(config, objective.tokens_per_batch, runtime.world_size)
     tokens_per_step = objective.tokens_per_batch * accum * runtime.world_size
@@ -704,6 +708,9 @@ def train(
     optimizer = build_optimizer(model, config, runtime.device, data_parallel=data_parallel)
     if runtime.world_size > 1:
         torch.manual_seed(config.seed + runtime.rank)  # the weights agree already; dropout masks should not
+    if start_run is not None:
+        distributed.on_main(start_run, runtime)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if state is not None:
         restore_optimizer(model, optimizer, resume_from, state, config)
         objective.load_state_dict(distributed.own_state(state, "objective", runtime))
@@ -837,7 +844,36 @@ def make_runtime(config: TrainConfig) -> Runtime:
     return runtime
 
 
-def open_run_dir(
+@dataclass
+class RunDirectory:
+    """A run directory that passed `check_run_dir` and is not written to yet."""
+
+    path: Path
+    resume_from: Path | None  # the checkpoint to resume from; None for a fresh start
+    # Makes the directory ready (rank 0). `train` calls it once the loop's own checks have passed, so that a
+    # mistake found in the new run's config or data leaves no half-made run and never costs the replaced one.
+    start: Callable[[], None]
+
+
+# The command that trains (and resumes) each task's runs.
+TASK_COMMANDS = {
+    "pretrain": "gptlab pretrain",
+    "classify": "gptlab finetune classify",
+    "instruct": "gptlab finetune instruct",
+    "preference": "gptlab finetune preference",
+}
+
+
+def check_resumed_task(run_dir: str | Path, task: str) -> None:
+    """Refuse to resume `run_dir` as a `task` run when it is a run of another task."""
+    found = ckpt.read_run_config(run_dir).get("task") or "pretrain"  # runs from before `task` were pretraining
+    if found != task:
+        command = TASK_COMMANDS.get(found)
+        how = f"resume it with `{command} --resume {run_dir}`" if command else f"it cannot resume as a {task} run"
+        raise GptlabError(f"{run_dir} is a {found} run; {how}")
+
+
+def check_run_dir(
     run_dir: Path,
     config: dict[str, Any],
     runtime: Runtime,
@@ -846,27 +882,42 @@ def open_run_dir(
     overwrite: bool,
     allow_config_change: bool,
     write_files: Callable[[], None] | None = None,
-) -> Path | None:
-    """Make `run_dir` ready on rank 0 (it may clear the directory); every rank gets the checkpoint to
-    resume from (None for a fresh start). A fresh run gets its config, its tokenizer and `write_files()`."""
+    log: Callable[[str], None] = lambda line: None,
+) -> RunDirectory:
+    """Check on rank 0 that `run_dir` may take the run, writing nothing; every rank gets the checkpoint to
+    resume from. The returned `start` replaces (or creates) a fresh run's directory and gives it its config,
+    its tokenizer and `write_files()`; a resumed run that was stopped before its first checkpoint starts
+    over, without the metrics of that attempt."""
+    found = distributed.on_main(
+        lambda: _check_run_dir(run_dir, config, resume, overwrite, allow_config_change), runtime
+    )
+    restart = resume and found is None
+    if restart and runtime.is_main:
+        log(f"{run_dir} holds no checkpoint (it stopped before its first): starting it over from step 0")
 
-    def prepare() -> Path | None:
-        found = _check_run_dir(run_dir, config, resume, overwrite, allow_config_change)
-        if not resume:
-            ckpt.write_run_config(run_dir, config)
-            tokenizer.save(run_dir / "tokenizer")
-            if write_files is not None:
-                write_files()
-        return found
+    def start() -> None:
+        if restart:
+            (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        if resume:
+            return
+        if run_dir.exists():
+            import shutil
 
-    return distributed.on_main(prepare, runtime)
+            shutil.rmtree(run_dir)  # --overwrite, or an empty directory
+        run_dir.mkdir(parents=True)
+        ckpt.write_run_config(run_dir, config)
+        tokenizer.save(run_dir / "tokenizer")
+        if write_files is not None:
+            write_files()
+
+    return RunDirectory(run_dir, found, start)
 
 
 def _check_run_dir(
     run_dir: Path, config: dict[str, Any], resume: bool, overwrite: bool, allow_config_change: bool
 ) -> Path | None:
     """Refuse to clobber a run by accident; on resume, refuse a changed config. Returns the checkpoint to
-    resume from (None for a fresh start)."""
+    resume from (None for a fresh start, or a run stopped before its first checkpoint)."""
 
     from gptlab.config import config_differences
 
@@ -881,23 +932,18 @@ def _check_run_dir(
         try:
             return ckpt.find_checkpoint(run_dir)
         except GptlabError:
-            return None  # killed before its first checkpoint: start over in the same directory
+            return None
     source = config.get("init_from")
     if source and run_dir.exists() and Path(source).resolve().is_relative_to(run_dir.resolve()):
         raise GptlabError(
             f"the weights to start from ({source}) lie inside the new run's directory {run_dir}, which the run "
             "would replace; write the new run elsewhere with --out"
         )
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise GptlabError(
-                f"run directory {run_dir} already exists; continue it with --resume {run_dir} "
-                "or replace it with --overwrite"
-            )
-        import shutil
-
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise GptlabError(
+            f"run directory {run_dir} already exists; continue it with --resume {run_dir} "
+            "or replace it with --overwrite"
+        )
     return None
 
 
@@ -936,6 +982,7 @@ def pretrain(
     run_dir = Path(values["out_dir"])
     tokenizer, init_config = None, None
     if resume:
+        check_resumed_task(run_dir, "pretrain")
         tokenizer = load_tokenizer(run_dir / "tokenizer")
     elif values.get("init_from"):
         init_checkpoint = ckpt.find_checkpoint(values["init_from"])
@@ -955,7 +1002,7 @@ def pretrain(
         config["model"] = dataclasses.replace(config["model"], vocab_size=corpus.tokenizer.vocab_size)
     model_config: GPTConfig = config["model"]
     stored = run_config_to_dict(config)
-    resume_from = open_run_dir(run_dir, stored, runtime, corpus.tokenizer, resume, overwrite, allow_config_change)
+    run = check_run_dir(run_dir, stored, runtime, corpus.tokenizer, resume, overwrite, allow_config_change, log=log)
 
     seed_everything(config["train"].seed)
     model = GPT(model_config)
@@ -973,6 +1020,7 @@ def pretrain(
     )
     wrap = torch.compile if config["train"].compile else None
     result = train(
-        model, objective, config["train"], run_dir, runtime, resume_from=resume_from, log=log, wrap_model=wrap
-    )
+        model, objective, config["train"], run_dir, runtime, resume_from=run.resume_from, log=log, wrap_model=wrap,
+        start_run=run.start,
+    )  # fmt: skip
     return result, run_dir
