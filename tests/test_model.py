@@ -176,6 +176,26 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(monkeypatch, chunk_
     assert torch.allclose(weight.grad, w2.grad, atol=1e-6)
 
 
+def test_the_loss_takes_only_rows_with_a_target_to_the_head():
+    import gptlab.model as model_module
+
+    hidden, targets = torch.arange(12.0).view(6, 2), torch.tensor([-100, 3, -100, 4, 5, -100])
+    kept_hidden, kept_targets = model_module.targeted_rows(hidden, targets)
+    assert kept_hidden.tolist() == [[2.0, 3.0], [6.0, 7.0], [8.0, 9.0]] and kept_targets.tolist() == [3, 4, 5]
+    every = torch.tensor([1, 2, 3, 4, 5, 6])
+    assert model_module.targeted_rows(hidden, every)[0] is hidden  # pretraining: nothing to select
+
+
+def test_a_batch_without_targets_has_zero_loss_and_zero_gradients():
+    import gptlab.model as model_module
+
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    loss = model_module.linear_cross_entropy(hidden, weight, torch.full((5,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and not hidden.grad.any() and not weight.grad.any()
+
+
 @pytest.mark.parametrize("chunk_elements", [11 * 4, 1 << 24])  # 4 rows a chunk (recomputed in backward), one chunk
 def test_token_losses_and_gradients_equal_unreduced_cross_entropy(monkeypatch, chunk_elements):
     import gptlab.model as model_module

@@ -182,6 +182,7 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = IGNORE_IND
     and nothing is recomputed; the softmax and the loss are always in fp32. Logits that fit in one
     chunk take plain cross-entropy, which has fewer small kernels (docs/benchmarks.md).
     """
+    hidden, targets = targeted_rows(hidden, targets, ignore_index)
     chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
     if hidden.shape[0] <= chunk_rows:
         dtype = _compute_dtype(hidden)
@@ -191,6 +192,19 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = IGNORE_IND
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
     return _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, None)[0]
+
+
+def targeted_rows(hidden, targets, ignore_index: int = IGNORE_INDEX):
+    """The rows of `hidden` (N, C) and `targets` (N,) that have a target: instruction data's prompt
+    positions need no logits, and the head's product is most of a small model's step (docs/benchmarks.md).
+    Under torch.compile all rows stay: the selection's shape depends on the data."""
+    if torch.compiler.is_compiling():
+        return hidden, targets
+    targeted = targets != ignore_index
+    if bool(targeted.all()):  # pretraining: every position has a target
+        return hidden, targets
+    rows = targeted.nonzero().squeeze(1)
+    return hidden.index_select(0, rows), targets.index_select(0, rows)
 
 
 def token_losses(hidden, weight, targets, ignore_index: int = IGNORE_INDEX):
