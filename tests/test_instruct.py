@@ -333,3 +333,11 @@ def test_lora_run_resumed_from_a_checkpoint_ends_exactly_as_one_straight_run(tmp
     resumed = load_weights(find_checkpoint(copy) / WEIGHTS_FILE)
     assert find_checkpoint(copy).name == "step-0000006"
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_target_share_counts_the_input_positions_that_reach_the_head():
+    from gptlab.instruct import Example, target_share
+
+    examples = [Example([1, 2, 3, 4], [False, False, True, True]), Example([5, 6, 7], [False, True, True])]
+    assert target_share(examples) == pytest.approx(4 / 5)  # inputs 3 + 2; targets 2 + 2 (the first id is none)
+    assert target_share(examples, mask_prompt=False) == 1.0

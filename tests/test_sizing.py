@@ -132,3 +132,32 @@ def test_size_of_a_config_file_without_a_model_is_a_one_line_error(text, message
     assert main(["size", str(tmp_path / "config.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_training_steps_flops_count_only_the_logits_and_gradients_computed():
+    from gptlab.sizing import Trainable, block_matrix_params
+
+    config, T = get_preset("tiny"), 32
+    blocks, head = block_matrix_params(config), config.vocab_size * config.n_embd
+    attention = 4 * config.n_layer * T * config.n_embd
+    assert train_flops_per_token(config, T) == 6 * (blocks + head) + 3 * attention
+    # LoRA: no weight gradient of a frozen matrix; a quarter of the positions have a target.
+    lora = Trainable(blocks=0.0, reach=1.0, head=False)
+    assert train_flops_per_token(config, T, 0.25, lora) == round(4 * (blocks + 0.25 * head) + 3 * attention)
+    # Only a classifier's small head trains: the forward pass alone.
+    assert train_flops_per_token(config, T, 0.0, Trainable(0.0, 0.0, False)) == 2 * blocks + attention
+
+
+def test_trainable_parts_reads_what_requires_a_gradient():
+    from gptlab.classify import GPTClassifier, set_trainable
+    from gptlab.config import ClassifyConfig, LoRAConfig
+    from gptlab.lora import apply_lora
+    from gptlab.sizing import Trainable, trainable_parts
+
+    model = GPT(get_preset("tiny"))  # 2 blocks, the head tied to the token embedding
+    assert trainable_parts(model) == Trainable(1.0, 1.0, True)
+    apply_lora(model, LoRAConfig())
+    assert trainable_parts(model) == Trainable(0.0, 1.0, False)  # adapters in every block: backward reaches all
+    classifier = GPTClassifier(get_preset("tiny"), 2, ClassifyConfig().pooling)
+    set_trainable(classifier, ClassifyConfig(trainable="last_blocks", last_blocks=1))
+    assert trainable_parts(classifier) == Trainable(0.5, 0.5, True)

@@ -30,6 +30,7 @@ from gptlab import distributed
 from gptlab.config import ClassifyConfig, GPTConfig, LoRAConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
+from gptlab.sizing import ALL_TRAINS, Trainable, trainable_parts
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FILE = "split.json"
@@ -487,6 +488,7 @@ class ClassificationObjective:
         weights: torch.Tensor | None = None,
         rank: int = 0,
         world_size: int = 1,
+        trainable: Trainable = ALL_TRAINS,
     ):
         from gptlab.sizing import train_flops_per_token
 
@@ -501,7 +503,8 @@ class ClassificationObjective:
         self.labels, self.pad_id, self.weights, self.seed = labels, pad_id, weights, train_config.seed
         mean_length = sum(map(len, self.train_sequences)) / len(self.train_sequences)
         self.tokens_per_batch = max(1, round(self.batch_size * mean_length))
-        self.flops_per_token = train_flops_per_token(model_config, max(1, round(mean_length)))
+        # No position's logits over the vocabulary: the classifier's head is a few labels wide.
+        self.flops_per_token = train_flops_per_token(model_config, max(1, round(mean_length)), 0.0, trainable)
         sample = np.random.default_rng(self.seed).permutation(len(self.train_sequences))
         self.train_sample = sample[: train_config.eval_batches * self.batch_size]
         self.epoch, self.position = 0, 0
@@ -892,7 +895,7 @@ def finetune_classify(
         weights = class_weights(data.splits["train"].label_ids, len(data.labels))
     objective = ClassificationObjective(config["model"], labelled["train"], labelled["validation"], data.labels,
                                         config["train"], tokenizer.eot_id, weights, runtime.rank,
-                                        runtime.world_size)  # fmt: skip
+                                        runtime.world_size, trainable_parts(model))  # fmt: skip
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counts = ", ".join(f"{name} {len(split.texts)}" for name, split in data.splits.items())
     log(

@@ -23,6 +23,7 @@ from gptlab import distributed
 from gptlab.config import GenerationConfig, GPTConfig, InstructConfig, RecordsConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.model import IGNORE_INDEX
+from gptlab.sizing import ALL_TRAINS, Trainable, trainable_parts
 from gptlab.templates import ROLES, Template, format_instruction, format_messages, get_template
 from gptlab.train import RunDirectory, TrainResult
 
@@ -213,6 +214,12 @@ def encode_example(
     return Example(ids[: max_length + 1], response[: max_length + 1])
 
 
+def target_share(examples: Sequence[Example], mask_prompt: bool = True) -> float:
+    """The share of the examples' input positions that have a target: only these reach the LM head."""
+    inputs = sum(len(e.ids) - 1 for e in examples)
+    return sum(sum(e.response[1:]) for e in examples) / max(1, inputs) if mask_prompt else 1.0
+
+
 def has_response(example: Example) -> bool:
     """Whether truncation left the example a response token to learn (its first token is never a target)."""
     return any(example.response[1:])
@@ -337,8 +344,11 @@ class RecordsObjective:
         records_config: RecordsConfig,
         rank: int = 0,
         world_size: int = 1,
+        logit_share: float = 1.0,
+        trainable: Trainable = ALL_TRAINS,
     ):
-        """`lengths` are the training items' token counts; an item is `rows_per_item` rows of a batch."""
+        """`lengths` are the training items' token counts; an item is `rows_per_item` rows of a batch;
+        `logit_share` and `trainable` count the FLOPs of a step (`sizing.train_flops_per_token`)."""
         from gptlab.sizing import train_flops_per_token
 
         self.tokenizer, self.template = tokenizer, template
@@ -349,7 +359,7 @@ class RecordsObjective:
         self.eval_batches = train_config.eval_batches
         mean_length = max(1, round(np.mean(lengths) - 1))  # inputs are one token shorter than the example
         self.tokens_per_batch = rows_per_item * self.batches.batch_size * mean_length
-        self.flops_per_token = train_flops_per_token(model_config, mean_length)
+        self.flops_per_token = train_flops_per_token(model_config, mean_length, logit_share, trainable)
         self.sample_prompts = list(sample_prompts)[:SAMPLE_COUNT]
         self.sample_tokens = train_config.sample_tokens
 
@@ -381,12 +391,14 @@ class InstructionObjective(RecordsObjective):
         instruct_config: InstructConfig,
         rank: int = 0,
         world_size: int = 1,
+        trainable: Trainable = ALL_TRAINS,
     ):
         self.train_examples, self.val_examples = list(train_examples), list(val_examples)
         self.mask_prompt = instruct_config.mask_prompt
         super().__init__(
             [len(e.ids) for e in self.train_examples], 1, sample_prompts, tokenizer, template, model_config,
-            train_config, instruct_config, rank, world_size,
+            train_config, instruct_config, rank, world_size, target_share(self.train_examples, self.mask_prompt),
+            trainable,
         )  # fmt: skip
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -639,7 +651,7 @@ def finetune_instruct(
     sample_prompts = [prompt_and_reference(r, template)[0] for r in kept["validation"]]
     objective = InstructionObjective(
         examples["train"], examples["validation"], sample_prompts, tokenizer, template, config["model"],
-        config["train"], instruct, runtime.rank, runtime.world_size,
+        config["train"], instruct, runtime.rank, runtime.world_size, trainable_parts(model),
     )  # fmt: skip
 
     start_eval, result = train_from_start(model, objective, config, run, runtime, log)

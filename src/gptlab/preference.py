@@ -46,9 +46,11 @@ from gptlab.instruct import (
     resolve_records_config,
     resolve_source,
     split_records,
+    target_share,
     train_from_start,
     write_split,
 )
+from gptlab.sizing import ALL_TRAINS, Trainable, trainable_parts
 from gptlab.templates import Template, get_template
 from gptlab.train import TrainResult
 
@@ -220,6 +222,7 @@ class PreferenceObjective(RecordsObjective):
         preference_config: PreferenceConfig,
         rank: int = 0,
         world_size: int = 1,
+        trainable: Trainable = ALL_TRAINS,
     ):
         self.train_pairs, self.val_pairs = list(train_pairs), list(val_pairs)
         self.reference = reference
@@ -227,6 +230,7 @@ class PreferenceObjective(RecordsObjective):
         super().__init__(
             [p.length for p in self.train_pairs], 2, sample_prompts, tokenizer, template, model_config,
             train_config, preference_config, rank, world_size,
+            target_share([e for p in self.train_pairs for e in (p.chosen, p.rejected)]), trainable,
         )  # fmt: skip
         self.eval_pairs = self.eval_batches * self.batch_size
 
@@ -390,7 +394,7 @@ def finetune_preference(
     sample_prompts = [prompt_and_reference(with_response(r, r["chosen"]), template)[0] for r in kept["validation"]]
     objective = PreferenceObjective(
         pairs["train"], pairs["validation"], reference, sample_prompts, tokenizer, template, config["model"],
-        config["train"], preference, runtime.rank, runtime.world_size,
+        config["train"], preference, runtime.rank, runtime.world_size, trainable_parts(model),
     )  # fmt: skip
 
     # At step 0 the policy is the reference: DPO loss log 2, every reward 0.

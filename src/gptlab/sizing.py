@@ -64,9 +64,53 @@ def forward_flops_per_token(config: GPTConfig, sequence_length: int | None = Non
     return 2 * matmul_params + 4 * L * T * C
 
 
-def train_flops_per_token(config: GPTConfig, sequence_length: int | None = None) -> int:
-    """A training step costs the forward pass plus a backward pass of twice its FLOPs."""
-    return 3 * forward_flops_per_token(config, sequence_length)
+@dataclass(frozen=True)
+class Trainable:
+    """What of a model trains, as far as the FLOPs of a training step go."""
+
+    blocks: float = 1.0  # the share of the blocks' matrix weights that train (LoRA freezes all of them)
+    reach: float = 1.0  # the share of the blocks the backward pass goes through, down to the lowest that trains
+    head: bool = True  # whether the LM head trains (GPT-2 ties it to the token embedding)
+
+
+ALL_TRAINS = Trainable()  # pretraining, and finetuning every weight
+
+
+def trainable_parts(model) -> Trainable:
+    """What of a GPT (or a GPT classifier) trains, from its parameters' `requires_grad`."""
+
+    def trains(module) -> bool:
+        return any(p.requires_grad for p in module.parameters())
+
+    # The blocks' matrices, not LoRA's small adapters beside them (lora_A, lora_B).
+    weights = [(p.numel(), p.requires_grad) for block in model.blocks for name, p in block.named_parameters()
+               if p.dim() == 2 and name.endswith("weight")]  # fmt: skip
+    blocks = sum(n for n, trained in weights if trained) / max(1, sum(n for n, _ in weights))
+    depth = len(model.blocks)
+    lowest = 0 if trains(model.token_embedding) or trains(model.position_embedding) else depth
+    lowest = min([lowest] + [i for i, block in enumerate(model.blocks) if trains(block)])
+    return Trainable(blocks, (depth - lowest) / max(1, depth), model.lm_head.weight.requires_grad)
+
+
+def train_flops_per_token(
+    config: GPTConfig, sequence_length: int | None = None, logit_share: float = 1.0, trainable: Trainable = ALL_TRAINS
+) -> int:
+    """A training step: the forward pass, the backward pass to each layer's inputs (as many FLOPs), and
+    the weight gradients (2 per multiply-add of a weight that trains); attention's backward is twice its
+    forward. With everything training and every position's logits, three times the forward pass.
+
+    `logit_share` is the share of positions whose logits are computed (instruction and preference
+    losses skip those without a target; a classifier computes none); `trainable` says what trains
+    (`trainable_parts`): frozen weights need no gradient, and the backward pass stops below the
+    lowest block that trains.
+    """
+    T = sequence_length or config.context_length
+    blocks, head = block_matrix_params(config), logit_share * config.vocab_size * config.n_embd
+    attention = 4 * config.n_layer * T * config.n_embd
+    forward = 2 * (blocks + head) + attention
+    to_inputs = 2 * blocks * trainable.reach + 2 * attention * trainable.reach + (2 * head if trainable.reach else 0)
+    weight_gradients = 2 * (blocks * trainable.blocks + head * trainable.head)
+    return round(forward + to_inputs + weight_gradients)
 
 
 def kv_cache_bytes_per_token(config: GPTConfig, bytes_per_value: int = 2) -> int:
