@@ -111,3 +111,12 @@ def test_torchrun_finetunes_with_each_rank_on_its_own_batches(tmp_path):
     start = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("run", "one")]
     assert start[0]["step"] == start[1]["step"] == 0
     assert start[0]["val_loss"] == pytest.approx(start[1]["val_loss"], rel=1e-6)
+
+
+def test_a_recipe_may_not_change_the_shape_the_base_weights_fix(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  n_layer: 5\n  dropout: 0.1\n")
+    assert main([*finetune_args(tmp_path), "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.n_layer is 5 but 2 in the base run ") and err.count("\n") == 1
+    assert "may change only model.dropout" in err and not (tmp_path / "run").exists()

@@ -132,3 +132,13 @@ def test_finetuned_classifier_takes_the_dropout_given(tmp_path, capsys):
     argv = ["finetune", "classify", "--init-from", str(base), "--out", str(tmp_path / "run"), "--model.dropout", "0.2"]
     assert main([*argv, "--classify.source", str(tmp_path / "data.tsv"), *tiny]) == 0
     assert read_run_config(tmp_path / "run")["model"] == asdict(TINY) | {"dropout": 0.2}
+
+
+def test_a_finetuning_run_keeps_its_base_models_shape_and_may_change_dropout():
+    from gptlab.config import finetuning_model_values
+
+    base = {"n_layer": 2, "n_embd": 32, "dropout": 0.0}
+    assert finetuning_model_values(base, {"dropout": 0.2, "n_layer": 2}, "base") == {**base, "dropout": 0.2}
+    assert finetuning_model_values(base, None, "base") == base
+    with pytest.raises(GptlabError, match="model.n_embd is 64 but 32 in the base run base"):
+        finetuning_model_values(base, {"n_embd": 64}, "base")

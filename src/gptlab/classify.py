@@ -27,7 +27,7 @@ from torch import nn
 
 from gptlab import checkpoint as ckpt
 from gptlab import distributed
-from gptlab.config import ClassifyConfig, GPTConfig, LoRAConfig, TrainConfig
+from gptlab.config import ClassifyConfig, GPTConfig, LoRAConfig, TrainConfig, finetuning_model_values
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
 from gptlab.sizing import ALL_TRAINS, Trainable, trainable_parts
@@ -835,7 +835,8 @@ def resolve_classify_config(values: dict[str, Any]) -> dict[str, Any]:
     base = ckpt.find_checkpoint(values["init_from"])
     values["init_from"] = str(base.resolve())  # a LoRA run finds its base weights there
     # The base run's shape; a config may change what does not touch the weights (dropout).
-    values["model"] = {**ckpt.read_run_config(ckpt.run_dir_of(base))["model"], **(values.get("model") or {})}
+    base_model = ckpt.read_run_config(ckpt.run_dir_of(base))["model"]
+    values["model"] = finetuning_model_values(base_model, values.get("model"), str(base))
     trainable = (values.get("classify") or {}).get("trainable", ClassifyConfig.trainable)
     if values.get("lora") and trainable != "lora":
         raise GptlabError("lora options are given but classify.trainable is not lora; add --classify.trainable lora")

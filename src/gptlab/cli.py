@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from gptlab.config import FINETUNE_MODEL_FIELDS
 from gptlab.errors import GptlabError
 
 # name -> (help, add_arguments, run); filled by the @command decorator below.
@@ -397,7 +398,7 @@ def collect_config(args: argparse.Namespace, base: dict | None = None) -> tuple[
 
 
 # The model options of the finetuning commands: the other model fields fix the shapes of the weights they load.
-FINETUNE_MODEL_OPTIONS = ["model.dropout"]
+FINETUNE_MODEL_OPTIONS = [f"model.{field}" for field in FINETUNE_MODEL_FIELDS]
 
 
 def training_arguments(parser: argparse.ArgumentParser, sections: list[str], lora_help: str | None = None) -> None:

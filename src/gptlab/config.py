@@ -567,6 +567,23 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
     return check_run_values(load_config_file(path), source=str(path))
 
 
+# What a finetuning run may change of its base run's model: the other fields shape the weights it
+# loads, or change what they compute.
+FINETUNE_MODEL_FIELDS = ("dropout",)
+
+
+def finetuning_model_values(base: dict[str, Any], given: dict[str, Any] | None, base_name: str) -> dict[str, Any]:
+    """The model fields of a finetuning run: its base run's, with the changes it may make."""
+    for name, value in (given or {}).items():
+        if name not in FINETUNE_MODEL_FIELDS and name in base and value != base[name]:
+            allowed = ", ".join(f"model.{field}" for field in FINETUNE_MODEL_FIELDS)
+            raise GptlabError(
+                f"model.{name} is {value!r} but {base[name]!r} in the base run {base_name}, whose weights fix it; "
+                f"a finetuning run may change only {allowed}"
+            )
+    return {**base, **(given or {})}
+
+
 def resolve_run_config(values: dict[str, Any], sections: list[str]) -> dict[str, Any]:
     """Validate a run config dict: every section becomes its dataclass, unknown fields are refused.
 

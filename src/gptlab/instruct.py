@@ -20,7 +20,14 @@ import torch
 
 from gptlab import checkpoint as ckpt
 from gptlab import distributed
-from gptlab.config import GenerationConfig, GPTConfig, InstructConfig, RecordsConfig, TrainConfig
+from gptlab.config import (
+    GenerationConfig,
+    GPTConfig,
+    InstructConfig,
+    RecordsConfig,
+    TrainConfig,
+    finetuning_model_values,
+)
 from gptlab.errors import GptlabError
 from gptlab.model import IGNORE_INDEX
 from gptlab.sizing import ALL_TRAINS, Trainable, trainable_parts
@@ -519,7 +526,7 @@ def _base_model_values(values: dict[str, Any]) -> dict[str, Any]:
     base_config = ckpt.read_run_config(ckpt.run_dir_of(base))
     if base_config.get("lora"):
         raise GptlabError(f"base run {base} is a LoRA run; merge it first with `gptlab lora merge`")
-    model = {**base_config["model"], **(values.get("model") or {})}
+    model = finetuning_model_values(base_config["model"], values.get("model"), str(base))
     rest = {k: v for k, v in values.items() if k != "preset"}
     template = values.get("template") or base_config.get("template") or "alpaca"
     return {**rest, "init_from": str(base.resolve()), "model": model, "template": template}
