@@ -1019,7 +1019,8 @@ def run_serve(args: argparse.Namespace) -> int:
         run = load_generator(args.run_dir, args.device, args.dtype)
         name = args.name or run.run_dir.resolve().name
         port = sock.getsockname()[1]
-        print(f"serving {run.run_dir} as {name!r} on http://{args.host}:{port}/v1 (OpenAI-compatible)", flush=True)
+        host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address goes in brackets in a URL
+        print(f"serving {run.run_dir} as {name!r} on http://{host}:{port}/v1 (OpenAI-compatible)", flush=True)
         server = uvicorn.Server(uvicorn.Config(create_app(run, name, defaults), log_level="warning"))
         server.run(sockets=[sock])
     return 0
