@@ -122,6 +122,6 @@ def test_export_into_the_folder_of_its_runs_is_a_one_line_error_that_deletes_not
         make_run(tmp_path / "runs" / name, config, ByteTokenizer())
     assert main(["export", str(tmp_path / "runs" / "shk"), str(tmp_path / "runs"), "--force"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "overlaps" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "is or holds" in err and err.count("\n") == 1
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["shk", "spam"]
     assert all(load_run(tmp_path / "runs" / name).model.config == config for name in ("shk", "spam"))

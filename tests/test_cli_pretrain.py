@@ -122,6 +122,31 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_over_witho
     assert "starting it over from step 0" in capsys.readouterr().out
 
 
+def test_a_resume_that_finds_checkpoints_but_no_pointer_to_them_deletes_nothing(
+    tmp_path, shared_data, capsys, monkeypatch
+):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = [*TINY, *verdict_args(shared_data), "--train.max_steps", "4", "--train.checkpoint_interval", "2"]
+    assert main(["pretrain", "--out", str(run), *args]) == 0
+    (run / "latest").unlink()
+    metrics = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "latest is missing or names no checkpoint" in err and "step-0000004" in err and err.count("\n") == 1
+    assert (run / "metrics.jsonl").read_text() == metrics and (run / "checkpoints" / "step-0000004").is_dir()
+
+
+def test_an_out_directory_under_a_file_is_a_one_line_error(tmp_path, shared_data, capsys, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "afile").write_text("not a folder")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert main(["pretrain", "--out", str(out), *TINY, *verdict_args(shared_data), "--train.max_steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: the run directory {out}: {tmp_path / 'afile'} is a file, not a folder\n"
+
+
 def test_resuming_a_run_of_another_task_names_the_command_that_resumes_it(tmp_path, shared_data, capsys, monkeypatch):
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
@@ -136,6 +161,9 @@ def test_resuming_a_run_of_another_task_names_the_command_that_resumes_it(tmp_pa
     assert main(["pretrain", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "is a classify run" in err and f"`gptlab finetune classify --resume {run}`" in err and err.count("\n") == 1
+    (run / "config.yaml").write_text(classify_config.replace("task: classify", "task: instruct"))
+    assert main(["pretrain", "--resume", str(run)]) == 2
+    assert f"{run} is an instruct run; resume it with `gptlab finetune instruct" in capsys.readouterr().err
 
 
 def test_unknown_field_in_config_file_suggests_closest(tmp_path, capsys):

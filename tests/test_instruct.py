@@ -259,6 +259,15 @@ def test_records_whose_response_is_cut_off_are_left_out():
     assert not has_response(encode_example(record, CHAT, ByteTokenizer(), prompt_tokens - 1))
 
 
+def test_without_prompt_masking_a_record_cut_before_its_response_still_trains():
+    from gptlab.instruct import _answered_example
+
+    record = word_records()[0]
+    cut = len(ByteTokenizer().encode(prompt_and_reference(record, CHAT)[0])) - 1
+    assert _answered_example(record, CHAT, ByteTokenizer(), cut) is None  # only the response is a target
+    assert _answered_example(record, CHAT, ByteTokenizer(), cut, mask_prompt=False) is not None  # every token is
+
+
 def test_a_run_whose_every_response_is_cut_off_is_refused_before_writing(tmp_path):
     with pytest.raises(GptlabError, match="no training or validation record keeps a response token within 3 tokens"):
         finetune_instruct(run_values(tmp_path, instruct={"max_length": 3}))

@@ -4,6 +4,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -130,35 +131,51 @@ def test_force_replaces_only_an_earlier_import_or_export(tmp_path, shared_data):
     make_run(tmp_path / "other", config, ByteTokenizer())
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(GptlabError, match="notes is not a gptlab run .*--force does not replace it"):
+    with pytest.raises(GptlabError, match="notes is not an earlier import .*--force does not replace it"):
         import_hf(tmp_path / "hf", tmp_path / "notes", force=True)
+    (tmp_path / "other" / "metrics.jsonl").write_text("{}\n")  # a run that trained is never an earlier import
+    with pytest.raises(GptlabError, match="other is not an earlier import"):
+        import_hf(tmp_path / "hf", tmp_path / "other", force=True)
     for folder in ("notes", "other"):
-        with pytest.raises(GptlabError, match=f"{folder} is not a transformers directory"):
+        with pytest.raises(GptlabError, match=f"{folder} is not an earlier export"):
             export_run(tmp_path / "run", tmp_path / folder, force=True)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and (tmp_path / "other" / "config.yaml").is_file()
     (tmp_path / "empty").mkdir()
     export_run(tmp_path / "run", tmp_path / "empty")
     export_run(tmp_path / "other", tmp_path / "empty", force=True)  # an earlier export is replaced
     assert (tmp_path / "empty" / "config.json").is_file()
+    import_hf(tmp_path / "empty", tmp_path / "imported", tokenizer="byte")
+    import_hf(tmp_path / "empty", tmp_path / "imported", tokenizer="byte", force=True)  # an earlier import
 
 
-@pytest.mark.parametrize("out", ["{run}", "{root}", "{run}/exported", "{link}"])
-def test_export_refuses_a_directory_that_overlaps_the_run(tmp_path, out):
+@pytest.mark.parametrize("out", ["{run}", "{root}", "{link}"])
+def test_export_refuses_a_directory_that_is_or_holds_the_run(tmp_path, out):
     config = GPTConfig(vocab_size=257, context_length=16, n_layer=1, n_head=1, n_embd=8)
     run = tmp_path / "runs" / "mine"
     make_run(run, config, ByteTokenizer())
     (tmp_path / "link").symlink_to(run)
     out_dir = Path(out.format(run=run, root=tmp_path / "runs", link=tmp_path / "link"))
-    with pytest.raises(GptlabError, match="overlaps .*which it is made from"):
+    with pytest.raises(GptlabError, match="is or holds .*which it is made from"):
         export_run(run, out_dir, force=True)
-    with pytest.raises(GptlabError, match="overlaps"):
+    with pytest.raises(GptlabError, match="is or holds"):
         export_run(run / "checkpoints" / "step-0000001", out_dir, force=True)
     assert load_run(run).model.config == config  # the run is untouched
 
 
+def test_export_into_a_folder_inside_the_run_is_allowed(tmp_path):
+    run = tmp_path / "mine"
+    make_run(run, GPTConfig(vocab_size=257, context_length=16, n_layer=1, n_head=1, n_embd=8), ByteTokenizer())
+    export_run(run, run / "hf")
+    export_run(run, run / "hf", force=True)
+    assert (run / "hf" / "config.json").is_file() and (run / "config.yaml").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "hf").stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary directory, not mkdtemp's 0700
+
+
 def test_import_refuses_to_write_over_its_source(tmp_path, shared_data):
     save_hf_gpt2(tmp_path / "hf")
-    with pytest.raises(GptlabError, match="overlaps"):
+    with pytest.raises(GptlabError, match="is or holds"):
         import_hf(tmp_path / "hf", tmp_path / "hf", force=True)
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 

@@ -118,6 +118,18 @@ def test_size_of_a_run_directory_and_a_model_config(tmp_path):
     assert resolve_model_config(str(tmp_path / "model.yaml")) == get_preset("tiny", n_layer=3)
 
 
+def test_size_of_a_recipe_starting_from_a_run_is_the_model_that_run_would_train(tmp_path, capsys):
+    write_run_config(tmp_path / "base", {"task": "pretrain", "model": asdict(get_preset("tiny"))})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"task: pretrain\ninit_from: {tmp_path / 'base'}\nmodel:\n  n_layer: 7\n")
+    assert resolve_model_config(str(recipe)) == get_preset("tiny")  # continued pretraining: the base's model
+    recipe.write_text(f"task: instruct\ninit_from: {tmp_path / 'base'}\nmodel:\n  dropout: 0.2\n")
+    assert resolve_model_config(str(recipe)) == get_preset("tiny", dropout=0.2)
+    recipe.write_text(f"task: instruct\ninit_from: {tmp_path / 'base'}\nmodel:\n  n_layer: 7\n")
+    assert main(["size", str(recipe)]) == 2
+    assert "model.n_layer is 7 but 2 in the base run" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -125,6 +137,7 @@ def test_size_of_a_run_directory_and_a_model_config(tmp_path):
         ("task: instruct\n", "names no run to start from (init_from)"),
         ("n_layer: 3.5\n", "invalid value 3.5 for model.n_layer in"),
         ("task: pretrain\nmodel: [1]\n", "config section 'model' in"),
+        ("n_layer: 3\nbogus: 1\n", "unknown config field model.bogus in"),
     ],
 )
 def test_size_of_a_config_file_without_a_model_is_a_one_line_error(text, message, tmp_path, capsys):

@@ -262,6 +262,14 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- runs
 
 
+def check_folder_path(folder: str | Path, what: str) -> None:
+    """Refuse a folder path that is, or lies inside, something other than a folder (a file, say)."""
+    path = Path(folder)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise GptlabError(f"{what} {folder}: {existing} is a file, not a folder")
+
+
 def run_dir_of(checkpoint: Path) -> Path:
     """The run directory that holds a checkpoint folder."""
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint

@@ -170,15 +170,15 @@ def resolve_model_config(name_or_path: str):
     return _config_file_model(path)
 
 
-def _run_model_config(run, overrides: dict | None = None, source: str = ""):
-    """The model of a run directory or checkpoint folder, with `overrides` (dropout) laid over it."""
+def _run_model_config(run, finetuning: dict | None = None, source: str = ""):
+    """The model of a run directory or checkpoint folder, with a finetuning run's changes to it (dropout)."""
     from pathlib import Path
 
     from gptlab.checkpoint import read_run_config, run_dir_of
-    from gptlab.config import GPTConfig, config_from_dict
+    from gptlab.config import GPTConfig, config_from_dict, finetuning_model_values
 
-    model = read_run_config(run_dir_of(Path(run)))["model"]
-    return config_from_dict(GPTConfig, {**model, **(overrides or {})}, "model.", source)
+    model = finetuning_model_values(read_run_config(run_dir_of(Path(run)))["model"], finetuning, str(run))
+    return config_from_dict(GPTConfig, model, "model.", source)
 
 
 def _config_file_model(path):
@@ -188,14 +188,14 @@ def _config_file_model(path):
     import dataclasses
     from pathlib import Path
 
-    from gptlab.config import GPTConfig, check_run_values, load_config_file, resolve_run_config
+    from gptlab.config import RUN_FIELDS, check_run_values, load_config_file, resolve_run_config, section_types
 
     values = load_config_file(path)
     if not values:
         raise GptlabError(
             f"{path} holds no config; give a preset name, a run, a run config (a recipe) or a model config"
         )
-    if set(values) - {"preset"} <= {f.name for f in dataclasses.fields(GPTConfig)}:  # GPTConfig's fields
+    if not (set(values) - {"preset"}) & (set(RUN_FIELDS) | set(section_types())):  # GPTConfig's fields
         model = {key: value for key, value in values.items() if key != "preset"}
         values = check_run_values({"preset": values.get("preset"), "model": model}, source=str(path))
         return resolve_run_config(values, ["model"])["model"]
@@ -206,7 +206,9 @@ def _config_file_model(path):
                 f"{path} starts from the run {values['init_from']}, which is not here, and its model is that "
                 "run's; make the run first, or size the run or its preset"
             )
-        return _run_model_config(values["init_from"], values.get("model"), str(path))
+        # As the runs do: continued pretraining takes the init run's model whole, finetuning may change dropout.
+        given = None if values.get("task", "pretrain") == "pretrain" else values.get("model")
+        return _run_model_config(values["init_from"], given, str(path))
     if values.get("task", "pretrain") != "pretrain":
         raise GptlabError(f"{path} finetunes a model but names no run to start from (init_from), whose model it is")
     from gptlab.train import PRETRAIN_DEFAULTS  # torch: only here, so that sizing a preset starts at once
@@ -689,7 +691,9 @@ def run_prepare(args: argparse.Namespace) -> int:
     if args.workers < 0 or args.chunk_mb <= 0:
         raise GptlabError("--workers must be 0 or more and --chunk-mb positive")
     if args.out:
-        _check_folder_path(args.out, "--out")
+        from gptlab.checkpoint import check_folder_path
+
+        check_folder_path(args.out, "--out")
     config = DataConfig(
         source=args.source, tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction
     )
@@ -715,16 +719,6 @@ def run_prepare(args: argparse.Namespace) -> int:
     print(f"  split  {meta['split']} (val fraction {meta['val_fraction']})")
     print(f"  shards {corpus.directory}/{{train,val}}.bin ({meta['dtype']}), meta.json, tokenizer")
     return 0
-
-
-def _check_folder_path(folder: str, option: str) -> None:
-    """Refuse a folder path that is, or lies inside, something other than a folder (a file, say)."""
-    from pathlib import Path
-
-    path = Path(folder)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise GptlabError(f"{option} {folder}: {existing} is a file, not a folder")
 
 
 def _print_datasets() -> None:

@@ -402,10 +402,11 @@ class InstructionObjective(RecordsObjective):
     ):
         self.train_examples, self.val_examples = list(train_examples), list(val_examples)
         self.mask_prompt = instruct_config.mask_prompt
+        # Under torch.compile every row reaches the head (model.targeted_rows).
+        logit_share = 1.0 if train_config.compile else target_share(self.train_examples, self.mask_prompt)
         super().__init__(
             [len(e.ids) for e in self.train_examples], 1, sample_prompts, tokenizer, template, model_config,
-            train_config, instruct_config, rank, world_size, target_share(self.train_examples, self.mask_prompt),
-            trainable,
+            train_config, instruct_config, rank, world_size, logit_share, trainable,
         )  # fmt: skip
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -604,10 +605,14 @@ def train_from_start(
     return start_eval, result
 
 
-def _answered_example(record: dict[str, Any], template: Template, tokenizer, max_length: int) -> Example | None:
-    """The record's example, or None when truncation to `max_length` cut its whole response off."""
+def _answered_example(
+    record: dict[str, Any], template: Template, tokenizer, max_length: int, mask_prompt: bool = True
+) -> Example | None:
+    """The record's example, or None when truncation to `max_length` left it nothing to learn: no response
+    token (with `mask_prompt`; without, every token after the first is a target)."""
     example = encode_example(record, template, tokenizer, max_length)
-    return example if has_response(example) else None
+    learnable = has_response(example) if mask_prompt else len(example.ids) > 1
+    return example if learnable else None
 
 
 def finetune_instruct(
@@ -645,7 +650,8 @@ def finetune_instruct(
     )  # fmt: skip
     max_length = instruct.max_length or config["model"].context_length
     examples, kept = encode_learnable(
-        split, lambda record: _answered_example(record, template, tokenizer, max_length), ("train", "validation"),
+        split, lambda record: _answered_example(record, template, tokenizer, max_length, instruct.mask_prompt),
+        ("train", "validation"),
         "record keeps a response token", max_length, config["model"].context_length, "instruct",
     )  # fmt: skip
     left_out = sum(len(split[name]) - len(kept[name]) for name in kept)

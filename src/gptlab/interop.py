@@ -58,9 +58,13 @@ GPT2_KNOWN_FILES: dict[tuple[str, str], tuple[int, str]] = {
 }
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _DTYPES_BY_CODE = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
-# (the file that marks it, its name) of what import and export write: --force replaces only these.
-_RUN = (CONFIG_FILE, "a gptlab run")
-_EXPORT = (HF_CONFIG, "a transformers directory")
+# (whether a directory is one, its description) of what import and export write: --force replaces only
+# these. An imported run has a config but has never trained (no metrics.jsonl): a trained run is kept.
+_RUN = (
+    lambda path: (path / CONFIG_FILE).is_file() and not (path / "metrics.jsonl").exists(),
+    "an earlier import (a gptlab run with config.yaml that never trained)",
+)
+_EXPORT = (lambda path: (path / HF_CONFIG).is_file(), "an earlier export (a transformers directory with config.json)")
 
 
 # ---------------------------------------------------------------- names and shapes
@@ -672,37 +676,38 @@ def _class_labels(run_config: Mapping[str, Any]) -> list[str] | None:
 
 
 def _refuse_overlap(source: Path, path: Path) -> None:
-    """Refuse a destination that is, holds or lies inside the directory it is made from: replacing
-    it would delete the source (symbolic links are followed)."""
-    source_resolved, path_resolved = source.resolve(), path.resolve()
-    if path_resolved.is_relative_to(source_resolved) or source_resolved.is_relative_to(path_resolved):
-        raise GptlabError(f"{path} overlaps {source}, which it is made from; write to a directory outside {source}")
+    """Refuse a destination that is or holds the directory it is made from: replacing it would delete
+    the source (symbolic links are followed). A destination inside the source (`export run run/hf`) is fine."""
+    if source.resolve().is_relative_to(path.resolve()):
+        raise GptlabError(f"{path} is or holds {source}, which it is made from; write to another directory")
 
 
-def _refuse_existing(path: Path, force: bool, marker: str, kind: str) -> None:
-    """Refuse to replace anything but an empty directory, or with `force` a directory holding `marker`:
-    a previous `kind`. Other folders (a run, a home directory given by mistake) are never deleted."""
+def _refuse_existing(path: Path, force: bool, is_kind: Callable[[Path], bool], kind: str) -> None:
+    """Refuse to replace anything but an empty directory, or with `force` one that `is_kind`: a previous
+    `kind`. Other folders (a trained run, a home directory given by mistake) are never deleted."""
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
     if not force:
         raise GptlabError(f"{path} already exists; choose a new directory or pass --force to replace it")
-    if not (path / marker).is_file():
+    if not path.is_dir() or not is_kind(path):
         raise GptlabError(
-            f"{path} is not {kind} (it has no {marker}), so --force does not replace it; "
-            "choose a new directory or remove it yourself"
+            f"{path} is not {kind}, so --force does not replace it; choose a new directory or remove it yourself"
         )
 
 
 @contextmanager
-def _new_directory(path: Path, force: bool, marker: str, kind: str) -> Iterator[Path]:
+def _new_directory(path: Path, force: bool, is_kind: Callable[[Path], bool], kind: str) -> Iterator[Path]:
     """A temporary sibling folder to fill, renamed to `path` only once complete: a failed or killed
     import or export never leaves half a directory behind."""
     path = path.resolve()  # a link to a directory: replace the directory it points to, keep the link
     path.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    umask = os.umask(0)
+    os.umask(umask)
+    building.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); the result is an ordinary directory
     try:
         yield building
-        _refuse_existing(path, force, marker, kind)
+        _refuse_existing(path, force, is_kind, kind)
         if path.exists():
             shutil.rmtree(path)
         os.replace(building, path)

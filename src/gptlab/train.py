@@ -870,7 +870,8 @@ def check_resumed_task(run_dir: str | Path, task: str) -> None:
     if found != task:
         command = TASK_COMMANDS.get(found)
         how = f"resume it with `{command} --resume {run_dir}`" if command else f"it cannot resume as a {task} run"
-        raise GptlabError(f"{run_dir} is a {found} run; {how}")
+        article = "an" if found[0] in "aeiou" else "a"
+        raise GptlabError(f"{run_dir} is {article} {found} run; {how}")
 
 
 def check_run_dir(
@@ -896,8 +897,9 @@ def check_run_dir(
         log(f"{run_dir} holds no checkpoint (it stopped before its first): starting it over from step 0")
 
     def start() -> None:
-        if restart:
+        if restart:  # with --allow-config-change, the run starts over under the new config
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
+            ckpt.write_run_config(run_dir, config)
         if resume:
             return
         if run_dir.exists():
@@ -932,7 +934,14 @@ def _check_run_dir(
         try:
             return ckpt.find_checkpoint(run_dir)
         except GptlabError:
-            return None
+            steps = sorted(p.name for p in (run_dir / ckpt.CHECKPOINTS).glob("step-*") if p.is_dir())
+            if steps:  # checkpoints without a pointer to them: never start over on top of them
+                raise GptlabError(
+                    f"{run_dir}/latest is missing or names no checkpoint, but {run_dir / ckpt.CHECKPOINTS} holds "
+                    f"{', '.join(steps)}; write the name of the one to resume from into {run_dir}/latest"
+                ) from None
+            return None  # stopped before its first checkpoint
+    ckpt.check_folder_path(run_dir, "the run directory")
     source = config.get("init_from")
     if source and run_dir.exists() and Path(source).resolve().is_relative_to(run_dir.resolve()):
         raise GptlabError(
