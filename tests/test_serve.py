@@ -13,6 +13,7 @@ import torch
 
 from gptlab.checkpoint import load_run, save_checkpoint, write_run_config
 from gptlab.config import GenerationConfig, GPTConfig
+from gptlab.generate import GenerationWarning
 from gptlab.model import GPT
 from gptlab.tokenizer import ByteTokenizer
 
@@ -139,12 +140,20 @@ def test_a_prompt_longer_than_the_context_is_a_400_when_overflow_is_an_error(tmp
         ("/v1/completions", {"prompt": "x", "top_p": "Infinity"}, "top_p: Input should be a finite number"),
         ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens: Input should be a valid integer"),
         ("/v1/chat/completions", {"messages": []}, "no user message"),
+        ("/v1/completions", {"prompt": []}, "the prompt list is empty"),
         ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."}]}, "no user message"),
     ],
 )
 def test_requests_that_cannot_be_answered_are_400s_with_a_message(tmp_path, path, body, message):
     response = in_process_client(make_run(tmp_path / "run")).post(path, json=body)
     assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
+def test_a_body_that_is_not_json_is_a_400_saying_so(tmp_path):
+    client = in_process_client(make_run(tmp_path / "run"))
+    response = client.post("/v1/completions", content=b'{"prompt": "x",', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("the request body is not valid JSON")
 
 
 def stream_events(response):
@@ -156,7 +165,10 @@ def test_usage_and_finish_reason_come_from_the_decoding(tmp_path):
     body = client.post("/v1/completions", json={"prompt": "", "max_tokens": 5}).json()
     assert body["choices"][0]["text"] == "\ufffd" * 5  # re-encoded, that text would be 15 tokens
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 5, "total_tokens": 5}
+    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}  # from end-of-text
+    with pytest.warns(GenerationWarning, match="keeping the last 256"):
+        body = client.post("/v1/completions", json={"prompt": "a" * 600, "max_tokens": 1}).json()
+    assert body["usage"]["prompt_tokens"] == 256  # the context's worth the model read, not the 600 sent
     events = stream_events(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 3, "stream": True}))
     assert "".join(e["choices"][0]["text"] for e in events) == "\ufffd" * 3
     assert [e["choices"][0]["finish_reason"] for e in events][-1] == "length"

@@ -78,6 +78,8 @@ def _error(message: str, status: int = 400) -> JSONResponse:
 def _invalid_request(_request, exc: RequestValidationError) -> JSONResponse:
     """A request body of the wrong shape, as OpenAI's API answers it: a 400 naming the first bad field."""
     first = exc.errors()[0]
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        return _error(f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})")
     where = ".".join(str(part) for part in first["loc"] if part != "body")
     return _error(f"{where}: {first['msg']}" if where else first["msg"])
 
@@ -134,7 +136,8 @@ def create_app(run, name: str, defaults: GenerationConfig | None = None) -> Fast
         the last piece. A prompt generation refuses (too long, say) raises GptlabError here, before any
         response has started: a streamed reply could no longer turn into a 400."""
         ids = tokenizer.encode(prompt)
-        outcome = _Outcome(len(ids))
+        # The tokens the model reads: the context's worth of a longer prompt, end-of-text for an empty one.
+        outcome = _Outcome(len(ids[-model.config.context_length :]) or 1)
 
         def ended(_index: int, tokens: int, reason: str) -> None:
             outcome.completion_tokens, outcome.finish_reason = tokens, reason
@@ -168,6 +171,8 @@ def create_app(run, name: str, defaults: GenerationConfig | None = None) -> Fast
         try:
             config = _generation_config(request, defaults)
             prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+            if not prompts:
+                raise GptlabError("the prompt list is empty; send at least one prompt")
             if request.stream and len(prompts) != 1:
                 raise GptlabError("streaming takes one prompt per request")
             generations = [start(prompt, config) for prompt in prompts]
