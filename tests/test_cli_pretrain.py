@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gptlab.checkpoint import read_run_config
 from gptlab.cli import main
 
 TINY = [
@@ -230,3 +231,36 @@ def test_pretrain_without_arguments_runs_the_demo_recipe():
     sections = ["model", "data", "train"]
     recipe = load_config_file(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml")
     assert resolve_run_config(recipe, sections) == resolve_run_config(PRETRAIN_DEFAULTS, sections)
+
+
+def test_a_run_on_a_relative_corpus_path_resumes_from_another_directory(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus").mkdir()
+    shutil.copy(shared_data / "the-verdict.txt", tmp_path / "corpus" / "story.txt")
+    monkeypatch.chdir(tmp_path)
+    args = [*TINY, "--data.source", "corpus", "--train.max_steps", "2", "--train.eval_interval", "2"]
+    assert main(["pretrain", "--out", "run", *args]) == 0
+    assert read_run_config(tmp_path / "run")["data"]["source"] == str(tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path / "corpus")
+    resume = ["pretrain", "--resume", str(tmp_path / "run"), "--allow-config-change", "--train.max_steps", "3"]
+    assert main(resume) == 0
+
+
+def test_continued_pretraining_refuses_a_shape_or_tokenizer_other_than_its_start(
+    tmp_path, shared_data, capsys, monkeypatch
+):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    assert main(["pretrain", "--out", str(base), *TINY, *verdict_args(shared_data), "--train.max_steps", "1"]) == 0
+    common = ["pretrain", "--init-from", str(base), *verdict_args(shared_data), "--train.max_steps", "1"]
+    for extra, message in [
+        (["--model.n_layer", "3"], "model.n_layer is 3 but 2 in the base run"),
+        (["--data.tokenizer", "gpt2"], "data.tokenizer is gpt2 but the run to start from"),
+    ]:
+        capsys.readouterr()
+        assert main([*common, "--out", str(tmp_path / "next"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and not (tmp_path / "next").exists()
+    assert main([*common, "--out", str(tmp_path / "next"), "--model.dropout", "0.2"]) == 0
+    stored = read_run_config(tmp_path / "next")
+    assert stored["model"]["dropout"] == 0.2 and stored["data"]["tokenizer"] == "byte"

@@ -399,6 +399,14 @@ def test_import_gpt2_rejects_a_download_with_the_wrong_checksum(tmp_path, shared
     assert not (tmp_path / "cache" / "hf" / "openai-community" / "gpt2" / "model.safetensors").exists()
 
 
+def test_a_damaged_cached_download_names_the_folder_to_delete(tmp_path, shared_data, hub):
+    cached = tmp_path / "cache" / "hf" / "openai-community" / "gpt2"
+    import_gpt2("gpt2", tmp_path / "run", progress=False)
+    (cached / "config.json").write_text("<html>a proxy's error page</html>")  # no published checksum to catch it
+    with pytest.raises(GptlabError, match=f"is not valid JSON .*; if a download went wrong, delete {cached} and"):
+        import_gpt2("gpt2", tmp_path / "again", progress=False)
+
+
 def test_offline_import_names_the_files_their_urls_and_where_to_put_them(tmp_path, shared_data, monkeypatch):
     monkeypatch.setenv("GPTLAB_HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))

@@ -154,6 +154,12 @@ def test_vocabulary_too_small_for_the_special_tokens():
         build_tokenizer("bpe", ["some text"], vocab_size=256)
 
 
+def test_a_vocabulary_too_large_to_train_is_refused_before_training():
+    # The trainer would try to allocate hundreds of GB for 1e10 and abort the process.
+    with pytest.raises(GptlabError, match="10,000,000,000 is larger than gptlab trains"):
+        build_tokenizer("bpe", ["some text"], vocab_size=10**10)
+
+
 def test_unknown_kind_and_missing_tokenizer(tmp_path):
     with pytest.raises(GptlabError, match="unknown tokenizer kind 'sentencepiece'"):
         build_tokenizer("sentencepiece")

@@ -592,7 +592,11 @@ def import_gpt2(
 
     _refuse_existing(Path(run_dir), force, *_RUN)
     dataset_files("gpt2")  # the tokenizer files, so the run works offline from now on
-    return import_hf(fetch_gpt2(size, progress), run_dir, tokenizer="gpt2", force=force, dropout=dropout)
+    folder = fetch_gpt2(size, progress)
+    try:
+        return import_hf(folder, run_dir, tokenizer="gpt2", force=force, dropout=dropout)
+    except GptlabError as exc:  # only the weights' checksum is published: a bad config.json stays cached
+        raise GptlabError(f"{exc}; if a download went wrong, delete {folder} and import again") from None
 
 
 # ---------------------------------------------------------------- export

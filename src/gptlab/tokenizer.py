@@ -245,11 +245,21 @@ class BPETokenizer(Tokenizer):
         _write_config(directory, {"kind": self.kind})
 
 
+# The largest BPE vocabulary gptlab trains: 10x the largest in common use (Gemma's 256,000). The trainer
+# allocates memory in proportion to the size asked for and aborts the process when it cannot.
+MAX_BPE_VOCAB_SIZE = 2_560_000
+
+
 def check_bpe_vocab_size(vocab_size: int) -> None:
     """A byte-level BPE needs its 256 byte tokens and the special tokens before any merge."""
     if vocab_size < 257:
         raise GptlabError(
             f"BPE vocabulary size {vocab_size} is too small: it needs 256 byte tokens plus {EOT}; use 257 or more"
+        )
+    if vocab_size > MAX_BPE_VOCAB_SIZE:
+        raise GptlabError(
+            f"BPE vocabulary size {vocab_size:,} is larger than gptlab trains ({MAX_BPE_VOCAB_SIZE:,}); "
+            "GPT-2 uses 50,257, and 4,096-32,768 suit small corpora"
         )
 
 

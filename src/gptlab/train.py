@@ -981,7 +981,7 @@ def pretrain(
     """
     import dataclasses
 
-    from gptlab.config import GPTConfig, resolve_run_config, run_config_to_dict
+    from gptlab.config import GPTConfig, finetuning_model_values, resolve_run_config, run_config_to_dict
     from gptlab.data import prepare_corpus
     from gptlab.model import GPT
     from gptlab.objectives import NextTokenObjective
@@ -997,8 +997,20 @@ def pretrain(
         init_checkpoint = ckpt.find_checkpoint(values["init_from"])
         init_config = ckpt.read_run_config(ckpt.run_dir_of(init_checkpoint))
         tokenizer = load_tokenizer(ckpt.run_dir_of(init_checkpoint) / "tokenizer")
+        data = dict(values.get("data") or {})
+        if data.get("tokenizer", tokenizer.kind) != tokenizer.kind:
+            raise GptlabError(
+                f"data.tokenizer is {data['tokenizer']} but the run to start from, {init_checkpoint}, has a "
+                f"{tokenizer.kind} tokenizer, which continued pretraining keeps; leave data.tokenizer out"
+            )
+        # The weights fix the model's shape (dropout may change) and the tokenizer; the config says so.
+        model = finetuning_model_values(init_config["model"], values.get("model"), str(init_checkpoint))
         # Stored as an absolute checkpoint folder: a run directory's `latest` moves as that run goes on.
-        values = {**values, "init_from": str(init_checkpoint.resolve()), "preset": None, "model": init_config["model"]}
+        values = {**values, "init_from": str(init_checkpoint.resolve()), "preset": None, "model": model,
+                  "data": {**data, "tokenizer": tokenizer.kind}}  # fmt: skip
+    source = (values.get("data") or {}).get("source")
+    if not resume and source and Path(source).exists():  # absolute, so the run resumes and evaluates from anywhere
+        values = {**values, "data": {**values["data"], "source": str(Path(source).resolve())}}
     config = resolve_run_config(values, ["model", "data", "train"])
     validate_train_config(config["train"])
     runtime = make_runtime(config["train"])
