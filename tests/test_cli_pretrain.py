@@ -264,3 +264,21 @@ def test_continued_pretraining_refuses_a_shape_or_tokenizer_other_than_its_start
     assert main([*common, "--out", str(tmp_path / "next"), "--model.dropout", "0.2"]) == 0
     stored = read_run_config(tmp_path / "next")
     assert stored["model"]["dropout"] == 0.2 and stored["data"]["tokenizer"] == "byte"
+
+
+def test_resuming_on_edited_text_is_refused_unless_allowed(tmp_path, shared_data, capsys, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(shared_data / "the-verdict.txt", corpus / "story.txt")
+    run = tmp_path / "run"
+    args = [*TINY, "--data.source", str(corpus), "--train.max_steps", "2", "--train.eval_interval", "2"]
+    assert main(["pretrain", "--out", str(run), *args]) == 0
+    (corpus / "more.txt").write_text("Another page of the story, written after the run began. " * 40)
+    resume = ["pretrain", "--resume", str(run)]
+    capsys.readouterr()
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert f"the text of data.source {corpus} changed since " in err and err.count("\n") == 1
+    assert main([*resume, "--allow-config-change"]) == 0
+    assert "going on with the new text" in capsys.readouterr().out

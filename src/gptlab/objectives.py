@@ -89,7 +89,8 @@ class NextTokenObjective:
         return [prompt + completion for prompt, completion in zip(self.sample_prompts, completions, strict=True)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict()}
+        # The text's hash: resuming on edited text is refused unless allowed (gptlab.train.pretrain).
+        return {"sampler": self.sampler.state_dict(), "source_sha256": self.corpus.meta.get("source_sha256")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])

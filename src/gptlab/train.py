@@ -967,6 +967,18 @@ def init_weights_from(model: torch.nn.Module, source: str) -> Any:
 PRETRAIN_DEFAULTS = {"task": "pretrain", "out_dir": "runs/pretrain", "preset": "demo"}
 
 
+def _check_same_text(checkpoint: Path, meta: dict[str, Any], source, allow_change: bool, log) -> None:
+    """Refuse to resume on text other than the checkpoint's (edited or added files) unless allowed: the
+    run would no longer continue exactly."""
+    recorded = ckpt.load_trainer_state(checkpoint).get("objective", {}).get("source_sha256")
+    if recorded is None or recorded == meta.get("source_sha256"):
+        return
+    what = f"the text of data.source {source or '(the embedded default corpus)'} changed since {checkpoint}"
+    if not allow_change:
+        raise GptlabError(f"{what}; restore it, or pass --allow-config-change to go on training on the new text")
+    log(f"{what}: going on with the new text")
+
+
 def pretrain(
     values: dict[str, Any],
     resume: bool = False,
@@ -1024,6 +1036,8 @@ def pretrain(
     model_config: GPTConfig = config["model"]
     stored = run_config_to_dict(config)
     run = check_run_dir(run_dir, stored, runtime, corpus.tokenizer, resume, overwrite, allow_config_change, log=log)
+    if run.resume_from is not None:
+        _check_same_text(run.resume_from, corpus.meta, config["data"].source, allow_config_change, log)
 
     seed_everything(config["train"].seed)
     model = GPT(model_config)
