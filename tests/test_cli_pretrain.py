@@ -282,3 +282,14 @@ def test_resuming_on_edited_text_is_refused_unless_allowed(tmp_path, shared_data
     assert f"the text of data.source {corpus} changed since " in err and err.count("\n") == 1
     assert main([*resume, "--allow-config-change"]) == 0
     assert "going on with the new text" in capsys.readouterr().out
+
+
+def test_a_step_size_that_is_no_whole_number_of_batches_and_a_short_warm_up_are_said(
+    tmp_path, shared_data, capsys, monkeypatch
+):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    args = [*TINY, *verdict_args(shared_data), "--train.max_steps", "1", "--train.warmup_steps", "5"]
+    assert main(["pretrain", "--out", str(tmp_path / "run"), *args, "--train.tokens_per_step", "300"]) == 0
+    out = capsys.readouterr().out  # batches of 4 x 32 tokens: 300 rounds to 2 of them
+    assert "train.tokens_per_step 300 is not a whole number of batches: a step is 2 micro-batch(es)" in out
+    assert "256 in all" in out and "ends within the warm-up of 5 steps" in out

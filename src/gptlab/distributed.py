@@ -259,8 +259,9 @@ def parallelize(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.M
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        # The buffers (position ids) never change: synced once at the start, not before every forward.
         return DistributedDataParallel(
-            model, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True
+            model, device_ids=device_ids, forward_sync_buffers=False, gradient_as_bucket_view=True
         )
     if mode == "fsdp":
         _shard(model, runtime)

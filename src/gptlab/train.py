@@ -723,6 +723,16 @@ def train(
             if state.get("world_size", 1) != runtime.world_size:
                 log(f"on {runtime.world_size} rank(s) instead of {state.get('world_size', 1)}: the data order changes")
 
+    if runtime.is_main and config.tokens_per_step and tokens_per_step != config.tokens_per_step:
+        log(
+            f"train.tokens_per_step {config.tokens_per_step:,} is not a whole number of batches: a step is "
+            f"{accum} micro-batch(es) of about {objective.tokens_per_batch:,} tokens, {tokens_per_step:,} in all"
+        )
+    if runtime.is_main and 0 < config.max_steps < config.warmup_steps:
+        log(
+            f"train.max_steps {config.max_steps} ends within the warm-up of {config.warmup_steps} steps: the "
+            "learning rate never reaches its peak; lower train.warmup_steps"
+        )
     peak_flops = config.peak_flops or measure_peak_flops(runtime.device, runtime.autocast_dtype)
     stepper = wrap_model(stepper) if wrap_model else stepper
     start_step, start_time = step, time.perf_counter()
