@@ -141,6 +141,11 @@ def test_a_prompt_longer_than_the_context_is_a_400_when_overflow_is_an_error(tmp
         ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens: Input should be a valid integer"),
         ("/v1/chat/completions", {"messages": []}, "no user message"),
         ("/v1/completions", {"prompt": []}, "the prompt list is empty"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "max_tokens": 5000},
+            "max_tokens 5000 is above this server's limit of 4096",
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."}]}, "no user message"),
     ],
 )

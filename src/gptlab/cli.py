@@ -996,6 +996,10 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     parser.add_argument("--name", help="model name clients ask for (default: the run directory's name)")
+    parser.add_argument(
+        "--max-tokens-limit", type=int, default=4096, metavar="N",
+        help="the most tokens a request may ask for (default 4096; requests are served one at a time)",
+    )  # fmt: skip
     _generation_arguments(parser)
 
 
@@ -1008,6 +1012,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from gptlab.serve import create_app, listening_socket
 
     defaults = _generation_config(args)
+    if args.max_tokens_limit < 1 or defaults.max_new_tokens > args.max_tokens_limit:
+        raise GptlabError(
+            f"--max-tokens-limit must be at least 1 and at least --max-new-tokens ({defaults.max_new_tokens}), "
+            f"got {args.max_tokens_limit}"
+        )
     # Bound here, before the model loads, so a bad port or one in use is a one-line error at once.
     with listening_socket(args.host, args.port) as sock:
         run = load_generator(args.run_dir, args.device, args.dtype)
@@ -1015,7 +1024,8 @@ def run_serve(args: argparse.Namespace) -> int:
         port = sock.getsockname()[1]
         host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address goes in brackets in a URL
         print(f"serving {run.run_dir} as {name!r} on http://{host}:{port}/v1 (OpenAI-compatible)", flush=True)
-        server = uvicorn.Server(uvicorn.Config(create_app(run, name, defaults), log_level="warning"))
+        app = create_app(run, name, defaults, args.max_tokens_limit)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         server.run(sockets=[sock])
     return 0
 

@@ -56,10 +56,19 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage]
 
 
-def _generation_config(request: _Sampling, defaults: GenerationConfig, extra_stop: tuple[str, ...] = ()):
+# The most tokens one request may ask for, unless `gptlab serve --max-tokens-limit` says otherwise: requests
+# are served one at a time, so one asking for 100,000 tokens would hold every other client for minutes.
+MAX_TOKENS_LIMIT = 4096
+
+
+def _generation_config(
+    request: _Sampling, defaults: GenerationConfig, limit: int, extra_stop: tuple[str, ...] = ()
+) -> GenerationConfig:
     """The server's defaults overridden by the request's sampling fields."""
     if request.n != 1:
         raise GptlabError("only n=1 is supported; send several requests for several completions")
+    if request.max_tokens is not None and request.max_tokens > limit:
+        raise GptlabError(f"max_tokens {request.max_tokens} is above this server's limit of {limit}")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     overrides: dict[str, Any] = {"stop": [*stop, *extra_stop]}
     names = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
@@ -118,8 +127,11 @@ def _sse(payloads: Iterator[dict[str, Any]]) -> Iterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def create_app(run, name: str, defaults: GenerationConfig | None = None) -> FastAPI:
-    """The FastAPI app serving `run` (a LoadedRun) under the model name `name`."""
+def create_app(
+    run, name: str, defaults: GenerationConfig | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT
+) -> FastAPI:
+    """The FastAPI app serving `run` (a LoadedRun) under the model name `name`; a request may ask for at
+    most `max_tokens_limit` tokens."""
     from gptlab.generate import stream_rows
     from gptlab.templates import format_messages, get_template
 
@@ -169,7 +181,7 @@ def create_app(run, name: str, defaults: GenerationConfig | None = None) -> Fast
     @app.post("/v1/completions")
     def completions(request: CompletionRequest):
         try:
-            config = _generation_config(request, defaults)
+            config = _generation_config(request, defaults, max_tokens_limit)
             prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
             if not prompts:
                 raise GptlabError("the prompt list is empty; send at least one prompt")
@@ -199,7 +211,7 @@ def create_app(run, name: str, defaults: GenerationConfig | None = None) -> Fast
     @app.post("/v1/chat/completions")
     def chat_completions(request: ChatRequest):
         try:
-            config = _generation_config(request, defaults, template.stop if template else ())
+            config = _generation_config(request, defaults, max_tokens_limit, template.stop if template else ())
             pieces, outcome = start(chat_prompt(request.messages), config)
         except GptlabError as exc:
             return _error(str(exc))
