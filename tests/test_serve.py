@@ -210,3 +210,20 @@ def test_a_port_out_of_range_or_in_use_is_a_one_line_error(tmp_path, capsys):
             assert main(["serve", str(tmp_path / "run"), "--port", str(port)]) == 2
             err = capsys.readouterr().err
             assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_run_without_a_template_chats_on_its_messages_a_line_each(tmp_path):
+    client = in_process_client(make_run(tmp_path / "run"))  # a plain language model: no template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    body = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1}).json()
+    assert body["usage"]["prompt_tokens"] == len(b"Be brief.\nhi")
+    response = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
+    assert response.status_code == 400 and "unknown message role 'robot'" in response.json()["error"]["message"]
+
+
+def test_a_streamed_reply_drops_its_leading_space_as_the_whole_reply_does(tmp_path):
+    client = in_process_client(always_predicting(make_run(tmp_path / "spaces", template="alpaca"), ord(" ")))
+    request = {"messages": chat("hi"), "max_tokens": 4}
+    whole = client.post("/v1/chat/completions", json=request).json()["choices"][0]["message"]["content"]
+    events = stream_events(client.post("/v1/chat/completions", json={**request, "stream": True}))
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == whole == ""

@@ -121,6 +121,17 @@ def listening_socket(host: str, port: int) -> socket.socket:
         raise GptlabError(f"cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc})") from None
 
 
+def _without_leading_space(pieces: Iterator[str]) -> Iterator[str]:
+    """A streamed reply's pieces without its leading white space, which the whole reply drops too."""
+    started = False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        if piece:
+            yield piece
+
+
 def _sse(payloads: Iterator[dict[str, Any]]) -> Iterator[str]:
     for payload in payloads:
         yield f"data: {json.dumps(payload)}\n\n"
@@ -133,7 +144,7 @@ def create_app(
     """The FastAPI app serving `run` (a LoadedRun) under the model name `name`; a request may ask for at
     most `max_tokens_limit` tokens."""
     from gptlab.generate import stream_rows
-    from gptlab.templates import format_messages, get_template
+    from gptlab.templates import ROLES, format_messages, get_template
 
     defaults = defaults or GenerationConfig(max_new_tokens=128, temperature=0.7)
     template = get_template(run.config["template"]) if run.config.get("template") else None
@@ -164,9 +175,17 @@ def create_app(
         return pieces(), outcome
 
     def chat_prompt(messages: list[ChatMessage]) -> str:
+        """The prompt of a conversation: in the run's template, or for a run without one its messages'
+        texts, a line each (the model continues the last)."""
         plain = [m.model_dump() for m in messages]
-        prompt = format_messages(template, plain) if template is not None else "".join(m["content"] for m in plain)
-        if not any(m["role"] == "user" for m in plain):  # checked after format_messages has named any bad role
+        if template is not None:
+            prompt = format_messages(template, plain)
+        else:
+            for message in plain:
+                if message["role"] not in ROLES:
+                    raise GptlabError(f"unknown message role {message['role']!r}; use {', '.join(ROLES)}")
+            prompt = "\n".join(m["content"] for m in plain)
+        if not any(m["role"] == "user" for m in plain):  # checked after any bad role is named
             raise GptlabError("the messages hold no user message to reply to")
         return prompt
 
@@ -221,7 +240,7 @@ def create_app(
             def chunks() -> Iterator[dict[str, Any]]:
                 head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name}
                 yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
-                for piece in pieces:
+                for piece in _without_leading_space(pieces):
                     yield {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                 yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": outcome.finish_reason}]}
 
