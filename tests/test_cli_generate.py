@@ -138,9 +138,10 @@ def chat(run_dir, stdin: str, *flags: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("template", [None, "alpaca"])
 def test_chat_answers_each_line_from_stdin_until_quit(tmp_path, template):
     run_dir = make_run(tmp_path / "run", template=template)
-    result = chat(run_dir, "hello\n\n/reset\nhow are you\n/quit\nnever read\n", "--max-new-tokens", "10")
+    result = chat(run_dir, "hello\n\n/reset\n/rest\nhow are you\n/quit\nnever read\n", "--max-new-tokens", "10")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 2  # one reply line per message; blank lines and commands answer nothing
+    assert "unknown command /rest; /reset forgets the conversation" in result.stderr
 
 
 def test_chat_refuses_an_unknown_template(run_dir, capsys):

@@ -347,10 +347,10 @@ def test_chat_history_is_trimmed_to_fit_the_context():
     assert "message number 0\n" not in prompt
 
 
-def test_chat_without_template_continues_the_transcript():
+def test_chat_without_template_continues_the_transcript_each_message_on_its_own_line():
     tokenizer = ByteTokenizer()
     scripted = ScriptedModel({ord("a"): ord("b"), ord("c"): ord("d")})
     chat = Chat(scripted, tokenizer, GenerationConfig(temperature=0), None)
     assert "".join(chat.send("a")) == "b"
     assert "".join(chat.send("c")) == "d"
-    assert tokenizer.decode(scripted.inputs[-2][0].tolist()) == "abc"
+    assert tokenizer.decode(scripted.inputs[-2][0].tolist()) == "ab\nc"

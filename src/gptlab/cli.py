@@ -631,6 +631,9 @@ def run_chat(args: argparse.Namespace) -> int:
                 continue
             if not message.strip():
                 continue
+            if message.startswith("/") and " " not in message.strip():  # a mistyped command, not a message
+                print(f"unknown command {message.strip()}; {CHAT_HELP}", file=sys.stderr)
+                continue
             for piece in chat.send(message):
                 sys.stdout.write(piece)
                 sys.stdout.flush()

@@ -480,7 +480,7 @@ class Chat:
         from gptlab.templates import fit_messages, format_messages
 
         if self.template is None:
-            text = self.transcript + message
+            text = self._continued(message)
         else:
             self.messages = fit_messages(
                 self.template,
@@ -491,6 +491,12 @@ class Chat:
             text = format_messages(self.template, self.messages)
         return self.tokenizer.encode(text)[-self._budget() :]
 
+    def _continued(self, message: str) -> str:
+        """The transcript with `message` on a line of its own (as it was typed)."""
+        if self.transcript and not self.transcript.endswith("\n"):
+            return f"{self.transcript}\n{message}"
+        return self.transcript + message
+
     def send(self, message: str) -> Iterator[str]:
         """Stream the reply to `message`; the reply joins the history once it is complete."""
         ids = self._prompt_ids(message)
@@ -499,6 +505,6 @@ class Chat:
             reply += piece
             yield piece
         if self.template is None:
-            self.transcript += message + reply
+            self.transcript = self._continued(message) + reply
         else:
             self.messages.append({"role": "assistant", "content": reply.strip()})
