@@ -67,6 +67,8 @@ def test_lora_flag_trains_adapters_only(tmp_path, capsys):
         (None, ["--lora", "--lora.targets", "mlp.fcc"], "LoRA target 'mlp.fcc' matches no linear layer"),
         (None, ["--instruct.trainable", "some"], "instruct.trainable must be all or lora"),
         (None, ["--instruct.max_length", "3"], "no training or validation record keeps a response token within 3"),
+        (None, ["--train.batch_size", "0"], "train.batch_size must be positive, got 0"),
+        (None, ["--task", "pretrain"], "the config's task is pretrain, but this command trains instruct runs"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, records, extra, message):

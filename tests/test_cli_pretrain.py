@@ -293,3 +293,23 @@ def test_a_step_size_that_is_no_whole_number_of_batches_and_a_short_warm_up_are_
     out = capsys.readouterr().out  # batches of 4 x 32 tokens: 300 rounds to 2 of them
     assert "train.tokens_per_step 300 is not a whole number of batches: a step is 2 micro-batch(es)" in out
     assert "256 in all" in out and "ends within the warm-up of 5 steps" in out
+
+
+def test_a_config_for_another_task_and_a_resume_past_max_steps_are_one_line_errors(
+    tmp_path, shared_data, capsys, monkeypatch
+):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = [*TINY, *verdict_args(shared_data), "--train.max_steps", "2", "--train.eval_interval", "2"]
+    assert main(["pretrain", "--out", str(run), *args, "--task", "instruct"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: the config's task is instruct, but this command trains pretrain runs; train it with " \
+        "`gptlab finetune instruct`\n" and not run.exists()  # fmt: skip
+    assert main(["finetune", "classify", "--init-from", str(tmp_path), "--task", "pretrain"]) == 2
+    assert "the config's task is pretrain, but this command trains classify runs" in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(run), *args]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run), "--train.max_steps", "1", "--allow-config-change"]) == 2
+    err = capsys.readouterr().err
+    assert "is at step 2, past train.max_steps 1; resume with --train.max_steps 2 or more" in err
+    assert err.count("\n") == 1

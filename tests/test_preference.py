@@ -243,6 +243,7 @@ def test_cli_preference_with_lora_trains_adapters_and_reports(tmp_path, capsys):
         (None, ["--preference.beta", "-1"], "preference.beta must be above 0"),
         (None, ["--preference.max_length", "4"], "no training or validation pair keeps two different answers"),
         (None, ["--preference.max_length", "999"], "preference.max_length 999 exceeds the model's context length 64"),
+        (None, ["--train.batch_size", "0"], "train.batch_size must be positive, got 0"),
     ],
 )
 def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys, records, extra, message):

@@ -159,6 +159,10 @@ def test_a_body_that_is_not_json_is_a_400_saying_so(tmp_path):
     response = client.post("/v1/completions", content=b'{"prompt": "x",', headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["message"].startswith("the request body is not valid JSON")
+    for sent in ({"content": b'{"prompt": "x"}'}, {"json": ["x"]}):  # no JSON content-type; not an object
+        response = client.post("/v1/completions", **sent)
+        assert response.status_code == 400
+        assert response.json()["error"]["message"].startswith("the request body must be a JSON object, sent with")
 
 
 def stream_events(response):

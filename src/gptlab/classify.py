@@ -822,9 +822,10 @@ class ClassifyResult:
 def resolve_classify_config(values: dict[str, Any]) -> dict[str, Any]:
     """The validated run config: finetuning defaults, the `init_from` run's model shape (stored with
     `init_from` as an absolute checkpoint folder), the sections as dataclasses; `lora` only for LoRA."""
-    from gptlab.config import resolve_run_config
+    from gptlab.config import check_task, resolve_run_config
 
     # The model's shape comes from `init_from`, never from a preset.
+    check_task(values, "classify")
     values = {"task": "classify", "out_dir": "runs/classify", **{k: v for k, v in values.items() if k != "preset"}}
     values["train"] = {**TRAIN_DEFAULTS, **(values.get("train") or {})}
     if not values.get("init_from"):

@@ -567,6 +567,24 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
     return check_run_values(load_config_file(path), source=str(path))
 
 
+# The command that trains (and resumes) each task's runs.
+TASK_COMMANDS = {
+    "pretrain": "gptlab pretrain",
+    "classify": "gptlab finetune classify",
+    "instruct": "gptlab finetune instruct",
+    "preference": "gptlab finetune preference",
+}
+
+
+def check_task(values: dict[str, Any], task: str) -> None:
+    """Refuse a run config whose `task` is another than the one being trained (a recipe given to the
+    wrong command): its run would be recorded as a run it is not."""
+    found = values.get("task") or task
+    if found != task:
+        how = f"; train it with `{TASK_COMMANDS[found]}`" if found in TASK_COMMANDS else ""
+        raise GptlabError(f"the config's task is {found}, but this command trains {task} runs{how}")
+
+
 # What a finetuning run may change of its base run's model: the other fields shape the weights it
 # loads, or change what they compute.
 FINETUNE_MODEL_FIELDS = ("dropout",)

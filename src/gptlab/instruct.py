@@ -538,10 +538,13 @@ def resolve_records_config(
 ) -> dict[str, Any]:
     """The validated config of an instruction (or preference) run: defaults (for a new run), the base run's
     model shape, the sections as dataclasses; `lora` only when adapters train, checked against the context."""
-    from gptlab.config import resolve_run_config
+    from gptlab.config import check_task, resolve_run_config
+    from gptlab.train import validate_train_config
 
+    check_task(values, defaults["task"])
     values = _base_model_values(values if resume else _with_defaults(values, defaults))
     config = resolve_run_config(values, ["model", "train", section, "lora"])
+    validate_train_config(config["train"])  # before the data, the reference and the first evaluation
     if config[section].trainable != "lora":
         del config["lora"]
     get_template(config["template"])  # an unknown name fails here, before anything is written

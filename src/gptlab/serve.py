@@ -89,6 +89,8 @@ def _invalid_request(_request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":  # its location is a character offset, not a field
         return _error(f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})")
+    if tuple(first["loc"]) == ("body",):  # not an object: a list, or a body not sent as JSON
+        return _error("the request body must be a JSON object, sent with content-type: application/json")
     where = ".".join(str(part) for part in first["loc"] if part != "body")
     return _error(f"{where}: {first['msg']}" if where else first["msg"])
 

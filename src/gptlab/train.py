@@ -716,6 +716,11 @@ def train(
         objective.load_state_dict(distributed.own_state(state, "objective", runtime))
         set_rng_state(distributed.own_state(state, "rng", runtime))
         step, tokens_seen = state["step"], state["tokens_seen"]
+        if step > config.max_steps:  # every rank reads the same step: all stop alike
+            raise GptlabError(
+                f"{resume_from} is at step {step}, past train.max_steps {config.max_steps}; resume with "
+                f"--train.max_steps {step} or more (and --allow-config-change)"
+            )
         elapsed_before, best_val = state["elapsed"], state["best_val"]
         if runtime.is_main:
             metrics.truncate_after(step)
@@ -865,19 +870,12 @@ class RunDirectory:
     start: Callable[[], None]
 
 
-# The command that trains (and resumes) each task's runs.
-TASK_COMMANDS = {
-    "pretrain": "gptlab pretrain",
-    "classify": "gptlab finetune classify",
-    "instruct": "gptlab finetune instruct",
-    "preference": "gptlab finetune preference",
-}
-
-
 def check_resumed_task(run_dir: str | Path, task: str) -> None:
     """Refuse to resume `run_dir` as a `task` run when it is a run of another task."""
     found = ckpt.read_run_config(run_dir).get("task") or "pretrain"  # runs from before `task` were pretraining
     if found != task:
+        from gptlab.config import TASK_COMMANDS
+
         command = TASK_COMMANDS.get(found)
         how = f"resume it with `{command} --resume {run_dir}`" if command else f"it cannot resume as a {task} run"
         article = "an" if found[0] in "aeiou" else "a"
@@ -1003,13 +1001,14 @@ def pretrain(
     """
     import dataclasses
 
-    from gptlab.config import GPTConfig, finetuning_model_values, resolve_run_config, run_config_to_dict
+    from gptlab.config import GPTConfig, check_task, finetuning_model_values, resolve_run_config, run_config_to_dict
     from gptlab.data import prepare_corpus
     from gptlab.model import GPT
     from gptlab.objectives import NextTokenObjective
     from gptlab.tokenizer import load_tokenizer
 
     values = {**PRETRAIN_DEFAULTS, **values}
+    check_task(values, "pretrain")
     run_dir = Path(values["out_dir"])
     tokenizer, init_config = None, None
     if resume:
