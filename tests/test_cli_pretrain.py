@@ -307,6 +307,8 @@ def test_a_config_for_another_task_and_a_resume_past_max_steps_are_one_line_erro
         "`gptlab finetune instruct`\n" and not run.exists()  # fmt: skip
     assert main(["finetune", "classify", "--init-from", str(tmp_path), "--task", "pretrain"]) == 2
     assert "the config's task is pretrain, but this command trains classify runs" in capsys.readouterr().err
+    assert main(["finetune", "preference", "--resume", str(run)]) == 2  # e.g. stopped while scoring its reference
+    assert "holds no run to resume (no config.yaml" in capsys.readouterr().err
     assert main(["pretrain", "--out", str(run), *args]) == 0
     capsys.readouterr()
     assert main(["pretrain", "--resume", str(run), "--train.max_steps", "1", "--allow-config-change"]) == 2

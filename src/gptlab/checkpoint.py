@@ -275,6 +275,16 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint
 
 
+def check_resumable(run_dir: str | Path) -> None:
+    """Refuse to resume what holds no run: a wrong path, or a run stopped before it wrote anything (while
+    it prepared its data or scored DPO's reference, say)."""
+    if not (Path(run_dir) / CONFIG_FILE).is_file():
+        raise GptlabError(
+            f"{run_dir} holds no run to resume (no {CONFIG_FILE}: the path is wrong, or the run stopped before "
+            "it began); start it without --resume"
+        )
+
+
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     from gptlab.config import load_config_file
 

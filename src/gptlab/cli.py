@@ -417,10 +417,11 @@ def training_arguments(parser: argparse.ArgumentParser, sections: list[str], lor
 
 def training_run(args: argparse.Namespace, start, trainable_section: str | None = None):
     """Gather a training command's config (the run's own when resuming) and call `start` with it."""
-    from gptlab.checkpoint import read_run_config
+    from gptlab.checkpoint import check_resumable, read_run_config
 
     base = {}
     if args.resume:
+        check_resumable(args.resume)
         base = read_run_config(args.resume)
         base["out_dir"] = args.resume
     values, _ = collect_config(args, base)

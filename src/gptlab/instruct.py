@@ -541,7 +541,8 @@ def resolve_records_config(
     from gptlab.config import check_task, resolve_run_config
     from gptlab.train import validate_train_config
 
-    check_task(values, defaults["task"])
+    if not resume:  # a resumed run's task is checked against the run (check_resumed_task)
+        check_task(values, defaults["task"])
     values = _base_model_values(values if resume else _with_defaults(values, defaults))
     config = resolve_run_config(values, ["model", "train", section, "lora"])
     validate_train_config(config["train"])  # before the data, the reference and the first evaluation

@@ -871,7 +871,8 @@ class RunDirectory:
 
 
 def check_resumed_task(run_dir: str | Path, task: str) -> None:
-    """Refuse to resume `run_dir` as a `task` run when it is a run of another task."""
+    """Refuse to resume `run_dir` as a `task` run when it is a run of another task, or no run at all."""
+    ckpt.check_resumable(run_dir)
     found = ckpt.read_run_config(run_dir).get("task") or "pretrain"  # runs from before `task` were pretraining
     if found != task:
         from gptlab.config import TASK_COMMANDS
@@ -1008,7 +1009,8 @@ def pretrain(
     from gptlab.tokenizer import load_tokenizer
 
     values = {**PRETRAIN_DEFAULTS, **values}
-    check_task(values, "pretrain")
+    if not resume:  # a resumed run's task is checked against the run (check_resumed_task)
+        check_task(values, "pretrain")
     run_dir = Path(values["out_dir"])
     tokenizer, init_config = None, None
     if resume:
