@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gptlab import interop
-from gptlab.checkpoint import load_run, save_checkpoint, write_run_config
+from gptlab.checkpoint import load_run, read_run_config, save_checkpoint, write_run_config
 from gptlab.classify import GPTClassifier, pad_batch
 from gptlab.config import GenerationConfig, GPTConfig, LoRAConfig, config_to_dict
 from gptlab.errors import GptlabError
@@ -160,6 +160,18 @@ def test_export_refuses_a_directory_that_is_or_holds_the_run(tmp_path, out):
     with pytest.raises(GptlabError, match="is or holds"):
         export_run(run / "checkpoints" / "step-0000001", out_dir, force=True)
     assert load_run(run).model.config == config  # the run is untouched
+
+
+def test_an_instruction_tuned_runs_template_survives_export_and_import(tmp_path):
+    config = GPTConfig(vocab_size=257, context_length=16, n_layer=1, n_head=1, n_embd=8)
+    make_run(tmp_path / "run", config, ByteTokenizer(), template="chat")
+    export_run(tmp_path / "run", tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    assert read_run_config(tmp_path / "back")["template"] == "chat"
+    make_run(tmp_path / "plain", config, ByteTokenizer())
+    export_run(tmp_path / "plain", tmp_path / "plain-hf")
+    import_hf(tmp_path / "plain-hf", tmp_path / "plain-back")
+    assert "template" not in read_run_config(tmp_path / "plain-back")
 
 
 def test_export_into_a_folder_inside_the_run_is_allowed(tmp_path):

@@ -334,11 +334,14 @@ def gpt_config_from_hf(values: Mapping[str, Any], source: str) -> GPTConfig:
     )
 
 
-def hf_config(config: GPTConfig, eot_id: int, tokenizer_kind: str, labels: list[str] | None = None) -> dict[str, Any]:
+def hf_config(
+    config: GPTConfig, eot_id: int, tokenizer_kind: str, labels: list[str] | None = None, template: str | None = None
+) -> dict[str, Any]:
     """transformers' config.json for a gptlab model; `labels` makes it a GPT2ForSequenceClassification.
 
     The `gptlab` entry records what GPT-2's config cannot say (biases a model was trained without,
-    the tokenizer kind), so importing the export gives back the same run.
+    the tokenizer kind, an instruction-tuned run's prompt `template`), so importing the export gives
+    back the same run.
     """
     values: dict[str, Any] = {
         "architectures": ["GPT2ForSequenceClassification" if labels else "GPT2LMHeadModel"],
@@ -360,7 +363,12 @@ def hf_config(config: GPTConfig, eot_id: int, tokenizer_kind: str, labels: list[
         "eos_token_id": eot_id,
         "tie_word_embeddings": config.tie_embeddings,
         "dtype": "float32",
-        "gptlab": {"qkv_bias": config.qkv_bias, "bias": config.bias, "tokenizer": tokenizer_kind},
+        "gptlab": {
+            "qkv_bias": config.qkv_bias,
+            "bias": config.bias,
+            "tokenizer": tokenizer_kind,
+            **({"template": template} if template else {}),
+        },
     }
     if labels:
         values["id2label"] = {str(i): label for i, label in enumerate(labels)}
@@ -510,6 +518,8 @@ def import_hf(
     config = _drop_zero_biases(config, plan, checkpoint, values.get("gptlab") or {})
     plan = conversion_plan(shapes, config, checkpoint.source, head)
     run_config: dict[str, Any] = {"task": "pretrain", "model": config_to_dict(config)}
+    if (values.get("gptlab") or {}).get("template"):  # a gptlab export of an instruction-tuned run
+        run_config["template"] = values["gptlab"]["template"]
     if labels:
         run_config.update(task="classify", classify={"labels": labels, "pooling": "last"})
     with _new_directory(run_dir, force, *_RUN) as building:
@@ -652,7 +662,8 @@ def export_run(run: str | Path, out_dir: str | Path, which: str = "latest", forc
         del tensors["lm_head.weight"]  # transformers ties it to transformer.wte.weight on loading
     with _new_directory(out_dir, force, *_EXPORT) as building:
         write_safetensors(building / HF_WEIGHTS, tensors)
-        _write_json(building / HF_CONFIG, hf_config(config, eot_id, loaded.tokenizer.kind, labels))
+        template = loaded.config.get("template")  # an instruction-tuned run's prompt format, for `import hf`
+        _write_json(building / HF_CONFIG, hf_config(config, eot_id, loaded.tokenizer.kind, labels, template))
         _write_json(
             building / "generation_config.json",
             {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id},
