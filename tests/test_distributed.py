@@ -197,8 +197,7 @@ def _muon_step_with_split(split: bool) -> dict:
     how many matrices this rank orthogonalised."""
     from gptlab import train as train_module
 
-    torch.distributed.init_process_group("gloo")
-    try:
+    with cpu_ranks():
         torch.manual_seed(0)
         model = GPT(GPTConfig(**{**CONFIG.__dict__, "n_layer": 3}))
         for param in model.parameters():
@@ -216,8 +215,6 @@ def _muon_step_with_split(split: bool) -> dict:
         )
         optimizer.step()
         return {"weights": model.state_dict(), "orthogonalised": sum(counted)}
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_muon_splits_its_orthogonalisation_among_ddp_ranks_with_the_same_result(tmp_path):
@@ -230,12 +227,22 @@ def test_muon_splits_its_orthogonalisation_among_ddp_ranks_with_the_same_result(
         assert_weights_close(ranked["weights"], whole[0]["weights"])
 
 
+@contextlib.contextmanager
+def cpu_ranks(ranks: int = 2):
+    """A CPU Runtime for this process's rank of `ranks`, with a gloo group while inside (none for one)."""
+    if ranks > 1:
+        torch.distributed.init_process_group("gloo")
+    try:
+        yield Runtime(torch.device("cpu"), rank=torch.distributed.get_rank() if ranks > 1 else 0, world_size=ranks)
+    finally:
+        if ranks > 1:
+            torch.distributed.destroy_process_group()
+
+
 def _spread_squares(count: int) -> dict:
     """Squares of 0..count-1 computed with distributed.spread_rows on this rank: the rows, and which
     items this rank computed itself."""
-    torch.distributed.init_process_group("gloo")
-    try:
-        runtime = Runtime(torch.device("cpu"), rank=torch.distributed.get_rank(), world_size=2)
+    with cpu_ranks() as runtime:
         computed = []
 
         def squares(items):
@@ -243,8 +250,6 @@ def _spread_squares(count: int) -> dict:
             return torch.tensor([[i, i * i] for i in items], dtype=torch.float32).view(-1, 2)
 
         return {"rows": distributed.spread_rows(squares, list(range(count)), runtime), "computed": computed}
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 # Every rank computes as many items (FSDP's ranks must run the same forward passes): the short share
@@ -265,10 +270,7 @@ def _answer_records(ranks: int, parallel: str | None = None) -> dict:
     from gptlab.templates import get_template
     from gptlab.tokenizer import ByteTokenizer
 
-    if ranks > 1:
-        torch.distributed.init_process_group("gloo")
-    try:
-        runtime = Runtime(torch.device("cpu"), rank=torch.distributed.get_rank() if ranks > 1 else 0, world_size=ranks)
+    with cpu_ranks(ranks) as runtime:
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=257, context_length=256, n_layer=1, n_head=2, n_embd=16)).eval()
         if parallel:
@@ -283,9 +285,6 @@ def _answer_records(ranks: int, parallel: str | None = None) -> dict:
         records = [{"instruction": f"Name {word} things.", "input": "", "output": word} for word in "abcde"]
         answers = instruct.answer_records(model, ByteTokenizer(), records, get_template("alpaca"), 6, runtime)
         return {"answers": answers, "answered": len(answered)}
-    finally:
-        if ranks > 1:
-            torch.distributed.destroy_process_group()
 
 
 def test_ranks_answer_their_share_of_the_records_and_all_get_every_answer(tmp_path):
@@ -439,13 +438,10 @@ def pretrain_values(corpus: Path, out_dir: Path, **train) -> dict:
 
 def _fail_in_rank_ones_share(helper: str, sharded: bool = False) -> None:
     """spread_rows, mean_over_shares or spread_items where computing rank 1's share raises."""
-    torch.distributed.init_process_group("gloo")
-    try:
-        rank = torch.distributed.get_rank()
-        runtime = Runtime(torch.device("cpu"), rank=rank, world_size=2)
+    with cpu_ranks() as runtime:
 
         def compute(items):
-            if rank == 1:
+            if runtime.rank == 1:
                 raise ValueError("a bad example")
             if helper == "mean_over_shares":  # one item at a time
                 return torch.tensor(0.0)
@@ -455,8 +451,6 @@ def _fail_in_rank_ones_share(helper: str, sharded: bool = False) -> None:
             distributed.spread_items(compute, [1, 2, 3, 4], runtime)
         else:
             getattr(distributed, helper)(compute, [1, 2, 3, 4], runtime, sharded)
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("helper", ["spread_rows", "mean_over_shares", "spread_items"])
@@ -519,18 +513,12 @@ def _evaluate_classifier(ranks: int) -> dict[str, float]:
     from test_classify import CONFIG as CLASSIFIER_CONFIG
     from test_classify import make_objective
 
-    if ranks > 1:
-        torch.distributed.init_process_group("gloo")
-    try:
-        rank = torch.distributed.get_rank() if ranks > 1 else 0
-        objective = make_objective(rank=rank, world_size=ranks)
+    with cpu_ranks(ranks) as runtime:
+        objective = make_objective(rank=runtime.rank, world_size=ranks)
         torch.manual_seed(0)
         model = GPTClassifier(CLASSIFIER_CONFIG, 2).eval()
         with torch.no_grad():
-            return objective.evaluate(model, Runtime(torch.device("cpu"), rank=rank, world_size=ranks))
-    finally:
-        if ranks > 1:
-            torch.distributed.destroy_process_group()
+            return objective.evaluate(model, runtime)
 
 
 def test_ranks_share_a_classifiers_validation_and_agree_with_one_process(tmp_path):
