@@ -121,8 +121,8 @@ def test_size_of_a_run_directory_and_a_model_config(tmp_path):
 def test_size_of_a_recipe_starting_from_a_run_is_the_model_that_run_would_train(tmp_path, capsys):
     write_run_config(tmp_path / "base", {"task": "pretrain", "model": asdict(get_preset("tiny"))})
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"task: pretrain\ninit_from: {tmp_path / 'base'}\nmodel:\n  n_layer: 7\n")
-    assert resolve_model_config(str(recipe)) == get_preset("tiny")  # continued pretraining: the base's model
+    recipe.write_text(f"task: pretrain\ninit_from: {tmp_path / 'base'}\nmodel:\n  dropout: 0.1\n")
+    assert resolve_model_config(str(recipe)) == get_preset("tiny", dropout=0.1)  # continued pretraining
     recipe.write_text(f"task: instruct\ninit_from: {tmp_path / 'base'}\nmodel:\n  dropout: 0.2\n")
     assert resolve_model_config(str(recipe)) == get_preset("tiny", dropout=0.2)
     recipe.write_text(f"task: instruct\ninit_from: {tmp_path / 'base'}\nmodel:\n  n_layer: 7\n")

@@ -206,9 +206,8 @@ def _config_file_model(path):
                 f"{path} starts from the run {values['init_from']}, which is not here, and its model is that "
                 "run's; make the run first, or size the run or its preset"
             )
-        # As the runs do: continued pretraining takes the init run's model whole, finetuning may change dropout.
-        given = None if values.get("task", "pretrain") == "pretrain" else values.get("model")
-        return _run_model_config(values["init_from"], given, str(path))
+        # As every run starting from another does: its model, of which only dropout may change.
+        return _run_model_config(values["init_from"], values.get("model"), str(path))
     if values.get("task", "pretrain") != "pretrain":
         raise GptlabError(f"{path} finetunes a model but names no run to start from (init_from), whose model it is")
     from gptlab.train import PRETRAIN_DEFAULTS  # torch: only here, so that sizing a preset starts at once
