@@ -174,3 +174,53 @@ def test_trainable_parts_reads_what_requires_a_gradient():
     classifier = GPTClassifier(get_preset("tiny"), 2, ClassifyConfig().pooling)
     set_trainable(classifier, ClassifyConfig(trainable="last_blocks", last_blocks=1))
     assert trainable_parts(classifier) == Trainable(0.5, 0.5, True)
+
+
+@pytest.mark.parametrize(
+    "extra, labels, trains",
+    [
+        ({"task": "classify", "classify": {"labels": ["ham", "spam"], "trainable": "last_blocks"}}, 2, "last block"),
+        (
+            {
+                "task": "classify",
+                "classify": {"labels": ["a", "b", "c"], "trainable": "lora"},
+                "lora": {"rank": 4, "targets": ["attn.qkv"]},
+            },
+            3,
+            "lora",
+        ),  # fmt: skip
+        ({"task": "instruct", "lora": {"rank": 2}}, 0, "lora"),
+    ],
+)
+def test_size_of_a_classifier_or_lora_run_counts_its_head_adapters_and_what_trains(
+    extra, labels, trains, tmp_path, capsys
+):
+    from gptlab.checkpoint import build_model
+    from gptlab.lora import count_trainable
+
+    config = get_preset("tiny")
+    run_config = {"model": asdict(config), **extra}
+    write_run_config(tmp_path / "run", run_config)
+    assert main(["size", str(tmp_path / "run"), "--json"]) == 0
+    report = __import__("json").loads(capsys.readouterr().out)
+    model = build_model(run_config)  # the real model, as loading the run builds it
+    if labels:
+        from gptlab.classify import set_trainable
+        from gptlab.config import ClassifyConfig
+
+        set_trainable(model, ClassifyConfig(**extra["classify"]))
+    trainable, total = count_trainable(model)
+    assert report["parameters"]["total"] == total and report["trainable_parameters"] == trainable < total
+    assert report["run"]["labels"] == labels
+    if labels:  # no vocabulary head: its own small one, and no logits in the FLOPs
+        assert report["parameters"]["lm_head"] == labels * config.n_embd
+        assert report["train_flops_per_token"] < train_flops_per_token(config)
+    if trains == "lora":
+        adapters = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+        assert report["parameters"]["adapters"] == adapters > 0
+    fp32 = report["memory"]["fp32"]
+    assert fp32["gradients"] == 4 * trainable and fp32["adamw_states"] == 8 * trainable
+    assert main(["size", str(tmp_path / "run")]) == 0
+    table = capsys.readouterr().out
+    assert "parameters, trainable" in table and ("classifier head" in table) == bool(labels)
+    assert ("LoRA adapters" in table) == (trains == "lora") and "Muon" not in table

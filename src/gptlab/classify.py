@@ -347,8 +347,15 @@ def load_pretrained(model: GPTClassifier, source: str | Path) -> Path:
 
 
 def set_trainable(model: GPTClassifier, config: ClassifyConfig, lora: LoRAConfig | None = None) -> None:
-    """Freeze all but what `config.trainable` names; the new head always trains."""
-    model.requires_grad_(config.trainable == "all")
+    """Freeze all but what `config.trainable` names; the new head always trains. A model that already has
+    its adapters (`checkpoint.build_model` of a LoRA run) keeps them."""
+    if config.trainable == "lora":
+        from gptlab.lora import apply_lora, has_adapters
+
+        if not has_adapters(model):
+            apply_lora(model, lora or LoRAConfig())  # freezes all but the adapters
+    else:
+        model.requires_grad_(config.trainable == "all")
     if config.trainable == "last_blocks":
         if config.last_blocks > len(model.blocks):
             raise GptlabError(
@@ -357,10 +364,6 @@ def set_trainable(model: GPTClassifier, config: ClassifyConfig, lora: LoRAConfig
         for block in model.blocks[-config.last_blocks :]:
             block.requires_grad_(True)
         model.ln_f.requires_grad_(True)
-    elif config.trainable == "lora":
-        from gptlab.lora import apply_lora
-
-        apply_lora(model, lora or LoRAConfig())
     model.lm_head.requires_grad_(True)
 
 

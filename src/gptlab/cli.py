@@ -181,6 +181,42 @@ def _run_model_config(run, finetuning: dict | None = None, source: str = ""):
     return config_from_dict(GPTConfig, model, "model.", source)
 
 
+def run_model_parts(name_or_path: str):
+    """For a run directory of a classifier or a LoRA run, what its model has beside the GPT (`RunModel`),
+    counted on the model built as the run builds it, on the meta device (shapes only); else None."""
+    from pathlib import Path
+
+    from gptlab.config import PRESETS
+
+    path = Path(name_or_path)
+    if name_or_path in PRESETS or not path.is_dir():
+        return None
+    from gptlab.checkpoint import read_run_config, run_dir_of
+
+    run_config = read_run_config(run_dir_of(path))
+    if run_config.get("task") != "classify" and not run_config.get("lora"):
+        return None  # a GPT whose every weight trains: the preset arithmetic says it all
+    import torch
+
+    from gptlab.checkpoint import build_model
+    from gptlab.lora import ADAPTER_SUFFIXES, count_trainable
+    from gptlab.sizing import RunModel, trainable_parts
+
+    with torch.device("meta"):
+        model = build_model(run_config)
+    if run_config.get("task") == "classify":
+        from gptlab.classify import set_trainable
+        from gptlab.config import ClassifyConfig, config_from_dict
+
+        set_trainable(model, config_from_dict(ClassifyConfig, run_config["classify"], where="classify."))
+    trainable, _ = count_trainable(model)
+    adapters = sum(p.numel() for name, p in model.named_parameters() if name.endswith(ADAPTER_SUFFIXES))
+    return RunModel(
+        labels=getattr(model, "num_labels", 0), adapters=adapters, lora_rank=(run_config.get("lora") or {}).get("rank", 0),
+        trainable=trainable, parts=trainable_parts(model),
+    )  # fmt: skip
+
+
 def _config_file_model(path):
     """The model a config file describes: a model config's own; a finetuning run's, its init_from run's (a
     model known only from that run); a pretraining run's, its preset and model section with its tokenizer's
@@ -250,7 +286,8 @@ def run_size(args: argparse.Namespace) -> int:
         raise GptlabError(f"--mfu must be in (0, 1], got {args.mfu}")
     if args.flops <= 0 or args.tokens <= 0:
         raise GptlabError("--flops and --tokens must be positive")
-    report = size_report(resolve_model_config(args.model), args.tokens, args.flops, args.mfu)
+    config = resolve_model_config(args.model)
+    report = size_report(config, args.tokens, args.flops, args.mfu, run_model_parts(args.model))
     if args.json:
         counts = report["parameters"]
         report["parameters"] = {
@@ -259,6 +296,7 @@ def run_size(args: argparse.Namespace) -> int:
             "non_embedding": counts.non_embedding,
         }
         report["config"] = dataclasses.asdict(report["config"])
+        report["run"] = dataclasses.asdict(report["run"])
         print(json.dumps(report, indent=2))
     else:
         print(format_size_report(report))

@@ -92,9 +92,13 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def has_adapters(model: nn.Module) -> bool:
+    return bool(_lora_layers(model))
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Wrap every linear layer a target names in a LoRALinear and freeze all but the adapters, in place."""
-    if _lora_layers(model):
+    if has_adapters(model):
         raise GptlabError("the model already has LoRA adapters; merge them first (gptlab lora merge)")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     chosen = set()

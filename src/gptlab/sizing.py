@@ -17,21 +17,36 @@ class ParameterCounts:
     attention: int  # all blocks
     mlp: int  # all blocks
     layer_norms: int  # all blocks and the final one
-    lm_head: int  # 0 when tied to the token embedding
+    lm_head: int  # 0 when tied to the token embedding; a classifier's labels x width
+    adapters: int = 0  # LoRA's A and B matrices
 
     @property
     def total(self) -> int:
         return (
-            self.token_embedding + self.position_embedding + self.attention + self.mlp + self.layer_norms + self.lm_head
-        )
+            self.token_embedding + self.position_embedding + self.attention + self.mlp + self.layer_norms
+            + self.lm_head + self.adapters
+        )  # fmt: skip
 
     @property
     def non_embedding(self) -> int:
         return self.total - self.token_embedding - self.position_embedding
 
 
-def count_parameters(config: GPTConfig) -> ParameterCounts:
+@dataclass(frozen=True)
+class RunModel:
+    """What a finetuned run's model has beside its GPT shape, counted on the built model (see
+    `gptlab.cli`'s `gptlab size` of a run): a classifier's head, LoRA's adapters, what trains."""
+
+    labels: int = 0  # a classifier's outputs: its head replaces the vocabulary head
+    adapters: int = 0  # LoRA's A and B matrices
+    lora_rank: int = 0
+    trainable: int | None = None  # parameters that train; None: all
+    parts: Trainable | None = None  # what trains, for a step's FLOPs (None: everything)
+
+
+def count_parameters(config: GPTConfig, run: RunModel | None = None) -> ParameterCounts:
     C, L = config.n_embd, config.n_layer
+    labels, adapters = (run.labels, run.adapters) if run else (0, 0)
     bias = int(config.bias)
     attention = L * (3 * C * C + 3 * C * int(config.qkv_bias) + C * C + C * bias)
     mlp = L * (8 * C * C + 5 * C * bias)
@@ -42,7 +57,8 @@ def count_parameters(config: GPTConfig) -> ParameterCounts:
         attention=attention,
         mlp=mlp,
         layer_norms=layer_norms,
-        lm_head=0 if config.tie_embeddings else config.vocab_size * C,
+        lm_head=labels * C if labels else 0 if config.tie_embeddings else config.vocab_size * C,
+        adapters=adapters,
     )
 
 
@@ -120,10 +136,12 @@ def kv_cache_bytes_per_token(config: GPTConfig, bytes_per_value: int = 2) -> int
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}
 
 
-def training_memory_bytes(n_params: int) -> dict[str, dict[str, int]]:
-    """Weights, gradients and AdamW's two moments, in fp32 and in bf16."""
+def training_memory_bytes(n_params: int, trainable: int | None = None) -> dict[str, dict[str, int]]:
+    """Weights, gradients and AdamW's two moments (of the `trainable` parameters only, when not all), in fp32
+    and in bf16."""
+    trained = n_params if trainable is None else trainable
     return {
-        dtype: {"weights": n_params * size, "gradients": n_params * size, "adamw_states": 2 * n_params * size}
+        dtype: {"weights": n_params * size, "gradients": trained * size, "adamw_states": 2 * trained * size}
         for dtype, size in BYTES_PER_VALUE.items()
     }
 
@@ -135,9 +153,9 @@ def muon_state_bytes(config: GPTConfig, n_params: int) -> dict[str, int]:
     return {dtype: (matrices + 2 * (n_params - matrices)) * size for dtype, size in BYTES_PER_VALUE.items()}
 
 
-def gpu_hours(config: GPTConfig, tokens: float, peak_flops: float, mfu: float) -> float:
+def gpu_hours(flops_per_token: float, tokens: float, peak_flops: float, mfu: float) -> float:
     """Device-hours to train on `tokens` at `mfu` of a device's `peak_flops` FLOP/s."""
-    return train_flops_per_token(config) * tokens / (peak_flops * mfu) / 3600.0
+    return flops_per_token * tokens / (peak_flops * mfu) / 3600.0
 
 
 def human(n: float, unit: str = "") -> str:
@@ -154,16 +172,23 @@ def human(n: float, unit: str = "") -> str:
 
 
 def size_report(
-    config: GPTConfig, tokens: float = 300e9, peak_flops: float = 989e12, mfu: float = 0.4
+    config: GPTConfig, tokens: float = 300e9, peak_flops: float = 989e12, mfu: float = 0.4, run: RunModel | None = None
 ) -> dict[str, object]:
-    """Everything `gptlab size` prints, as data."""
-    counts = count_parameters(config)
+    """Everything `gptlab size` prints, as data; `run` describes a finetuned run's model."""
+    run = run or RunModel()
+    counts = count_parameters(config, run)
+    # A classifier computes no vocabulary logits: its head's few products are left out, as in its MFU.
+    logit_share = 0.0 if run.labels else 1.0
+    forward = forward_flops_per_token(config) - (2 * config.vocab_size * config.n_embd if run.labels else 0)
+    train_flops = train_flops_per_token(config, None, logit_share, run.parts or ALL_TRAINS)
     return {
         "config": config,
+        "run": run,
         "parameters": counts,
-        "forward_flops_per_token": forward_flops_per_token(config),
-        "train_flops_per_token": train_flops_per_token(config),
-        "memory": training_memory_bytes(counts.total),
+        "trainable_parameters": counts.total if run.trainable is None else run.trainable,
+        "forward_flops_per_token": forward,
+        "train_flops_per_token": train_flops,
+        "memory": training_memory_bytes(counts.total, run.trainable),
         "muon_state_bytes": muon_state_bytes(config, counts.total),
         "kv_cache_bytes_per_token": {
             dtype: kv_cache_bytes_per_token(config, size) for dtype, size in BYTES_PER_VALUE.items()
@@ -172,13 +197,22 @@ def size_report(
         "tokens": tokens,
         "peak_flops": peak_flops,
         "mfu": mfu,
-        "gpu_hours": gpu_hours(config, tokens, peak_flops, mfu),
+        "gpu_hours": gpu_hours(train_flops, tokens, peak_flops, mfu),
     }
 
 
 def format_size_report(report: dict[str, object]) -> str:
     config: GPTConfig = report["config"]  # type: ignore[assignment]
     counts: ParameterCounts = report["parameters"]  # type: ignore[assignment]
+    run: RunModel = report["run"]  # type: ignore[assignment]
+    trainable: int = report["trainable_parameters"]  # type: ignore[assignment]
+    if run.labels:
+        head = ("  classifier head", f"{counts.lm_head:,} ({run.labels} labels)")
+    else:
+        head = (
+            "  LM head",
+            f"{counts.lm_head:,}" + (" (tied to the token embedding)" if config.tie_embeddings else ""),
+        )
     rows = [
         ("shape", f"{config.n_layer} layers, {config.n_head} heads, width {config.n_embd}, "
                   f"context {config.context_length}, vocabulary {config.vocab_size}"),
@@ -189,7 +223,13 @@ def format_size_report(report: dict[str, object]) -> str:
         ("  attention (all blocks)", f"{counts.attention:,}"),
         ("  MLP (all blocks)", f"{counts.mlp:,}"),
         ("  LayerNorms", f"{counts.layer_norms:,}"),
-        ("  LM head", f"{counts.lm_head:,}" + (" (tied to the token embedding)" if config.tie_embeddings else "")),
+        head,
+    ]  # fmt: skip
+    if run.adapters:
+        rows.append(("  LoRA adapters", f"{counts.adapters:,} (rank {run.lora_rank})"))
+    if trainable != counts.total:
+        rows.append(("parameters, trainable", f"{trainable:,} ({trainable / counts.total:.2%})"))
+    rows += [
         ("FLOPs per token, forward", f"{human(report['forward_flops_per_token'])}"),
         ("FLOPs per token, training step", f"{human(report['train_flops_per_token'])}"),
     ]  # fmt: skip
@@ -200,7 +240,10 @@ def format_size_report(report: dict[str, object]) -> str:
              + f"  (total {human(total, 'B')})")
         )  # fmt: skip
     muon = report["muon_state_bytes"]
-    rows.append(("optimizer state with Muon, fp32 / bf16", f"{human(muon['fp32'], 'B')} / {human(muon['bf16'], 'B')}"))  # type: ignore[index]
+    if trainable == counts.total:  # Muon trains the blocks' matrices: a run that freezes them has no such state
+        rows.append(
+            ("optimizer state with Muon, fp32 / bf16", f"{human(muon['fp32'], 'B')} / {human(muon['bf16'], 'B')}")
+        )  # type: ignore[index]
     kv = report["kv_cache_bytes_per_token"]
     rows.append(("KV cache per token, fp32 / bf16", f"{human(kv['fp32'], 'B')} / {human(kv['bf16'], 'B')}"))  # type: ignore[index]
     if report["published_learning_rate"]:
