@@ -231,3 +231,69 @@ def test_a_streamed_reply_drops_its_leading_space_as_the_whole_reply_does(tmp_pa
     whole = client.post("/v1/chat/completions", json=request).json()["choices"][0]["message"]["content"]
     events = stream_events(client.post("/v1/chat/completions", json={**request, "stream": True}))
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == whole == ""
+
+
+@pytest.mark.parametrize(
+    "path, body, message",
+    [
+        ("/v1/completions", {"prompt": "x", "temprature": 0}, "unknown field 'temprature'"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 5}, "logprobs is not supported by this server"),
+        ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of is not supported"),
+        ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, "use repetition_penalty"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"50256": -100}}, "logit_bias is not supported"),
+        ("/v1/completions", {"prompt": [3, 300]}, "prompt token id 300 is outside the vocabulary (0 to 256)"),
+        ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "only allowed with stream"),
+        ("/v1/chat/completions", {"messages": chat("x"), "logprobs": True}, "logprobs is not supported"),
+        ("/v1/chat/completions", {"messages": chat("x"), "tools": [{"type": "function"}]}, "no tool calling"),
+        ("/v1/chat/completions", {"messages": chat("x"), "response_format": {"type": "json_object"}}, "only text"),
+        ("/v1/chat/completions", {"messages": chat("x"), "max_completion_tokens": 9999}, "max_completion_tokens 9999"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "only text message content is supported, got image_url",
+        ),
+    ],
+)
+def test_openai_fields_the_server_cannot_honour_are_refused_by_name(tmp_path, path, body, message):
+    response = in_process_client(make_run(tmp_path / "run")).post(path, json=body)
+    assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
+def test_openai_fields_at_the_values_that_ask_for_nothing_are_accepted(tmp_path):
+    client = in_process_client(make_run(tmp_path / "run"))
+    defaults = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "user": "me", "max_tokens": 2}
+    assert client.post("/v1/completions", json={"prompt": "x", "logprobs": None, "echo": False, **defaults}).is_success
+    chat_defaults = {"logprobs": False, "tool_choice": "none", "response_format": {"type": "text"}, "store": False}
+    assert client.post("/v1/chat/completions", json={"messages": chat("x"), **chat_defaults, **defaults}).is_success
+
+
+def test_token_id_prompts_echo_and_the_newer_chat_fields(tmp_path):
+    client = in_process_client(make_run(tmp_path / "run", template="alpaca"))
+    text = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4}).json()["choices"][0]["text"]
+    by_ids = client.post("/v1/completions", json={"prompt": [72, 105], "max_tokens": 4}).json()
+    assert by_ids["choices"][0]["text"] == text and by_ids["usage"]["prompt_tokens"] == 2
+    several = client.post("/v1/completions", json={"prompt": [[72, 105], [72, 105]], "max_tokens": 4}).json()
+    assert [c["text"] for c in several["choices"]] == [text, text]
+    echoed = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "echo": True}).json()
+    assert echoed["choices"][0]["text"] == "Hi" + text
+    events = stream_events(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "echo": True,
+                                                                "stream": True}))  # fmt: skip
+    assert "".join(e["choices"][0]["text"] for e in events) == "Hi" + text
+
+    # Content as a list of text parts, and "developer" as the system message, read as the plain forms.
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    newer = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}]  # fmt: skip
+    reply = client.post("/v1/chat/completions", json={"messages": plain, "max_tokens": 5}).json()
+    again = client.post("/v1/chat/completions", json={"messages": newer, "max_completion_tokens": 5}).json()
+    assert again["choices"][0]["message"] == reply["choices"][0]["message"] and again["usage"] == reply["usage"]
+
+
+def test_stream_options_include_usage_ends_the_stream_with_the_usage(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    chunks = list(client.chat.completions.create(model="tiny", messages=chat("Name a colour."), max_tokens=5,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    full = client.chat.completions.create(model="tiny", messages=chat("Name a colour."), max_tokens=5, temperature=0)
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+    assert all(chunk.choices for chunk in chunks[:-1])

@@ -8,6 +8,7 @@ finetuned; a plain pretrained run continues the conversation's text freely.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import socket
@@ -27,8 +28,16 @@ from gptlab.config import GenerationConfig
 from gptlab.errors import GptlabError
 
 
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False)  # NaN or infinite sampling values break decoding
+    # NaN or infinite sampling values break decoding; a field this server does not know is refused, as
+    # OpenAI's API refuses it, rather than answered as if it had not been sent.
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, description="tokens to generate (default: the server's)")
@@ -40,20 +49,89 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: _StreamOptions | None = None
     n: int = 1
+    user: str | None = None  # OpenAI's end-user id: nothing to do with the answer
+    # OpenAI's fields that would change the answer and that gptlab does not do: accepted only at the
+    # values that ask for nothing (clients send their defaults), refused otherwise (`_unsupported`).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = ""
+    prompt: str | list[str] | list[int] | list[list[int]] = ""  # text, texts, or token ids
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+class _ContentPart(BaseModel):
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     role: str
-    content: str
+    content: str | list[_ContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text; a list of content parts must all be text, joined."""
+        if isinstance(self.content, str):
+            return self.content
+        kinds = {part.type for part in self.content} - {"text"}
+        if kinds:
+            raise GptlabError(f"only text message content is supported, got {', '.join(sorted(kinds))}")
+        return "".join(part.text or "" for part in self.content)
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens in chat
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+
+
+def _unsupported(request: _Sampling) -> None:
+    """A request that asks for what gptlab does not do (log-probabilities, tools, penalties other than its
+    repetition penalty, ...) is refused naming the field, never answered as if the field had not been sent."""
+    fields = request.model_dump()
+    asked = {
+        "presence_penalty": fields["presence_penalty"] != 0,
+        "frequency_penalty": fields["frequency_penalty"] != 0,
+        "logit_bias": bool(fields["logit_bias"]),
+        "logprobs": bool(fields.get("logprobs")),
+        "top_logprobs": bool(fields.get("top_logprobs")),
+        "suffix": bool(fields.get("suffix")),
+        "best_of": (fields.get("best_of") or 1) > 1,
+        "tools": bool(fields.get("tools")),
+        "functions": bool(fields.get("functions")),
+        "tool_choice": fields.get("tool_choice") not in (None, "none", "auto"),
+        "function_call": fields.get("function_call") not in (None, "none", "auto"),
+        "response_format": (fields.get("response_format") or {}).get("type", "text") != "text",
+    }
+    hints = {
+        "presence_penalty": "; use repetition_penalty (1.0 is off)",
+        "frequency_penalty": "; use repetition_penalty (1.0 is off)",
+        "tools": ": the model has no tool calling",
+        "functions": ": the model has no tool calling",
+        "response_format": ": only text output",
+    }
+    for name, given in asked.items():
+        if given:
+            raise GptlabError(f"{name} is not supported by this server{hints.get(name, '')}")
+    if request.stream_options is not None and not request.stream:
+        raise GptlabError("stream_options is only allowed with stream: true")
 
 
 # The most tokens one request may ask for, unless `gptlab serve --max-tokens-limit` says otherwise: requests
@@ -67,17 +145,40 @@ def _generation_config(
     """The server's defaults overridden by the request's sampling fields."""
     if request.n != 1:
         raise GptlabError("only n=1 is supported; send several requests for several completions")
-    if request.max_tokens is not None and request.max_tokens > limit:
-        raise GptlabError(f"max_tokens {request.max_tokens} is above this server's limit of {limit}")
+    _unsupported(request)
+    max_tokens = getattr(request, "max_completion_tokens", None)
+    max_tokens, name = (
+        (max_tokens, "max_completion_tokens") if max_tokens is not None else (request.max_tokens, "max_tokens")
+    )
+    if max_tokens is not None and max_tokens > limit:
+        raise GptlabError(f"{name} {max_tokens} is above this server's limit of {limit}")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     overrides: dict[str, Any] = {"stop": [*stop, *extra_stop]}
-    names = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-             "min_p": "min_p", "repetition_penalty": "repetition_penalty", "seed": "seed"}  # fmt: skip
+    if max_tokens is not None:
+        overrides["max_new_tokens"] = max_tokens
+    names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+             "repetition_penalty": "repetition_penalty", "seed": "seed"}  # fmt: skip
     for field, target in names.items():
         value = getattr(request, field)
         if value is not None:
             overrides[target] = value
     return dataclasses.replace(defaults, **overrides)
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a completion request: a text, a list of texts, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(token, int) for token in prompt):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def _checked_ids(ids: list[int], vocab_size: int) -> list[int]:
+    outside = [token for token in ids if not 0 <= token < vocab_size]
+    if outside:
+        raise GptlabError(f"prompt token id {outside[0]} is outside the vocabulary (0 to {vocab_size - 1})")
+    return ids
 
 
 def _error(message: str, status: int = 400) -> JSONResponse:
@@ -92,6 +193,10 @@ def _invalid_request(_request, exc: RequestValidationError) -> JSONResponse:
     if tuple(first["loc"]) == ("body",):  # not an object: a list, or a body not sent as JSON
         return _error("the request body must be a JSON object, sent with content-type: application/json")
     where = ".".join(str(part) for part in first["loc"] if part != "body")
+    if first.get("type") == "extra_forbidden":
+        return _error(
+            f"unknown field {where!r}: this server takes OpenAI's fields for this endpoint (docs/generation.md)"
+        )
     return _error(f"{where}: {first['msg']}" if where else first["msg"])
 
 
@@ -156,11 +261,11 @@ def create_app(
     app = FastAPI(title="gptlab", description=f"OpenAI-compatible API for the gptlab run {run.run_dir}")
     app.add_exception_handler(RequestValidationError, _invalid_request)
 
-    def start(prompt: str, config: GenerationConfig) -> tuple[Iterator[str], _Outcome]:
-        """The pieces of `prompt`'s completion, decoded as they are read, and its outcome, filled in after
-        the last piece. A prompt generation refuses (too long, say) raises GptlabError here, before any
-        response has started: a streamed reply could no longer turn into a 400."""
-        ids = tokenizer.encode(prompt)
+    def start(prompt: str | list[int], config: GenerationConfig) -> tuple[Iterator[str], _Outcome]:
+        """The pieces of `prompt`'s completion (a text or token ids), decoded as they are read, and its
+        outcome, filled in after the last piece. A prompt generation refuses (too long, say) raises
+        GptlabError here, before any response has started: a streamed reply could no longer turn into a 400."""
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else _checked_ids(prompt, tokenizer.vocab_size)
         # The tokens the model reads: the context's worth of a longer prompt, end-of-text for an empty one.
         outcome = _Outcome(len(ids[-model.config.context_length :]) or 1)
 
@@ -179,7 +284,8 @@ def create_app(
     def chat_prompt(messages: list[ChatMessage]) -> str:
         """The prompt of a conversation: in the run's template, or for a run without one its messages'
         texts, a line each (the model continues the last)."""
-        plain = [m.model_dump() for m in messages]
+        # OpenAI's "developer" role is what its newer models call the system message.
+        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         if template is not None:
             prompt = format_messages(template, plain)
         else:
@@ -203,7 +309,7 @@ def create_app(
     def completions(request: CompletionRequest):
         try:
             config = _generation_config(request, defaults, max_tokens_limit)
-            prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+            prompts = _prompts(request.prompt)
             if not prompts:
                 raise GptlabError("the prompt list is empty; send at least one prompt")
             if request.stream and len(prompts) != 1:
@@ -213,18 +319,23 @@ def create_app(
             return _error(str(exc))
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": created, "model": name}
+        echoed = [(prompt if isinstance(prompt, str) else tokenizer.decode(prompt)) if request.echo else ""
+                  for prompt in prompts]  # fmt: skip
         if request.stream:
             pieces, outcome = generations[0]
 
             def chunks() -> Iterator[dict[str, Any]]:
-                for piece in pieces:
+                for piece in itertools.chain([echoed[0]] if echoed[0] else [], pieces):
                     yield {**head, "choices": [{"index": 0, "text": piece, "finish_reason": None}]}
                 yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": outcome.finish_reason}]}
+                if request.stream_options and request.stream_options.include_usage:
+                    yield {**head, "choices": [], "usage": outcome.usage()}
 
             return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
         choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for index, (pieces, outcome) in enumerate(generations):
-            choices.append({"index": index, "text": "".join(pieces), "finish_reason": outcome.finish_reason})
+            text = echoed[index] + "".join(pieces)
+            choices.append({"index": index, "text": text, "finish_reason": outcome.finish_reason})
             for key, value in outcome.usage().items():
                 total[key] += value
         return {**head, "choices": choices, "usage": total}
@@ -245,6 +356,8 @@ def create_app(
                 for piece in _without_leading_space(pieces):
                     yield {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                 yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": outcome.finish_reason}]}
+                if request.stream_options and request.stream_options.include_usage:
+                    yield {**head, "choices": [], "usage": outcome.usage()}
 
             return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
         text = "".join(pieces).strip()
