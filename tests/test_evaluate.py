@@ -50,10 +50,13 @@ def test_eval_perplexity_scores_the_runs_own_held_out_text(tmp_path, shared_data
     capsys.readouterr()
     assert main(["eval", "perplexity", str(run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    val_tokens = json.loads(next((tmp_path / "cache" / "prepared").glob("*/meta.json")).read_text())["val_tokens"]
+    meta = json.loads(next((tmp_path / "cache" / "prepared").glob("*/meta.json")).read_text())
+    val_tokens = meta["val_tokens"]
     assert result["split"] == "val" and result["tokens"] == val_tokens - 1 and result["stride"] == 32
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
-    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2), rel=0.05)  # bytes: ~1 per token
+    # The text's bytes behind the scored tokens: all the split's but the first token's (end-of-text has none).
+    assert result["bytes"] == meta["val_bytes"] - 1
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / result["bytes"])
     # Training's own validation loss covers the same non-overlapping windows (all that fit).
     val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert result["loss"] == pytest.approx(val["val_loss"], abs=0.02)
@@ -61,6 +64,20 @@ def test_eval_perplexity_scores_the_runs_own_held_out_text(tmp_path, shared_data
     assert main(["eval", "perplexity", str(run), "--split", "all", "--stride", "8", "--max-tokens", "500"]) == 0
     out = capsys.readouterr().out
     assert "(all split, 500 tokens, byte tokenizer, context 32, stride 8)" in out and "bits per byte" in out
+    assert main(["eval", "perplexity", str(run), "--split", "all", "--max-tokens", "500", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes"] == 500
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe", "byte"])
+def test_text_bytes_are_the_utf8_bytes_of_the_documents_without_their_separators(kind, shared_data):
+    from gptlab.evaluate import text_bytes
+    from gptlab.tokenizer import build_tokenizer
+
+    docs = ["Caf\u00e9 \u2014 na\u00efve r\u00e9sum\u00e9 \U0001f600.", "A second document, plain ASCII."]
+    tokenizer = build_tokenizer(kind, [(shared_data / "the-verdict.txt").read_text()] if kind == "bpe" else None, 300)
+    tokens = np.array(tokenizer.encode(docs[0]) + [tokenizer.eot_id] + tokenizer.encode(docs[1]))
+    assert text_bytes(tokenizer, tokens) == sum(len(doc.encode()) for doc in docs)
+    assert text_bytes(tokenizer, tokens, chunk=3) == text_bytes(tokenizer, tokens)
 
 
 @pytest.mark.parametrize(

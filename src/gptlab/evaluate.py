@@ -28,7 +28,7 @@ class TextScore:
 
     tokens: int  # targets scored
     loss: float  # mean negative log-likelihood per token, in nats
-    bytes: float = 0.0  # text bytes behind the scored tokens (0: unknown)
+    bytes: int = 0  # UTF-8 bytes of the text behind the scored tokens (0: unknown)
     seconds: float = 0.0
     windows: int = 0
     extra: dict = field(default_factory=dict)
@@ -148,10 +148,9 @@ def score_run(
     if max_tokens:  # cut before joining the parts: a memory map is copied only as far as needed
         parts[split] = _first_tokens(parts[split], max_tokens + 1)
     tokens = parts[split][0] if len(parts[split]) == 1 else np.concatenate(parts[split])
-    bytes_per_token = _bytes_per_token(corpus.meta, split)
     with runtime.autocast():
         score = score_tokens(run.model, tokens, context, stride, batch_size, target, progress)
-    score.bytes = score.tokens * bytes_per_token
+    score.bytes = text_bytes(run.tokenizer, tokens[1:])  # the first token is only ever an input
     score.extra = {
         "run": str(run.checkpoint), "source": corpus.meta.get("source", data.source), "split": split,
         "context": context, "stride": stride, "tokenizer": run.tokenizer.kind,
@@ -170,9 +169,13 @@ def _first_tokens(parts: list[np.ndarray], count: int) -> list[np.ndarray]:
     return kept
 
 
-def _bytes_per_token(meta: dict, split: str) -> float:
-    byte_counts = {"val": meta.get("val_bytes", 0), "train": meta.get("train_bytes", 0)}
-    token_counts = {"val": meta.get("val_tokens", 0), "train": meta.get("train_tokens", 0)}
-    names = ("train", "val") if split == "all" else (split,)
-    tokens = sum(token_counts[n] for n in names)
-    return sum(byte_counts[n] for n in names) / tokens if tokens else 0.0
+def text_bytes(tokenizer, tokens: np.ndarray, chunk: int = 1 << 24) -> int:
+    """UTF-8 bytes of the text `tokens` encode, the denominator of bits per byte: each id's bytes, counted
+    over the stream in chunks (a memory map is never copied whole), with end-of-text as none, since it
+    separates documents rather than standing for text."""
+    lengths = np.array([len(tokenizer.decode_bytes([i])) for i in range(tokenizer.vocab_size)], dtype=np.int64)
+    lengths[tokenizer.eot_id] = 0
+    counts = np.zeros(len(lengths), dtype=np.int64)
+    for start in range(0, len(tokens), chunk):
+        counts += np.bincount(np.asarray(tokens[start : start + chunk], dtype=np.int64), minlength=len(lengths))
+    return int(counts @ lengths)
