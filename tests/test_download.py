@@ -140,6 +140,15 @@ def test_existing_partial_file_is_continued(server, tmp_path):
     assert server.requests[0]["range"] == "bytes=12345-"
 
 
+@pytest.mark.parametrize("stale", [b"garbage " * 1000, BODY + b"more than the file"])
+def test_a_partial_file_that_is_not_the_files_beginning_is_fetched_again_whole(stale, server, tmp_path):
+    dest = tmp_path / "body.bin"
+    dest.with_name("body.bin.partial").write_bytes(stale)
+    download_file(server.url("/body.bin"), dest, BODY_SHA, len(BODY), progress=False)
+    assert dest.read_bytes() == BODY and not dest.with_name("body.bin.partial").exists()
+    assert server.requests[-1]["range"] == ""  # the retry asked for the whole file
+
+
 def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
     server.honour_range = False
     dest = tmp_path / "body.bin"

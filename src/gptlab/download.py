@@ -244,6 +244,7 @@ def download_file(
             pass  # _verify deleted the damaged copy: download it again
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
+    resumed = partial.is_file() and partial.stat().st_size > 0
     for _ in range(DOWNLOAD_ATTEMPTS):
         try:
             if _fetch(url, partial, expected_size, progress):
@@ -255,7 +256,14 @@ def download_file(
             reason = _describe(exc)
     else:
         raise GptlabError(f"cannot download {url} ({reason}, {DOWNLOAD_ATTEMPTS} attempts)")
-    _verify(partial, url, sha256, expected_size)
+    try:
+        _verify(partial, url, sha256, expected_size)
+    except GptlabError:
+        if not resumed:
+            raise
+        # The bytes an earlier attempt left were not this file's beginning (another version of it, or
+        # damaged); _verify deleted them: the whole file, once more.
+        return download_file(url, dest, sha256, expected_size, progress)
     os.replace(partial, dest)
     return dest
 
