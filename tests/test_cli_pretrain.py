@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -225,12 +226,11 @@ def test_init_from_continues_pretraining_from_another_runs_weights(tmp_path, sha
 
 def test_pretrain_without_arguments_runs_the_demo_recipe():
     """`gptlab pretrain` and `gptlab pretrain --config recipes/demo.yaml` must describe the same run."""
-    from gptlab.config import load_config_file, resolve_run_config
-    from gptlab.train import PRETRAIN_DEFAULTS
+    from gptlab.config import TASK_DEFAULTS, load_config_file, resolve_run_config
 
     sections = ["model", "data", "train"]
     recipe = load_config_file(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml")
-    assert resolve_run_config(recipe, sections) == resolve_run_config(PRETRAIN_DEFAULTS, sections)
+    assert resolve_run_config(recipe, sections) == resolve_run_config(TASK_DEFAULTS["pretrain"], sections)
 
 
 def test_a_run_on_a_relative_corpus_path_resumes_from_another_directory(tmp_path, shared_data, monkeypatch):
@@ -315,3 +315,32 @@ def test_a_config_for_another_task_and_a_resume_past_max_steps_are_one_line_erro
     err = capsys.readouterr().err
     assert "is at step 2, past train.max_steps 1; resume with --train.max_steps 2 or more" in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        (["pretrain"], {"--out": "runs/pretrain", "--train.max_steps": "800", "--model.n_layer": "demo: 4"}),
+        (
+            ["finetune", "instruct"],
+            {
+                "--out": "runs/instruct",
+                "--train.max_steps": "300",
+                "--train.learning_rate": "0.0003",
+                "--model.dropout": "the base run's",
+            },
+        ),  # fmt: skip
+        (
+            ["finetune", "preference"],
+            {"--train.max_steps": "120", "--train.weight_decay": "0.01", "--model.dropout": "0.0"},
+        ),  # fmt: skip
+        (["finetune", "classify"], {"--out": "runs/classify", "--train.learning_rate": "5e-05"}),
+    ],
+)
+def test_help_shows_each_commands_own_defaults(command, shown, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    options = capsys.readouterr().out.split("options:")[1].split("\n  --")[1:]
+    lines = {"--" + text.split()[0]: " ".join(text.split()) for text in options}  # each option's help on one line
+    for option, default in shown.items():
+        assert re.search(r"\(default: ([^)]*)\)", lines[option]).group(1).endswith(default), lines[option]

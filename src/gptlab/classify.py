@@ -41,19 +41,6 @@ CONFUSION_FILE = "confusion_matrix.png"
 # Named data sets that are labelled tables: their format and the names of their header-less columns.
 NAMED_TABLES: dict[str, tuple[str, list[str]]] = {"sms-spam": ("tsv", ["label", "text"])}
 
-# What finetuning changes from TrainConfig's pretraining defaults; options and recipes override these.
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "max_steps": 500,
-    "batch_size": 8,
-    "learning_rate": 5e-5,
-    "warmup_steps": 20,
-    "eval_interval": 50,
-    "eval_batches": 10,
-    "log_interval": 10,
-    "sample_prompts": [],
-}
-
-
 # ---------------------------------------------------------------- reading labelled tables
 
 
@@ -825,12 +812,13 @@ class ClassifyResult:
 def resolve_classify_config(values: dict[str, Any]) -> dict[str, Any]:
     """The validated run config: finetuning defaults, the `init_from` run's model shape (stored with
     `init_from` as an absolute checkpoint folder), the sections as dataclasses; `lora` only for LoRA."""
-    from gptlab.config import check_task, resolve_run_config
+    from gptlab.config import TASK_DEFAULTS, check_task, resolve_run_config
 
     # The model's shape comes from `init_from`, never from a preset.
     check_task(values, "classify")
-    values = {"task": "classify", "out_dir": "runs/classify", **{k: v for k, v in values.items() if k != "preset"}}
-    values["train"] = {**TRAIN_DEFAULTS, **(values.get("train") or {})}
+    defaults = TASK_DEFAULTS["classify"]
+    values = {**defaults, **{k: v for k, v in values.items() if k != "preset"}}
+    values["train"] = {**defaults["train"], **(values.get("train") or {})}
     if not values.get("init_from"):
         raise GptlabError(
             "finetuning needs a pretrained run to start from: --init-from RUN "

@@ -224,7 +224,14 @@ def _config_file_model(path):
     import dataclasses
     from pathlib import Path
 
-    from gptlab.config import RUN_FIELDS, check_run_values, load_config_file, resolve_run_config, section_types
+    from gptlab.config import (
+        RUN_FIELDS,
+        TASK_DEFAULTS,
+        check_run_values,
+        load_config_file,
+        resolve_run_config,
+        section_types,
+    )
 
     values = load_config_file(path)
     if not values:
@@ -246,9 +253,7 @@ def _config_file_model(path):
         return _run_model_config(values["init_from"], values.get("model"), str(path))
     if values.get("task", "pretrain") != "pretrain":
         raise GptlabError(f"{path} finetunes a model but names no run to start from (init_from), whose model it is")
-    from gptlab.train import PRETRAIN_DEFAULTS  # torch: only here, so that sizing a preset starts at once
-
-    config = resolve_run_config({**PRETRAIN_DEFAULTS, **values}, ["model", "data"])
+    config = resolve_run_config({**TASK_DEFAULTS["pretrain"], **values}, ["model", "data"])
     return dataclasses.replace(config["model"], vocab_size=_pretraining_vocab_size(config["data"]))
 
 
@@ -377,18 +382,23 @@ def progress_bar(description: str, unit: str):
 # ---------------------------------------------------------------- run configs on the command line
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str], run_fields: bool = True) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, sections: list[str], run_fields: bool = True, task: str | None = None
+) -> None:
     """One `--section.field` option per config field, documented from the dataclass (a "section.field"
     entry in `sections`: that field only); `run_fields` adds the top-level fields (--init-from, --out, ...)
-    for commands that make a run."""
+    for commands that make a run. The defaults shown are the `task`'s own where it has them (TASK_DEFAULTS)."""
     import dataclasses
 
-    from gptlab.config import RUN_FIELDS, section_types
+    from gptlab.config import RUN_FIELDS, TASK_DEFAULTS, section_types
 
+    task_defaults = TASK_DEFAULTS.get(task or "", {})
     types_by_name = section_types()
     parser.add_argument("--config", metavar="FILE", help="YAML run config (a recipe); options below override it")
     for name, help_text in RUN_FIELDS.items() if run_fields else ():
         flag = "--out" if name == "out_dir" else f"--{name.replace('_', '-')}"
+        if name in task_defaults:
+            help_text += f" (default: {task_defaults[name]})"
         parser.add_argument(flag, dest=f"run.{name}", default=argparse.SUPPRESS, help=help_text)
     for entry in sections:
         section, _, only = entry.partition(".")
@@ -403,7 +413,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: list[str], r
                 dest=f"{section}.{f.name}",
                 metavar="V",
                 default=argparse.SUPPRESS,
-                help=f"{f.metadata.get('help', '')} (default: {default!r})",
+                help=f"{f.metadata.get('help', '')} (default: {_shown_default(task_defaults, section, f.name, default)})",
             )
     if "train" in sections:
         parser.add_argument(
@@ -440,8 +450,26 @@ def collect_config(args: argparse.Namespace, base: dict | None = None) -> tuple[
 FINETUNE_MODEL_OPTIONS = [f"model.{field}" for field in FINETUNE_MODEL_FIELDS]
 
 
-def training_arguments(parser: argparse.ArgumentParser, sections: list[str], lora_help: str | None = None) -> None:
-    """The options every training command shares: resume, overwrite, config changes, `--lora`, the sections."""
+def _shown_default(task_defaults: dict, section: str, name: str, default) -> str:
+    """The default `--help` shows for a field: the task's own, else for the model the preset's (pretraining)
+    or the base run's (finetuning, whose weights fix the model), else the dataclass's."""
+    if name in task_defaults.get(section, {}):
+        return repr(task_defaults[section][name])
+    if section == "model" and "preset" in task_defaults:
+        from gptlab.config import get_preset
+
+        preset = task_defaults["preset"]
+        return f"the preset's; {preset}: {getattr(get_preset(preset), name)!r}"
+    if section == "model" and task_defaults:
+        return "the base run's"
+    return repr(default)
+
+
+def training_arguments(
+    parser: argparse.ArgumentParser, task: str, sections: list[str], lora_help: str | None = None
+) -> None:
+    """The options every training command shares: resume, overwrite, config changes, `--lora`, the sections
+    (their help showing the `task`'s defaults)."""
     if lora_help:
         parser.add_argument("--lora", action="store_true", help=lora_help)
     parser.add_argument("--resume", metavar="RUN", help="continue a run exactly where its last checkpoint left it")
@@ -449,7 +477,7 @@ def training_arguments(parser: argparse.ArgumentParser, sections: list[str], lor
     parser.add_argument(
         "--allow-config-change", action="store_true", help="resume even though options change the run's config"
     )
-    add_config_arguments(parser, sections)
+    add_config_arguments(parser, sections, task=task)
 
 
 def training_run(args: argparse.Namespace, start, trainable_section: str | None = None):
@@ -471,7 +499,7 @@ def training_run(args: argparse.Namespace, start, trainable_section: str | None 
 
 
 def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    training_arguments(parser, ["model", "data", "train"])
+    training_arguments(parser, "pretrain", ["model", "data", "train"])
 
 
 @command("pretrain", "pretrain a GPT by next-token prediction (no arguments: the demo on the embedded corpus)",
@@ -863,6 +891,7 @@ def run_export(args: argparse.Namespace) -> int:
 def _instruct_arguments(parser: argparse.ArgumentParser) -> None:
     training_arguments(
         parser,
+        "instruct",
         [*FINETUNE_MODEL_OPTIONS, "train", "instruct", "lora"],
         "train low-rank adapters only (--instruct.trainable lora; see --lora.*)",
     )
@@ -900,6 +929,7 @@ def run_finetune_instruct(args: argparse.Namespace) -> int:
 def _preference_arguments(parser: argparse.ArgumentParser) -> None:
     training_arguments(
         parser,
+        "preference",
         [*FINETUNE_MODEL_OPTIONS, "train", "preference", "lora"],
         "train low-rank adapters only (--preference.trainable lora)",
     )
@@ -1077,6 +1107,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def _finetune_classify_arguments(parser: argparse.ArgumentParser) -> None:
     training_arguments(
         parser,
+        "classify",
         [*FINETUNE_MODEL_OPTIONS, "classify", "train", "lora"],
         "train low-rank adapters and the head (--classify.trainable lora)",
     )

@@ -568,6 +568,29 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
 
 
 # The command that trains (and resumes) each task's runs.
+# What each task's run starts from before a recipe and options. The dataclasses' defaults are pretraining's;
+# finetuning moves a trained model little, with a shorter schedule and a lower learning rate of its own.
+# DPO also turns dropout off unless asked for: with it, the policy at step 0 would already differ from the
+# reference. Each command's --help shows these.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {"task": "pretrain", "out_dir": "runs/pretrain", "preset": "demo"},
+    "classify": {
+        "task": "classify", "out_dir": "runs/classify",
+        "train": {"max_steps": 500, "batch_size": 8, "learning_rate": 5e-5, "warmup_steps": 20, "eval_interval": 50,
+                  "eval_batches": 10, "log_interval": 10, "sample_prompts": []},
+    },
+    "instruct": {
+        "task": "instruct", "out_dir": "runs/instruct",
+        "train": {"max_steps": 300, "batch_size": 8, "learning_rate": 3e-4, "warmup_steps": 20, "eval_interval": 50,
+                  "log_interval": 10, "sample_tokens": 60},
+    },
+    "preference": {
+        "task": "preference", "out_dir": "runs/preference", "model": {"dropout": 0.0},
+        "train": {"max_steps": 120, "batch_size": 8, "learning_rate": 5e-5, "warmup_steps": 10, "eval_interval": 40,
+                  "log_interval": 10, "sample_tokens": 60, "weight_decay": 0.01},
+    },
+}  # fmt: skip
+
 TASK_COMMANDS = {
     "pretrain": "gptlab pretrain",
     "classify": "gptlab finetune classify",

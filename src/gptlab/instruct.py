@@ -21,6 +21,7 @@ import torch
 from gptlab import checkpoint as ckpt
 from gptlab import distributed
 from gptlab.config import (
+    TASK_DEFAULTS,
     GenerationConfig,
     GPTConfig,
     InstructConfig,
@@ -39,17 +40,6 @@ SPLIT_DIR = "data"  # the run's split: data/train.json, data/validation.json, da
 RESPONSES_FILE = "test_responses.json"
 SAMPLE_COUNT = 2  # validation instructions answered at each evaluation
 T = TypeVar("T")
-
-# What an instruction run starts from before the user's config: a finetuning schedule, not pretraining's.
-INSTRUCT_DEFAULTS: dict[str, Any] = {
-    "task": "instruct",
-    "out_dir": "runs/instruct",
-    "train": {
-        "max_steps": 300, "batch_size": 8, "learning_rate": 3e-4, "warmup_steps": 20, "eval_interval": 50,
-        "log_interval": 10, "sample_tokens": 60,
-    },
-}  # fmt: skip
-
 
 # ---------------------------------------------------------------- records
 
@@ -534,7 +524,10 @@ def _base_model_values(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_records_config(
-    values: dict[str, Any], resume: bool, section: str = "instruct", defaults: dict[str, Any] = INSTRUCT_DEFAULTS
+    values: dict[str, Any],
+    resume: bool,
+    section: str = "instruct",
+    defaults: dict[str, Any] = TASK_DEFAULTS["instruct"],
 ) -> dict[str, Any]:
     """The validated config of an instruction (or preference) run: defaults (for a new run), the base run's
     model shape, the sections as dataclasses; `lora` only when adapters train, checked against the context."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from gptlab import checkpoint as ckpt
 from gptlab import distributed
-from gptlab.config import GPTConfig, PreferenceConfig, TrainConfig
+from gptlab.config import TASK_DEFAULTS, GPTConfig, PreferenceConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.instruct import (
     SPLIT_DIR,
@@ -56,20 +56,6 @@ from gptlab.train import TrainResult
 
 REFERENCE_FILE = "reference_logps.json"  # in the run's data/ folder, beside the split
 RESPONSES_FILE = "test_responses.json"
-
-# What a preference run starts from before the user's config. DPO moves a model little and fast: the
-# learning rate is lower than instruction finetuning's and one pass over the pairs is usually enough.
-# Dropout is off unless asked for: with it, the policy at step 0 would already differ from the reference.
-PREFERENCE_DEFAULTS: dict[str, Any] = {
-    "task": "preference",
-    "out_dir": "runs/preference",
-    "model": {"dropout": 0.0},
-    "train": {
-        "max_steps": 120, "batch_size": 8, "learning_rate": 5e-5, "warmup_steps": 10, "eval_interval": 40,
-        "log_interval": 10, "sample_tokens": 60, "weight_decay": 0.01,
-    },
-}  # fmt: skip
-
 
 # ---------------------------------------------------------------- records
 
@@ -360,7 +346,7 @@ def finetune_preference(
 
     if resume:
         check_resumed_task(values["out_dir"], "preference")
-    config = resolve_records_config(values, resume, "preference", PREFERENCE_DEFAULTS)
+    config = resolve_records_config(values, resume, "preference", TASK_DEFAULTS["preference"])
     template, preference = get_template(config["template"]), config["preference"]
     run_dir = Path(config["out_dir"])
     tokenizer = load_tokenizer((run_dir if resume else ckpt.run_dir_of(Path(config["init_from"]))) / "tokenizer")

@@ -26,7 +26,7 @@ from torch.optim.adamw import adamw as adamw_update
 
 from gptlab import checkpoint as ckpt
 from gptlab import distributed
-from gptlab.config import TrainConfig
+from gptlab.config import TASK_DEFAULTS, TrainConfig
 from gptlab.errors import GptlabError
 
 METRICS_FILE = "metrics.jsonl"
@@ -973,7 +973,6 @@ def init_weights_from(model: torch.nn.Module, source: str) -> Any:
 
 
 # What `gptlab pretrain` starts from: with no arguments it is the demo (recipes/demo.yaml says the same).
-PRETRAIN_DEFAULTS = {"task": "pretrain", "out_dir": "runs/pretrain", "preset": "demo"}
 
 
 def _check_same_text(checkpoint: Path, meta: dict[str, Any], source, allow_change: bool, log) -> None:
@@ -1008,7 +1007,7 @@ def pretrain(
     from gptlab.objectives import NextTokenObjective
     from gptlab.tokenizer import load_tokenizer
 
-    values = {**PRETRAIN_DEFAULTS, **values}
+    values = {**TASK_DEFAULTS["pretrain"], **values}
     if not resume:  # a resumed run's task is checked against the run (check_resumed_task)
         check_task(values, "pretrain")
     run_dir = Path(values["out_dir"])
