@@ -1,6 +1,5 @@
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -161,43 +160,3 @@ def test_a_closed_output_pipe_ends_quietly(run_dir):
     finally:
         os.close(write_end)
     assert result.returncode == 0 and result.stderr == ""
-
-
-def test_import_and_export_suggest_what_fits_a_classifier(tmp_path, capsys):
-    from gptlab.classify import GPTClassifier
-
-    run, exported, back = tmp_path / "run", tmp_path / "hf", tmp_path / "back"
-    write_run_config(run, {"task": "classify", "model": asdict(TINY), "classify": {"labels": ["ham", "spam"]}})
-    ByteTokenizer().save(run / "tokenizer")
-    save_checkpoint(run, 0, GPTClassifier(TINY, 2).state_dict(), {})
-    assert main(["export", str(run), str(exported)]) == 0
-    out = capsys.readouterr().out
-    assert "GPT2ForSequenceClassification" in out and "AutoModelForSequenceClassification" in out
-    assert "AutoModelForCausalLM" not in out
-    assert main(["import", "hf", str(exported), "--out", str(back)]) == 0
-    out = capsys.readouterr().out
-    assert f"try: gptlab classify {back}" in out and "generate" not in out
-
-
-def test_import_and_export_suggest_generate_for_a_language_model(run_dir, tmp_path, capsys):
-    assert main(["export", str(run_dir), str(tmp_path / "hf")]) == 0
-    assert "AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
-    assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
-    assert f"try: gptlab generate {tmp_path / 'back'}" in capsys.readouterr().out
-
-
-def test_plot_takes_a_classifiers_accuracy_by_its_short_name(tmp_path, capsys):
-    run = tmp_path / "spam"
-    run.mkdir()
-    records = [
-        {"step": 1, "split": "train", "loss": 0.9, "tokens": 10},
-        {"step": 2, "split": "val", "tokens": 20, "val_loss": 0.7, "val_accuracy": 0.6, "train_accuracy": 0.5},
-        {"step": 4, "split": "val", "tokens": 40, "val_loss": 0.5, "val_accuracy": 0.8, "train_accuracy": 0.9},
-    ]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert main(["plot", str(run), "--metric", "accuracy", "--out", str(tmp_path / "a.png")]) == 0
-    assert re.search(r"spam +0\.8000 +0\.8000", capsys.readouterr().out)  # the validation accuracy
-    assert main(["plot", str(run), "--metric", "train_accuracy", "--out", str(tmp_path / "b.png")]) == 0
-    assert re.search(r"spam +0\.9000 +0\.9000", capsys.readouterr().out)
-    assert main(["plot", str(run), "--metric", "f1", "--out", str(tmp_path / "c.png")]) == 2
-    assert "it has train_accuracy, val_accuracy, val_loss" in capsys.readouterr().err

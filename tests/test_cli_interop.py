@@ -10,6 +10,8 @@ from gptlab.checkpoint import load_run, read_run_config
 from gptlab.cli import main
 from gptlab.config import GPTConfig
 from gptlab.tokenizer import ByteTokenizer, GPT2Tokenizer
+from test_cli_generate import TINY
+from test_cli_generate import make_run as make_byte_run
 from test_interop import GPT2_VOCAB, hub, make_run, save_hf_gpt2  # noqa: F401 (hub: a fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -125,3 +127,30 @@ def test_export_into_the_folder_of_its_runs_is_a_one_line_error_that_deletes_not
     assert err.startswith("error: ") and "is or holds" in err and err.count("\n") == 1
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["shk", "spam"]
     assert all(load_run(tmp_path / "runs" / name).model.config == config for name in ("shk", "spam"))
+
+
+def test_import_and_export_suggest_what_fits_a_classifier(tmp_path, capsys):
+    from dataclasses import asdict
+
+    from gptlab.checkpoint import save_checkpoint, write_run_config
+    from gptlab.classify import GPTClassifier
+
+    run, exported, back = tmp_path / "run", tmp_path / "hf", tmp_path / "back"
+    write_run_config(run, {"task": "classify", "model": asdict(TINY), "classify": {"labels": ["ham", "spam"]}})
+    ByteTokenizer().save(run / "tokenizer")
+    save_checkpoint(run, 0, GPTClassifier(TINY, 2).state_dict(), {})
+    assert main(["export", str(run), str(exported)]) == 0
+    out = capsys.readouterr().out
+    assert "GPT2ForSequenceClassification" in out and "AutoModelForSequenceClassification" in out
+    assert "AutoModelForCausalLM" not in out
+    assert main(["import", "hf", str(exported), "--out", str(back)]) == 0
+    out = capsys.readouterr().out
+    assert f"try: gptlab classify {back}" in out and "generate" not in out
+
+
+def test_import_and_export_suggest_generate_for_a_language_model(tmp_path, capsys):
+    run_dir = make_byte_run(tmp_path / "run")
+    assert main(["export", str(run_dir), str(tmp_path / "hf")]) == 0
+    assert "AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
+    assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    assert f"try: gptlab generate {tmp_path / 'back'}" in capsys.readouterr().out

@@ -1,11 +1,13 @@
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from gptlab import checkpoint as ckpt
+from gptlab.cli import main
 from gptlab.config import GPTConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
@@ -408,3 +410,20 @@ def test_the_gpt_presets_train_at_their_published_learning_rate_unless_one_is_se
     assert rate({"preset": None, "model": {"n_layer": 24, "n_head": 16, "n_embd": 1024}}) == 3e-4
     assert rate({"preset": "gpt2", "model": {"n_layer": 6}}) == 2e-3  # not GPT-2's size any more
     assert rate({"preset": "gpt2", "model": {"n_head": 16}}) == 6e-4  # the same size, other heads
+
+
+def test_plot_takes_a_classifiers_accuracy_by_its_short_name(tmp_path, capsys):
+    run = tmp_path / "spam"
+    run.mkdir()
+    records = [
+        {"step": 1, "split": "train", "loss": 0.9, "tokens": 10},
+        {"step": 2, "split": "val", "tokens": 20, "val_loss": 0.7, "val_accuracy": 0.6, "train_accuracy": 0.5},
+        {"step": 4, "split": "val", "tokens": 40, "val_loss": 0.5, "val_accuracy": 0.8, "train_accuracy": 0.9},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["plot", str(run), "--metric", "accuracy", "--out", str(tmp_path / "a.png")]) == 0
+    assert re.search(r"spam +0\.8000 +0\.8000", capsys.readouterr().out)  # the validation accuracy
+    assert main(["plot", str(run), "--metric", "train_accuracy", "--out", str(tmp_path / "b.png")]) == 0
+    assert re.search(r"spam +0\.9000 +0\.9000", capsys.readouterr().out)
+    assert main(["plot", str(run), "--metric", "f1", "--out", str(tmp_path / "c.png")]) == 2
+    assert "it has train_accuracy, val_accuracy, val_loss" in capsys.readouterr().err
