@@ -388,6 +388,9 @@ def test_a_transformers_gpt2_imported_as_a_run_finetunes(tmp_path, shared_data):
     run = load_classifier(result.run_dir)
     assert run.tokenizer.kind == "gpt2" and run.model.lm_head.weight.shape == (2, 16)
     assert classify_texts(run, ["free cash"])[0]["label"] in ("ham", "spam")
+    assert classify_texts(run, "free cash") == classify_texts(run, ["free cash"])  # one text, not its characters
+    with pytest.raises(GptlabError, match="expected a text or a list of texts"):
+        classify_texts(run, [None])
 
 
 def test_classifier_requires_a_start_and_refuses_stray_lora_options(tmp_path):

@@ -1,3 +1,4 @@
+import re
 import warnings
 from itertools import pairwise
 
@@ -354,3 +355,52 @@ def test_chat_without_template_continues_the_transcript_each_message_on_its_own_
     assert "".join(chat.send("a")) == "b"
     assert "".join(chat.send("c")) == "d"
     assert tokenizer.decode(scripted.inputs[-2][0].tolist()) == "ab\nc"
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"top_k": 2.5}, "top_k must be a whole number or none, got 2.5"),
+        ({"top_k": True}, "top_k must be a whole number or none, got True"),
+        ({"seed": "1"}, "seed must be a whole number or none, got '1'"),
+        ({"temperature": "0.5"}, "temperature must be a finite number, got '0.5'"),
+        ({"use_cache": "no"}, "use_cache must be true or false, got 'no'"),
+        ({"seed": 2**64}, "seed must be from 0 to 2**63 - 1"),
+        ({"seed": -1}, "seed must be from 0 to 2**63 - 1"),
+    ],
+)
+def test_generation_config_built_in_python_refuses_wrong_types_by_name(fields, message):
+    with pytest.raises(GptlabError, match=re.escape(message)):
+        GenerationConfig(**fields)
+
+
+def test_a_stop_given_as_one_text_is_one_stop_string(model):
+    tokenizer = ByteTokenizer()
+    assert GenerationConfig(stop="xq").stop == ["xq"]
+    greedy = GenerationConfig(max_new_tokens=8, temperature=0.0, stop_at_eot=False)
+    text = generate(model, tokenizer, "ab", greedy)[0]
+    # A stop string the completion never holds, though it holds one of its characters: nothing stops.
+    stop = "\x00" + text[-1]
+    assert generate(model, tokenizer, "ab", GenerationConfig(**{**greedy.__dict__, "stop": stop}))[0] == text
+
+
+def test_a_tiny_temperature_samples_like_greedy_instead_of_failing(model):
+    tokenizer = ByteTokenizer()
+    greedy = generate(model, tokenizer, "ab", GenerationConfig(max_new_tokens=6, temperature=0.0, stop_at_eot=False))
+    tiny = GenerationConfig(max_new_tokens=6, temperature=1e-45, stop_at_eot=False, seed=0)
+    assert generate(model, tokenizer, "ab", tiny) == greedy
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, t: generate(m, t, None), "expected a text or a list of texts, got None"),
+        (lambda m, t: generate(m, t, ["ok", 3]), "expected a text or a list of texts"),
+        (lambda m, t: generate(m, t, "x", {"max_new_tokens": 5}), "config must be a GenerationConfig, got dict"),
+        (lambda m, t: generate_ids(m, ["The"]), "prompt ids must be lists of token ids, got 'The'"),
+        (lambda m, t: m(torch.tensor([1, 2, 3])), "the model takes token ids of shape (batch, time), got shape (3,)"),
+    ],
+)
+def test_python_api_misuse_is_a_gptlab_error_naming_it(model, call, message):
+    with pytest.raises(GptlabError, match=re.escape(message)):
+        call(model, ByteTokenizer())

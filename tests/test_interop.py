@@ -317,6 +317,11 @@ def test_classification_run_exports_as_sequence_classifier_with_its_labels(tmp_p
     with torch.no_grad():
         expected = model(batch["input"], batch["attention_mask"])
         assert torch.allclose(hf(batch["input"]).logits, expected, atol=1e-5)
+        # Its tokenizer pads a batch of texts itself, with the pad id config.json gives the classifier.
+        texts = ["Hi", "a longer text", "x"]
+        padded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(texts, padding=True, return_tensors="pt")
+        assert (padded["input_ids"] == hf.config.pad_token_id).any()
+        assert torch.allclose(hf(**padded).logits, model(padded["input_ids"], padded["attention_mask"]), atol=1e-5)
 
 
 def test_sequence_classifier_imports_back_as_the_same_classification_run(tmp_path):

@@ -140,6 +140,7 @@ def test_a_prompt_longer_than_the_context_is_a_400_when_overflow_is_an_error(tmp
         ("/v1/completions", {"prompt": "x", "top_p": "Infinity"}, "top_p: Input should be a finite number"),
         ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, "max_tokens: Input should be a valid integer"),
         ("/v1/chat/completions", {"messages": []}, "no user message"),
+        ("/v1/completions", {"prompt": "x", "seed": 99999999999999999999999}, "seed must be from 0 to 2**63 - 1"),
         ("/v1/completions", {"prompt": []}, "the prompt list is empty"),
         (
             "/v1/completions",

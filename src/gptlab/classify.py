@@ -679,8 +679,11 @@ def load_classifier(path: str | Path, device="cpu", which: str = "latest") -> ck
     return ckpt.load_run(checkpoint, device=device)
 
 
-def classify_texts(run: ckpt.LoadedRun, texts: Sequence[str], batch_size: int = 32, device="cpu") -> list[dict]:
-    """The predicted label and the probability of every label for each text."""
+def classify_texts(run: ckpt.LoadedRun, texts: Sequence[str] | str, batch_size: int = 32, device="cpu") -> list[dict]:
+    """The predicted label and the probability of every label for each text (or for one text)."""
+    from gptlab.generate import as_texts
+
+    texts = as_texts(texts)
     for number, text in enumerate(texts, 1):
         if not text.strip():  # finetuning refuses such texts too: the classifier has nothing to read
             raise GptlabError(f"text {number} is empty or only spaces; there is nothing to classify")

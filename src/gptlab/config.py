@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -204,10 +205,15 @@ class GenerationConfig:
     batch_size: int = field(default=16, metadata={"help": "prompts decoded together in one forward pass"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            self.stop = [self.stop]
+        check_field_types(self)
         for name in ("max_new_tokens", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:
                 raise GptlabError(f"{name} must be a positive integer, got {value!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:  # what torch's generators take, with room for seed + i
+            raise GptlabError(f"seed must be from 0 to 2**63 - 1, got {self.seed}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise GptlabError(f"temperature must be >= 0 (0 means greedy) and finite, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -479,6 +485,31 @@ def _convert(hint: Any, value: Any) -> Any:
     if hint in (int, str):
         return hint(text)
     return value
+
+
+def check_field_types(config: Any) -> None:
+    """Refuse a dataclass config built in Python with a field of the wrong type (`top_k=2.5`, `seed="1"`)
+    by name, before it fails far away; a whole number passes for a float. Values read from YAML or the
+    command line are converted already (`to_field_type`)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if not _has_type(hint, value):
+            raise GptlabError(f"{f.name} must be {_describe(hint)}, got {value!r}")
+
+
+def _has_type(hint: Any, value: Any) -> bool:
+    optional, hint = _split_optional(hint)
+    if value is None:
+        return optional
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (str,)
+        return isinstance(value, list) and all(_has_type(item, part) for part in value)
+    if hint is float:  # numpy's numbers too
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 def _split_optional(hint: Any) -> tuple[bool, Any]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import numbers
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -76,7 +77,9 @@ def sample_next(
         logits = penalize_repetition(logits, seen, config.repetition_penalty)
     if config.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / config.temperature
+    # Shifted to a row maximum of 0 first: softmax does not change, and a tiny temperature then makes the
+    # others -inf (greedy-like) instead of overflowing every logit to inf and the probabilities to NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / config.temperature
     if config.top_k is not None:
         logits = keep_top_k(logits, config.top_k)
     if config.top_p < 1.0:
@@ -242,9 +245,33 @@ def prepare_prompt(ids: Sequence[int], context_length: int, config: GenerationCo
     return ids
 
 
+def _config(config: GenerationConfig | None) -> GenerationConfig:
+    if config is None:
+        return GenerationConfig()
+    if not isinstance(config, GenerationConfig):
+        raise GptlabError(f"config must be a GenerationConfig, got {type(config).__name__}: GenerationConfig(**values)")
+    return config
+
+
+def as_texts(prompts: list[str] | str) -> list[str]:
+    """One text or several (prompts, texts to classify), as a list of texts; anything else is refused."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, Iterable) else prompts
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise GptlabError(f"expected a text or a list of texts, got {prompts!r:.80}")
+    return prompts
+
+
+def _is_id(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_floating_point() and not value.is_complex()
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]]) -> None:
     vocab = model.config.vocab_size
     for prompt in prompts:
+        if isinstance(prompt, str) or not all(_is_id(i) for i in prompt):
+            raise GptlabError(f"prompt ids must be lists of token ids, got {prompt!r:.80}; for text use generate()")
         for i in prompt:
             if not 0 <= i < vocab:
                 raise GptlabError(f"token id {i} is outside the model's vocabulary of {vocab}")
@@ -266,7 +293,7 @@ def generate_ids(
     A row ends at `max_new_tokens` or, when `eot_id` is given and `config.stop_at_eot`, at end-of-text
     (not included). Stop strings are checked on text: use `generate` or `stream` for them.
     """
-    config = config or GenerationConfig()
+    config = _config(config)
     if config.stop:
         raise GptlabError("stop strings are checked on decoded text; use generate() or stream() with a tokenizer")
     _check_ids(model, prompt_ids)
@@ -361,6 +388,7 @@ def stream_rows(
     `on_row_end(prompt index, tokens generated, reason)` hears of each row's end after its last piece:
     reason "stop" (end-of-text, counted, or a stop string) or "length" (`max_new_tokens`).
     """
+    config = _config(config)
     _check_tokenizer(model, tokenizer)
     _check_ids(model, prompt_ids)
     context = model.config.context_length
@@ -402,7 +430,9 @@ def _stream_batches(
 
 def stream(model: torch.nn.Module, tokenizer, prompt: str, config: GenerationConfig | None = None) -> Iterator[str]:
     """The completion of one prompt as text pieces, as they are decoded (an empty prompt starts from end-of-text)."""
-    rows = stream_rows(model, tokenizer, [tokenizer.encode(prompt)], config or GenerationConfig())
+    if not isinstance(prompt, str):
+        raise GptlabError(f"stream takes one prompt text, got {prompt!r:.80}; generate() takes several")
+    rows = stream_rows(model, tokenizer, [tokenizer.encode(prompt)], _config(config))
     return (piece for _, piece in rows)
 
 
@@ -410,9 +440,9 @@ def generate(
     model: torch.nn.Module, tokenizer, prompts: list[str] | str, config: GenerationConfig | None = None
 ) -> list[str]:
     """The completion (without the prompt) of each prompt, decoded in batches of different lengths."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = as_texts(prompts)
     completions = [""] * len(prompts)
-    for i, piece in stream_rows(model, tokenizer, tokenizer.encode_batch(prompts), config or GenerationConfig()):
+    for i, piece in stream_rows(model, tokenizer, tokenizer.encode_batch(prompts), _config(config)):
         completions[i] += piece
     return completions
 

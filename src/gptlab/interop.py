@@ -434,9 +434,10 @@ def _bpe_tokenizer(path: Path):
     return BPETokenizer(HFTokenizer.from_file(os.fspath(path)))
 
 
-def export_tokenizer(tokenizer, saved_dir: Path, out_dir: Path, context_length: int) -> None:
+def export_tokenizer(tokenizer, saved_dir: Path, out_dir: Path, context_length: int, pad: bool = False) -> None:
     """Write a gptlab tokenizer in transformers' format: GPT-2's own vocab.json and merges.txt, or a
-    tokenizer.json (the trained BPE's, or one that maps each byte to its own id for `byte`)."""
+    tokenizer.json (the trained BPE's, or one that maps each byte to its own id for `byte`). `pad` makes
+    end-of-text its padding token too, as a classifier's config.json says (batches of texts need one)."""
     from gptlab.tokenizer import EOT
 
     if tokenizer.kind == "gpt2":
@@ -449,7 +450,7 @@ def export_tokenizer(tokenizer, saved_dir: Path, out_dir: Path, context_length: 
         shutil.copyfile(saved_dir / "tokenizer.json", out_dir / "tokenizer.json")
     else:
         _byte_tokenizer_json().save(os.fspath(out_dir / "tokenizer.json"))
-    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT, **({"pad_token": EOT} if pad else {})}
     _write_json(
         out_dir / "tokenizer_config.json",
         {
@@ -668,7 +669,9 @@ def export_run(run: str | Path, out_dir: str | Path, which: str = "latest", forc
             building / "generation_config.json",
             {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id},
         )
-        export_tokenizer(loaded.tokenizer, loaded.run_dir / "tokenizer", building, config.context_length)
+        export_tokenizer(
+            loaded.tokenizer, loaded.run_dir / "tokenizer", building, config.context_length, pad=bool(labels)
+        )
     return out_dir
 
 

@@ -112,6 +112,10 @@ class GPT(nn.Module):
         attention_mask (B, T) marks real tokens (1) and padding (0); positions (B, T) override the
         position ids (by default counted over real tokens only, so left padding does not shift them).
         """
+        if idx.dim() != 2:
+            raise GptlabError(
+                f"the model takes token ids of shape (batch, time), got shape {tuple(idx.shape)}: idx[None]"
+            )
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.context_length:
