@@ -42,6 +42,12 @@ def test_prepare_a_folder_with_a_trained_bpe(shared_data, tmp_path, capsys):
     assert main(["prepare", str(folder), "--tokenizer", "bpe", "--vocab-size", "300", "--val-fraction", "0.25"]) == 0
     printed = capsys.readouterr().out
     assert "with the bpe tokenizer (300 ids)" in printed and "split  documents" in printed
+    assert "note:" not in printed
+    # A corpus too small for the vocabulary asked: the smaller one it yields is said.
+    assert main(["prepare", str(folder), "--tokenizer", "bpe", "--vocab-size", "60000", "--val-fraction", "0.25"]) == 0
+    printed = capsys.readouterr().out
+    ids = int(printed.split("bpe tokenizer (")[1].split(" ids")[0].replace(",", ""))
+    assert ids < 60000 and f"note: the corpus yields a BPE vocabulary of {ids:,} ids, fewer than the 60,000" in printed
 
 
 def test_list_names_the_data_sets(capsys):

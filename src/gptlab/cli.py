@@ -752,7 +752,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     import time
 
     from gptlab.config import DataConfig
-    from gptlab.data import prepare_corpus
+    from gptlab.data import prepare_corpus, short_vocabulary_note
 
     if args.list:
         _print_datasets()
@@ -782,6 +782,9 @@ def run_prepare(args: argparse.Namespace) -> int:
         f"{verb} {meta['source']} with the {tokenizer.kind} tokenizer ({tokenizer.vocab_size:,} ids) "
         f"in {time.perf_counter() - started:.1f} s"
     )
+    note = short_vocabulary_note(config, tokenizer)
+    if note:
+        print(f"  note: {note}")
     for name in ("train", "val"):
         tokens, size = meta[f"{name}_tokens"], meta[f"{name}_bytes"]
         print(f"  {name:5s} {tokens:>13,} tokens  {size:>14,} bytes  {size / max(tokens, 1):.2f} bytes/token")

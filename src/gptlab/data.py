@@ -373,6 +373,17 @@ def load_prepared(directory: str | Path) -> PreparedCorpus:
     return PreparedCorpus(directory, load_tokenizer(directory), shards[0], shards[1], meta)
 
 
+def short_vocabulary_note(config: DataConfig, tokenizer) -> str | None:
+    """What to tell the user when a trained BPE came out smaller than asked (a small corpus holds no more
+    merges); the model's vocabulary follows the tokenizer's."""
+    if config.tokenizer != "bpe" or tokenizer.vocab_size >= config.vocab_size:
+        return None
+    return (
+        f"the corpus yields a BPE vocabulary of {tokenizer.vocab_size:,} ids, fewer than the {config.vocab_size:,} "
+        "asked (data.vocab_size): it holds no more pairs to merge"
+    )
+
+
 def prepare_corpus(
     config: DataConfig,
     tokenizer: Tokenizer | None = None,

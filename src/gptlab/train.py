@@ -1002,7 +1002,7 @@ def pretrain(
     import dataclasses
 
     from gptlab.config import GPTConfig, check_task, finetuning_model_values, resolve_run_config, run_config_to_dict
-    from gptlab.data import prepare_corpus
+    from gptlab.data import prepare_corpus, short_vocabulary_note
     from gptlab.model import GPT
     from gptlab.objectives import NextTokenObjective
     from gptlab.tokenizer import load_tokenizer
@@ -1041,6 +1041,9 @@ def pretrain(
     )
     with distributed.main_first(runtime):  # rank 0 fills the shared cache, the others then read it
         corpus = prepare_corpus(config["data"], tokenizer=tokenizer)
+    note = short_vocabulary_note(config["data"], corpus.tokenizer) if tokenizer is None else None
+    if note and runtime.is_main:
+        log(note)
     if corpus.tokenizer.vocab_size > config["model"].vocab_size or init_config is None:
         config["model"] = dataclasses.replace(config["model"], vocab_size=corpus.tokenizer.vocab_size)
     model_config: GPTConfig = config["model"]
