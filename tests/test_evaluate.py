@@ -98,3 +98,101 @@ def test_eval_perplexity_bad_input_is_one_line(tmp_path, shared_data, capsys, mo
     assert main(["eval", "perplexity", str(run), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_each_choice_scores_the_log_probabilities_of_its_own_tokens_after_the_context():
+    from gptlab.evaluate import ChoiceItem, score_choices
+    from gptlab.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    model, tokenizer = (
+        GPT(GPTConfig(vocab_size=257, context_length=16, n_layer=2, n_head=2, n_embd=16)).eval(),
+        ByteTokenizer(),
+    )
+    items = [
+        ChoiceItem("The cat sat on the", ["mat.", "moon, far away.", "x"], 0),
+        ChoiceItem("", ["Hello", "Bye"], 1),  # no context: the choice follows end-of-text
+        ChoiceItem("a context much longer than the sixteen positions", ["end", "stop"], 1),  # keeps its end
+    ]
+    score = score_choices(model, tokenizer, items, separator=" ", batch_size=3)
+    for item, scores in zip(items, score.log_likelihoods, strict=True):
+        for choice, got in zip(item.choices, scores, strict=True):
+            context, continuation = tokenizer.encode(item.context) or [256], tokenizer.encode(" " + choice)
+            ids = (context + continuation)[-17:]
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)
+            expected = sum(
+                log_probs[len(ids) - 1 - k - 1, ids[len(ids) - 1 - k]].item() for k in range(len(continuation))
+            )
+            assert got == pytest.approx(expected, abs=1e-4)
+    picks = [max(range(len(s)), key=s.__getitem__) for s in score.log_likelihoods]
+    assert score.accuracy == sum(p == item.label for p, item in zip(picks, items, strict=True)) / 3
+    per_byte = [[v / len((" " + c).encode()) for v, c in zip(s, it.choices, strict=True)]
+                for s, it in zip(score.log_likelihoods, items, strict=True)]  # fmt: skip
+    norm_picks = [max(range(len(s)), key=s.__getitem__) for s in per_byte]
+    assert score.accuracy_norm == sum(p == item.label for p, item in zip(norm_picks, items, strict=True)) / 3
+
+
+def test_eval_choice_on_preference_pairs_and_hellaswags_format(tmp_path, shared_data, capsys, monkeypatch):
+    from gptlab.evaluate import read_choice_items
+    from gptlab.templates import format_instruction
+
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = ["pretrain", "--out", str(run), *TINY, "--data.source", str(shared_data / "the-verdict.txt"),
+            "--train.max_steps", "2", "--train.eval_interval", "2", "--model.context_length", "128"]  # fmt: skip
+    assert main(args) == 0
+    # The book's preference pairs (those with answers that fit) as two-choice items: the chosen answer first
+    # or second in turn.
+    pairs = json.loads((shared_data / "instruction-data-with-preference.json").read_text())
+    pairs = [p for p in pairs if max(len(p["chosen"].encode()), len(p["rejected"].encode())) < 120][:12]
+    with open(tmp_path / "pairs.jsonl", "w") as out:
+        for i, pair in enumerate(pairs):
+            choices = [pair["chosen"], pair["rejected"]][:: 1 if i % 2 == 0 else -1]
+            out.write(
+                json.dumps(
+                    {
+                        "context": format_instruction("alpaca", pair["instruction"], pair["input"]),
+                        "choices": choices,
+                        "label": i % 2,
+                    }
+                )
+                + "\n"
+            )
+    capsys.readouterr()
+    assert main(["eval", "choice", str(run), "--data", str(tmp_path / "pairs.jsonl"), "--limit", "10", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["items"] == 10 and result["choices"] == 20 and 0 <= result["accuracy"] <= 1
+    assert main(["eval", "choice", str(run), "--data", str(tmp_path / "pairs.jsonl")]) == 0
+    assert "(12 items, 24 choices)" in capsys.readouterr().out
+
+    (tmp_path / "hs.jsonl").write_text(
+        json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": "2"}) + "\n"
+    )
+    assert read_choice_items(tmp_path / "hs.jsonl")[0].label == 2
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "line 1 is not JSON"),
+        ('{"context": "a", "label": 0}', "line 1 has none of the keys endings, choices"),
+        (
+            '{"context": "a", "choices": ["x", "y"], "label": 2}',
+            "the label must be the index of a choice, 0 to 1, got 2",
+        ),
+        ('{"context": "a", "choices": ["x"], "label": 0}', "at least two non-empty texts"),
+        ('{"context": "a", "choices": ["x", "' + "y" * 40 + '"], "label": 0}', "a choice of 41 tokens does not fit"),
+    ],
+)
+def test_eval_choice_bad_items_are_one_line_errors(line, message, tmp_path, capsys, monkeypatch, shared_data):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = ["pretrain", "--out", str(run), *TINY, "--data.source", str(shared_data / "the-verdict.txt"),
+            "--train.max_steps", "1", "--train.eval_interval", "1"]  # fmt: skip
+    assert main(args) == 0
+    (tmp_path / "items.jsonl").write_text(line + "\n")
+    capsys.readouterr()
+    assert main(["eval", "choice", str(run), "--data", str(tmp_path / "items.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

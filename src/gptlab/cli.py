@@ -1062,6 +1062,49 @@ def run_eval_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- gptlab eval choice
+
+
+def _choice_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_path", metavar="RUN", help="a run directory or checkpoint folder (a language model)")
+    parser.add_argument(
+        "--data", required=True, metavar="FILE",
+        help="JSON lines of multiple-choice items: ctx/context/prompt/question, endings/choices, label/answer "
+        "(HellaSwag's files as they are)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--separator", default=" ", help="text between the context and each choice (default: one space)"
+    )
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N items (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="choices per forward pass (default 16)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), fp32 or bf16")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+@evaluate("choice", "accuracy of a language model on multiple-choice items (HellaSwag-style), by likelihood",
+          _choice_arguments)  # fmt: skip
+def run_eval_choice(args: argparse.Namespace) -> int:
+    import json
+
+    from gptlab.evaluate import score_choices_run
+
+    if args.batch_size < 1:
+        raise GptlabError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.limit < 0:
+        raise GptlabError(f"--limit must be 0 (all) or positive, got {args.limit}")
+    with progress_bar("scoring", "choice") as progress:
+        score = score_choices_run(
+            args.run_path, args.data, args.separator, args.limit, args.batch_size, args.device, args.dtype, progress
+        )
+    if args.json:
+        print(json.dumps(score.as_dict()))
+        return 0
+    print(f"{args.data} ({score.items:,} items, {score.extra['choices']:,} choices)")
+    print(f"accuracy {score.accuracy:.4f} | accuracy per byte {score.accuracy_norm:.4f} | {score.seconds:.1f} s")
+    return 0
+
+
 # ---------------------------------------------------------------- gptlab serve
 
 

@@ -1,4 +1,5 @@
-"""Scoring a language model on held-out text: loss per token, perplexity and bits per byte.
+"""Scoring a language model: loss per token, perplexity and bits per byte on held-out text, and accuracy on
+multiple-choice items.
 
 The text is tokenized with the run's own tokenizer into the same cached train/validation shards that
 `gptlab prepare` and `gptlab pretrain` use. Windows of the model's context slide over the tokens by
@@ -6,6 +7,9 @@ The text is tokenized with the run's own tokenizer into the same cached train/va
 window did not reach, so with a stride below the context every scored token (but those of the first
 window) sees at least `context - stride` tokens before it. A stride equal to the context is the
 non-overlapping evaluation that training reports as `val_loss`.
+
+A multiple-choice item (HellaSwag's kind) is scored by the log-likelihood of each choice as the
+continuation of its context; the highest wins (`score_choices`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -179,3 +185,168 @@ def text_bytes(tokenizer, tokens: np.ndarray, chunk: int = 1 << 24) -> int:
     for start in range(0, len(tokens), chunk):
         counts += np.bincount(np.asarray(tokens[start : start + chunk], dtype=np.int64), minlength=len(lengths))
     return int(counts @ lengths)
+
+
+# ---------------------------------------------------------------- multiple choice
+
+# The keys a multiple-choice item may use, in order of preference; HellaSwag's files use the first of each.
+CONTEXT_KEYS, CHOICE_KEYS, LABEL_KEYS = (
+    ("ctx", "context", "prompt", "question"),
+    ("endings", "choices"),
+    ("label", "answer"),
+)
+
+
+@dataclass
+class ChoiceItem:
+    """A multiple-choice question: a context, the texts that may continue it, and the index of the right one."""
+
+    context: str
+    choices: list[str]
+    label: int
+
+
+def read_choice_items(path: str | Path, limit: int = 0) -> list[ChoiceItem]:
+    """Multiple-choice items from JSON lines: a context (`ctx`, `context`, `prompt` or `question`), its
+    choices (`endings` or `choices`, at least two texts) and the right one's index (`label` or `answer`).
+    HellaSwag's own files read as they are. `limit` (0: all) keeps the first items."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise GptlabError(f"{path} is not a file; give a JSON-lines file of multiple-choice items")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GptlabError(f"{path} line {number} is not JSON ({exc.msg})") from None
+        items.append(_choice_item(record, f"{path} line {number}"))
+        if limit and len(items) == limit:
+            break
+    if not items:
+        raise GptlabError(f"{path} holds no multiple-choice items")
+    return items
+
+
+def _choice_item(record: Any, where: str) -> ChoiceItem:
+    if not isinstance(record, dict):
+        raise GptlabError(f"{where} is not a JSON object")
+
+    def first_of(keys: tuple[str, ...]) -> Any:
+        for key in keys:
+            if key in record:
+                return record[key]
+        raise GptlabError(f"{where} has none of the keys {', '.join(keys)}")
+
+    context, choices, label = first_of(CONTEXT_KEYS), first_of(CHOICE_KEYS), first_of(LABEL_KEYS)
+    if not isinstance(context, str):
+        raise GptlabError(f"{where}: the context must be text")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise GptlabError(f"{where}: the choices must be a list of at least two non-empty texts")
+    if isinstance(label, str) and label.strip().isdigit():  # some files store the index as text
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+        raise GptlabError(f"{where}: the label must be the index of a choice, 0 to {len(choices) - 1}, got {label!r}")
+    return ChoiceItem(context, choices, label)
+
+
+@dataclass
+class ChoiceScore:
+    """How a language model did on multiple-choice items: `accuracy` picks the choice of the highest
+    log-likelihood, `accuracy_norm` the highest per byte of the choice's text (long choices are not
+    penalised for their length); `log_likelihoods[i][j]` is item i's choice j's, in nats."""
+
+    items: int
+    accuracy: float
+    accuracy_norm: float
+    log_likelihoods: list[list[float]]
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"items": self.items, "accuracy": self.accuracy, "accuracy_norm": self.accuracy_norm,
+                "seconds": self.seconds, **self.extra}  # fmt: skip
+
+
+def score_choices(
+    model: torch.nn.Module,
+    tokenizer,
+    items: list[ChoiceItem],
+    separator: str = " ",
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+) -> ChoiceScore:
+    """Score each choice as the continuation of its context (`context + separator + choice`): the sum of
+    its tokens' log-probabilities. The context and the choice are tokenized apart, so every choice
+    starts on a token boundary; a context too long for the model keeps its end."""
+    sequences = [_choice_sequence(tokenizer, item, choice, separator, model.config.context_length)
+                 for item in items for choice in item.choices]  # fmt: skip
+    totals: list[float] = []
+    started = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            group = sequences[start : start + batch_size]
+            width = max(len(ids) for ids, _ in group) - 1
+            inputs = torch.zeros((len(group), width), dtype=torch.long)
+            targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
+            for row, (ids, scored) in enumerate(group):
+                inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+                targets[row, len(ids) - 1 - scored : len(ids) - 1] = torch.tensor(ids[-scored:])
+            losses = model(inputs.to(device), targets.to(device), reduction="none")
+            totals += (-losses.double().sum(1)).tolist()
+            if progress is not None:
+                progress(min(start + batch_size, len(sequences)), len(sequences))
+    log_likelihoods, right, right_norm, at = [], 0, 0, 0
+    for item in items:
+        scores = totals[at : at + len(item.choices)]
+        at += len(item.choices)
+        per_byte = [s / len((separator + c).encode("utf-8")) for s, c in zip(scores, item.choices, strict=True)]
+        right += int(max(range(len(scores)), key=scores.__getitem__) == item.label)
+        right_norm += int(max(range(len(per_byte)), key=per_byte.__getitem__) == item.label)
+        log_likelihoods.append(scores)
+    return ChoiceScore(len(items), right / len(items), right_norm / len(items), log_likelihoods,
+                       time.perf_counter() - started)  # fmt: skip
+
+
+def _choice_sequence(tokenizer, item: ChoiceItem, choice: str, separator: str, context_length: int):
+    """(token ids, how many of the last are the choice's) for one choice; an empty context starts from
+    end-of-text, as generation does, so that the choice's first token has something before it."""
+    context = tokenizer.encode(item.context) or [tokenizer.eot_id]
+    continuation = tokenizer.encode(separator + choice)
+    if len(continuation) > context_length:
+        raise GptlabError(
+            f"a choice of {len(continuation)} tokens does not fit the model's context of {context_length}: "
+            f"{choice[:60]!r}"
+        )
+    ids = (context + continuation)[-(context_length + 1) :]  # inputs are all but the last: the context's worth
+    return ids, len(continuation)
+
+
+def score_choices_run(
+    run_path: str,
+    data: str,
+    separator: str = " ",
+    limit: int = 0,
+    batch_size: int = 16,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> ChoiceScore:
+    """A run's language model on a JSON-lines file of multiple-choice items (`read_choice_items`)."""
+    from gptlab.generate import load_generator
+    from gptlab.train import Runtime, resolve_autocast, resolve_device
+
+    items = read_choice_items(data, limit)  # before loading the model: a bad file is said at once
+    target = resolve_device(device)
+    runtime = Runtime(target, resolve_autocast(dtype, target))
+    run = load_generator(run_path, device, "fp32", command="eval choice")
+    with runtime.autocast():
+        score = score_choices(run.model, run.tokenizer, items, separator, batch_size, target, progress)
+    score.extra = {"run": str(run.checkpoint), "data": str(data), "separator": separator,
+                   "choices": sum(len(item.choices) for item in items)}  # fmt: skip
+    return score
