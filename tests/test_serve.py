@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, over real HTTP on 127.0.0.1 with the openai client and in process with TestClient."""
 
+import dataclasses
 import json
 import socket
 import threading
@@ -298,3 +299,73 @@ def test_stream_options_include_usage_ends_the_stream_with_the_usage(server):
     full = client.chat.completions.create(model="tiny", messages=chat("Name a colour."), max_tokens=5, temperature=0)
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
     assert all(chunk.choices for chunk in chunks[:-1])
+
+
+def hold_first_batch(app):
+    """Make the app's decoder wait before its first batch until the returned event is set, so that the
+    requests sent meanwhile are all waiting when it takes the next."""
+    batcher, release = app.state.batcher, threading.Event()
+    decode = batcher._decode
+
+    def held(batch):
+        release.wait(30)
+        decode(batch)
+
+    batcher._decode = held
+    return batcher, release
+
+
+def wait_for(condition, seconds=30):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_concurrent_requests_with_the_same_settings_are_decoded_as_one_batch(tmp_path):
+    from gptlab.generate import generate
+    from gptlab.serve import create_app
+
+    run = make_run(tmp_path / "run")
+    app = create_app(run, "tiny", GenerationConfig(max_new_tokens=6, temperature=0.0))
+    batcher, release = hold_first_batch(app)
+    prompts, replies = ["Hello", "A longer prompt than the others", "x", "abc"], {}
+
+    def ask(prompt):
+        body = {"prompt": prompt, "max_tokens": 6}
+        replies[prompt] = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+    with serving(app) as url:
+        threads = [threading.Thread(target=ask, args=(prompt,)) for prompt in prompts]
+        threads[0].start()
+        wait_for(lambda: batcher.batch_sizes == [1])  # the first request is being decoded (held)
+        for thread in threads[1:]:
+            thread.start()
+        wait_for(lambda: len(batcher.waiting) == 3)
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    assert batcher.batch_sizes == [1, 3]
+    assert [replies[p] for p in prompts] == generate(
+        run.model, run.tokenizer, prompts, GenerationConfig(max_new_tokens=6, temperature=0.0)
+    )
+
+
+def test_only_requests_with_equal_unseeded_settings_share_a_batch(tmp_path):
+    from gptlab.serve import _Job, _Outcome, create_app
+
+    app = create_app(make_run(tmp_path / "run"), "tiny")
+    batcher, release = hold_first_batch(app)
+    greedy = GenerationConfig(max_new_tokens=3, temperature=0.0)
+    settings = [greedy, dataclasses.replace(greedy, seed=1), greedy, dataclasses.replace(greedy, temperature=0.5),
+                greedy, dataclasses.replace(greedy, seed=1)]  # fmt: skip
+    jobs = [_Job([65], config, _Outcome(1)) for config in settings]
+    batcher.submit(jobs[:1])
+    wait_for(lambda: batcher.batch_sizes == [1])
+    batcher.submit(jobs[1:])
+    release.set()
+    texts = ["".join(job.read()) for job in jobs]
+    # In order: the held first; the seeded one alone; the two other greedy ones together; the sampled
+    # one; the second seeded one alone, though its settings equal the first seeded one's.
+    assert batcher.batch_sizes == [1, 1, 2, 1, 1]
+    assert texts[0] == texts[2] == texts[4] and texts[1] == texts[5]
