@@ -367,6 +367,7 @@ def test_chat_without_template_continues_the_transcript_each_message_on_its_own_
         ({"use_cache": "no"}, "use_cache must be true or false, got 'no'"),
         ({"seed": 2**64}, "seed must be from 0 to 2**63 - 1"),
         ({"seed": -1}, "seed must be from 0 to 2**63 - 1"),
+        ({"stop": ["a", 1]}, "stop must be a list of texts, got ['a', 1]"),  # no command-line wording
     ],
 )
 def test_generation_config_built_in_python_refuses_wrong_types_by_name(fields, message):
@@ -376,7 +377,7 @@ def test_generation_config_built_in_python_refuses_wrong_types_by_name(fields, m
 
 def test_a_stop_given_as_one_text_is_one_stop_string(model):
     tokenizer = ByteTokenizer()
-    assert GenerationConfig(stop="xq").stop == ["xq"]
+    assert GenerationConfig(stop="xq").stop == ["xq"] and GenerationConfig(stop=("a,b", "c")).stop == ["a,b", "c"]
     greedy = GenerationConfig(max_new_tokens=8, temperature=0.0, stop_at_eot=False)
     text = generate(model, tokenizer, "ab", greedy)[0]
     # A stop string the completion never holds, though it holds one of its characters: nothing stops.
@@ -387,8 +388,9 @@ def test_a_stop_given_as_one_text_is_one_stop_string(model):
 def test_a_tiny_temperature_samples_like_greedy_instead_of_failing(model):
     tokenizer = ByteTokenizer()
     greedy = generate(model, tokenizer, "ab", GenerationConfig(max_new_tokens=6, temperature=0.0, stop_at_eot=False))
-    tiny = GenerationConfig(max_new_tokens=6, temperature=1e-45, stop_at_eot=False, seed=0)
-    assert generate(model, tokenizer, "ab", tiny) == greedy
+    for temperature in (1e-30, 1e-45, 1e-46, 1e-300):  # the last two are 0 in fp32
+        tiny = GenerationConfig(max_new_tokens=6, temperature=temperature, stop_at_eot=False, seed=0)
+        assert generate(model, tokenizer, "ab", tiny) == greedy
 
 
 @pytest.mark.parametrize(
@@ -397,8 +399,16 @@ def test_a_tiny_temperature_samples_like_greedy_instead_of_failing(model):
         (lambda m, t: generate(m, t, None), "expected a text or a list of texts, got None"),
         (lambda m, t: generate(m, t, ["ok", 3]), "expected a text or a list of texts"),
         (lambda m, t: generate(m, t, "x", {"max_new_tokens": 5}), "config must be a GenerationConfig, got dict"),
-        (lambda m, t: generate_ids(m, ["The"]), "prompt ids must be lists of token ids, got 'The'"),
-        (lambda m, t: m(torch.tensor([1, 2, 3])), "the model takes token ids of shape (batch, time), got shape (3,)"),
+        (lambda m, t: generate(m, t, b"Hi"), "expected a text or a list of texts, got b'Hi'"),
+        (lambda m, t: generate_ids(m, ["The"]), "each a list of token ids; got a prompt 'The'"),
+        (lambda m, t: generate_ids(m, [1, 2, 3]), "each a list of token ids; got a prompt 1"),
+        (lambda m, t: generate_ids(m, torch.tensor([1, 2, 3])), "each a list of token ids; got a prompt tensor(1)"),
+        (lambda m, t: generate_ids(m, [[1.5, 2]]), "each a list of token ids; got a prompt [1.5, 2]"),
+        (lambda m, t: m(torch.tensor([1, 2, 3])), "got torch.int64 of shape (3,); one sequence is idx[None]"),
+        (
+            lambda m, t: m(torch.ones(1, 3)),
+            "the model takes token ids (integers) of shape (batch, time), got torch.float32",
+        ),
     ],
 )
 def test_python_api_misuse_is_a_gptlab_error_naming_it(model, call, message):

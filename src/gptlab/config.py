@@ -205,8 +205,8 @@ class GenerationConfig:
     batch_size: int = field(default=16, metadata={"help": "prompts decoded together in one forward pass"})
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):  # one stop string, not its characters
-            self.stop = [self.stop]
+        if isinstance(self.stop, (str, tuple)):  # one stop string (not its characters), or a tuple of them
+            self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         check_field_types(self)
         for name in ("max_new_tokens", "batch_size"):
             value = getattr(self, name)
@@ -495,7 +495,7 @@ def check_field_types(config: Any) -> None:
     for f in dataclasses.fields(config):
         value, hint = getattr(config, f.name), hints[f.name]
         if not _has_type(hint, value):
-            raise GptlabError(f"{f.name} must be {_describe(hint)}, got {value!r}")
+            raise GptlabError(f"{f.name} must be {_describe(hint, command_line=False)}, got {value!r}")
 
 
 def _has_type(hint: Any, value: Any) -> bool:
@@ -520,11 +520,13 @@ def _split_optional(hint: Any) -> tuple[bool, Any]:
     return False, hint
 
 
-def _describe(hint: Any) -> str:
+def _describe(hint: Any, command_line: bool = True) -> str:
     optional, hint = _split_optional(hint)
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint) or (str,)
-        words = f"a list of {_TYPE_WORDS[item][1]} (or one text of them, comma-separated)"
+        words = f"a list of {_TYPE_WORDS[item][1]}" + (
+            " (or one text of them, comma-separated)" if command_line else ""
+        )
     else:
         words = _TYPE_WORDS.get(hint, (getattr(hint, "__name__", str(hint)),))[0]
     return words + (" or none" if optional else "")

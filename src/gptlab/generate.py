@@ -75,10 +75,11 @@ def sample_next(
     logits = logits.float()
     if seen is not None and config.repetition_penalty != 1.0:
         logits = penalize_repetition(logits, seen, config.repetition_penalty)
-    if config.temperature == 0:
+    if config.temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that fp32 would read it as 0
         return logits.argmax(dim=-1)
     # Shifted to a row maximum of 0 first: softmax does not change, and a tiny temperature then makes the
     # others -inf (greedy-like) instead of overflowing every logit to inf and the probabilities to NaN.
+    # (Below fp32's smallest normal number it is greedy itself, above.)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / config.temperature
     if config.top_k is not None:
         logits = keep_top_k(logits, config.top_k)
@@ -255,10 +256,13 @@ def _config(config: GenerationConfig | None) -> GenerationConfig:
 
 def as_texts(prompts: list[str] | str) -> list[str]:
     """One text or several (prompts, texts to classify), as a list of texts; anything else is refused."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, Iterable) else prompts
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+    texts = [prompts] if isinstance(prompts, str) else prompts
+    if isinstance(texts, (bytes, torch.Tensor)) or not isinstance(texts, Iterable):
         raise GptlabError(f"expected a text or a list of texts, got {prompts!r:.80}")
-    return prompts
+    texts = list(texts)
+    if not all(isinstance(text, str) for text in texts):
+        raise GptlabError(f"expected a text or a list of texts, got {prompts!r:.80}")
+    return texts
 
 
 def _is_id(value) -> bool:
@@ -267,11 +271,20 @@ def _is_id(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _is_prompt(prompt) -> bool:
+    if isinstance(prompt, torch.Tensor):
+        return prompt.dim() == 1 and not prompt.is_floating_point() and not prompt.is_complex()
+    return isinstance(prompt, Iterable) and not isinstance(prompt, (str, bytes)) and all(_is_id(i) for i in prompt)
+
+
 def _check_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]]) -> None:
     vocab = model.config.vocab_size
     for prompt in prompts:
-        if isinstance(prompt, str) or not all(_is_id(i) for i in prompt):
-            raise GptlabError(f"prompt ids must be lists of token ids, got {prompt!r:.80}; for text use generate()")
+        if not _is_prompt(prompt):
+            raise GptlabError(
+                f"prompt ids must be a list of prompts, each a list of token ids; got a prompt {prompt!r:.80} "
+                "(for text use generate())"
+            )
         for i in prompt:
             if not 0 <= i < vocab:
                 raise GptlabError(f"token id {i} is outside the model's vocabulary of {vocab}")

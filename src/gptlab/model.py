@@ -112,9 +112,11 @@ class GPT(nn.Module):
         attention_mask (B, T) marks real tokens (1) and padding (0); positions (B, T) override the
         position ids (by default counted over real tokens only, so left padding does not shift them).
         """
-        if idx.dim() != 2:
+        if idx.dim() != 2 or idx.is_floating_point():
+            hint = "; one sequence is idx[None]" if idx.dim() == 1 else ""
             raise GptlabError(
-                f"the model takes token ids of shape (batch, time), got shape {tuple(idx.shape)}: idx[None]"
+                f"the model takes token ids (integers) of shape (batch, time), got {idx.dtype} of shape "
+                f"{tuple(idx.shape)}{hint}"
             )
         B, T = idx.shape
         past = cache.length if cache is not None else 0
