@@ -350,3 +350,20 @@ def test_target_share_counts_the_input_positions_that_reach_the_head():
     examples = [Example([1, 2, 3, 4], [False, False, True, True]), Example([5, 6, 7], [False, True, True])]
     assert target_share(examples) == pytest.approx(4 / 5)  # inputs 3 + 2; targets 2 + 2 (the first id is none)
     assert target_share(examples, mask_prompt=False) == 1.0
+
+
+def test_given_sample_prompts_are_answered_as_instructions_in_the_template(tmp_path, monkeypatch):
+    import gptlab.instruct as instruct
+    from gptlab.templates import format_instruction
+
+    asked, answer = [], instruct.generate_responses
+
+    def spy(model, tokenizer, prompts, *args, **kwargs):
+        asked.append(list(prompts))
+        return answer(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(instruct, "generate_responses", spy)
+    values = run_values(tmp_path)
+    values["train"].update(max_steps=2, eval_interval=2, sample_prompts=["Name a colour."])
+    finetune_instruct(values)
+    assert asked[0] == [format_instruction(values["template"], "Name a colour.")]  # the first evaluation's samples

@@ -397,8 +397,9 @@ def add_config_arguments(
     parser.add_argument("--config", metavar="FILE", help="YAML run config (a recipe); options below override it")
     for name, help_text in RUN_FIELDS.items() if run_fields else ():
         flag = "--out" if name == "out_dir" else f"--{name.replace('_', '-')}"
-        if name in task_defaults:
-            help_text += f" (default: {task_defaults[name]})"
+        shown = DERIVED_DEFAULTS.get((task_defaults.get("task"), name)) or task_defaults.get(name)
+        if shown:
+            help_text += f" (default: {shown})"
         parser.add_argument(flag, dest=f"run.{name}", default=argparse.SUPPRESS, help=help_text)
     for entry in sections:
         section, _, only = entry.partition(".")
@@ -450,9 +451,23 @@ def collect_config(args: argparse.Namespace, base: dict | None = None) -> tuple[
 FINETUNE_MODEL_OPTIONS = [f"model.{field}" for field in FINETUNE_MODEL_FIELDS]
 
 
+# Defaults a command works out rather than sets, as `--help` says them.
+DERIVED_DEFAULTS = {
+    ("pretrain", "model.vocab_size"): "the tokenizer's",
+    ("instruct", "template"): "the base run's, else alpaca",
+    ("preference", "template"): "the base run's, else alpaca",
+    ("instruct", "train.sample_prompts"): "none: validation instructions",
+    ("preference", "train.sample_prompts"): "none: validation instructions",
+}
+
+
 def _shown_default(task_defaults: dict, section: str, name: str, default) -> str:
-    """The default `--help` shows for a field: the task's own, else for the model the preset's (pretraining)
-    or the base run's (finetuning, whose weights fix the model), else the dataclass's."""
+    """The default `--help` shows for a field: one the command works out (DERIVED_DEFAULTS), the task's own,
+    else for the model the preset's (pretraining) or the base run's (finetuning, whose weights fix the
+    model), else the dataclass's."""
+    derived = DERIVED_DEFAULTS.get((task_defaults.get("task"), f"{section}.{name}"))
+    if derived:
+        return derived
     if name in task_defaults.get(section, {}):
         return repr(task_defaults[section][name])
     if section == "model" and "preset" in task_defaults:

@@ -615,12 +615,12 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "instruct": {
         "task": "instruct", "out_dir": "runs/instruct",
         "train": {"max_steps": 300, "batch_size": 8, "learning_rate": 3e-4, "warmup_steps": 20, "eval_interval": 50,
-                  "log_interval": 10, "sample_tokens": 60},
+                  "log_interval": 10, "sample_tokens": 60, "sample_prompts": []},
     },
     "preference": {
         "task": "preference", "out_dir": "runs/preference", "model": {"dropout": 0.0},
         "train": {"max_steps": 120, "batch_size": 8, "learning_rate": 5e-5, "warmup_steps": 10, "eval_interval": 40,
-                  "log_interval": 10, "sample_tokens": 60, "weight_decay": 0.01},
+                  "log_interval": 10, "sample_tokens": 60, "weight_decay": 0.01, "sample_prompts": []},
     },
 }  # fmt: skip
 

@@ -177,6 +177,12 @@ def record_segments(record: dict[str, Any], template: Template) -> list[tuple[st
     return segments
 
 
+def instruction_samples(instructions: Sequence[str], template: Template) -> list[str]:
+    """`train.sample_prompts` as instructions in the run's template: what evaluations answer when given
+    (otherwise validation instructions, whose reference answers are known)."""
+    return [format_instruction(template, instruction) for instruction in instructions]
+
+
 def prompt_and_reference(record: dict[str, Any], template: Template) -> tuple[str, str]:
     """The prompt that asks for the record's (last) response, and that response."""
     segments = record_segments(record, template)
@@ -658,7 +664,9 @@ def finetune_instruct(
         f"{trainable:,} of {total:,} parameters trainable ({trainable / total:.2%}){' (LoRA)' if 'lora' in config else ''} "
         f"on {runtime.device}"
     )
-    sample_prompts = [prompt_and_reference(r, template)[0] for r in kept["validation"]]
+    sample_prompts = instruction_samples(config["train"].sample_prompts, template) or [
+        prompt_and_reference(r, template)[0] for r in kept["validation"]
+    ]
     objective = InstructionObjective(
         examples["train"], examples["validation"], sample_prompts, tokenizer, template, config["model"],
         config["train"], instruct, runtime.rank, runtime.world_size, trainable_parts(model),

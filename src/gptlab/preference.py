@@ -40,6 +40,7 @@ from gptlab.instruct import (
     encode_example,
     encode_learnable,
     has_response,
+    instruction_samples,
     prompt_and_reference,
     read_records,
     read_split,
@@ -377,7 +378,9 @@ def finetune_preference(
     )
     batch_size = config["train"].batch_size
     reference = reference_log_probs(model, pairs, run_dir, resume, tokenizer, batch_size, runtime, log)
-    sample_prompts = [prompt_and_reference(with_response(r, r["chosen"]), template)[0] for r in kept["validation"]]
+    sample_prompts = instruction_samples(config["train"].sample_prompts, template) or [
+        prompt_and_reference(with_response(r, r["chosen"]), template)[0] for r in kept["validation"]
+    ]
     objective = PreferenceObjective(
         pairs["train"], pairs["validation"], reference, sample_prompts, tokenizer, template, config["model"],
         config["train"], preference, runtime.rank, runtime.world_size, trainable_parts(model),
