@@ -320,7 +320,15 @@ def test_a_config_for_another_task_and_a_resume_past_max_steps_are_one_line_erro
 @pytest.mark.parametrize(
     "command, shown",
     [
-        (["pretrain"], {"--out": "runs/pretrain", "--train.max_steps": "800", "--model.n_layer": "demo: 4"}),
+        (
+            ["pretrain"],
+            {
+                "--out": "runs/pretrain",
+                "--train.max_steps": "800",
+                "--model.n_layer": "demo: 4",
+                "--model.vocab_size": "the tokenizer's",
+            },
+        ),  # fmt: skip
         (
             ["finetune", "instruct"],
             {
@@ -328,6 +336,8 @@ def test_a_config_for_another_task_and_a_resume_past_max_steps_are_one_line_erro
                 "--train.max_steps": "300",
                 "--train.learning_rate": "0.0003",
                 "--model.dropout": "the base run's",
+                "--template": "the base run's, else alpaca",
+                "--train.sample_prompts": "none: validation instructions",
             },
         ),  # fmt: skip
         (
