@@ -1,3 +1,4 @@
+import json
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -176,51 +177,71 @@ def test_trainable_parts_reads_what_requires_a_gradient():
     assert trainable_parts(classifier) == Trainable(0.5, 0.5, True)
 
 
+def expected_trainable(config, task, section, lora):
+    """What trains, counted apart from the code that freezes: a classifier's head (and its last block and
+    final norm, or LoRA's adapters); an instruction run's adapters."""
+    from gptlab.config import LoRAConfig
+    from gptlab.lora import expected_lora_parameters
+
+    C, labels = config.n_embd, len(section.get("labels", []))
+    adapters = expected_lora_parameters(config, LoRAConfig(**lora)) if lora else 0
+    if task != "classify":
+        return adapters
+    block = 12 * C * C + 13 * C  # its four matrices with their biases (qkv_bias), and two LayerNorms
+    return labels * C + adapters + (block + 2 * C if section.get("trainable", "last_blocks") == "last_blocks" else 0)
+
+
 @pytest.mark.parametrize(
-    "extra, labels, trains",
+    "extra",
     [
-        ({"task": "classify", "classify": {"labels": ["ham", "spam"], "trainable": "last_blocks"}}, 2, "last block"),
-        (
-            {
-                "task": "classify",
-                "classify": {"labels": ["a", "b", "c"], "trainable": "lora"},
-                "lora": {"rank": 4, "targets": ["attn.qkv"]},
-            },
-            3,
-            "lora",
-        ),  # fmt: skip
-        ({"task": "instruct", "lora": {"rank": 2}}, 0, "lora"),
+        {"task": "classify", "classify": {"labels": ["ham", "spam"], "trainable": "last_blocks"}},
+        {
+            "task": "classify",
+            "classify": {"labels": ["a", "b", "c"], "trainable": "lora"},
+            "lora": {"rank": 4, "targets": ["attn.qkv"]},
+        },  # fmt: skip
+        {"task": "instruct", "lora": {"rank": 2}},
     ],
 )
-def test_size_of_a_classifier_or_lora_run_counts_its_head_adapters_and_what_trains(
-    extra, labels, trains, tmp_path, capsys
-):
-    from gptlab.checkpoint import build_model
-    from gptlab.lora import count_trainable
-
+def test_size_of_a_classifier_or_lora_run_counts_its_head_adapters_and_what_trains(extra, tmp_path, capsys):
     config = get_preset("tiny")
-    run_config = {"model": asdict(config), **extra}
-    write_run_config(tmp_path / "run", run_config)
+    write_run_config(tmp_path / "run", {"model": asdict(config), **extra})
     assert main(["size", str(tmp_path / "run"), "--json"]) == 0
     report = __import__("json").loads(capsys.readouterr().out)
-    model = build_model(run_config)  # the real model, as loading the run builds it
-    if labels:
-        from gptlab.classify import set_trainable
-        from gptlab.config import ClassifyConfig
-
-        set_trainable(model, ClassifyConfig(**extra["classify"]))
-    trainable, total = count_trainable(model)
-    assert report["parameters"]["total"] == total and report["trainable_parameters"] == trainable < total
-    assert report["run"]["labels"] == labels
+    section, lora = extra.get(extra["task"], {}), extra.get("lora")
+    trainable, labels = expected_trainable(config, extra["task"], section, lora), len(section.get("labels", []))
+    gpt = count_parameters(config)
+    head = labels * config.n_embd if labels else gpt.lm_head
+    adapters = trainable - head if lora and labels else trainable if lora else 0
+    assert report["parameters"]["total"] == gpt.total - gpt.lm_head + head + adapters
+    assert report["trainable_parameters"] == trainable and report["run"]["labels"] == labels
+    assert report["parameters"]["adapters"] == adapters
     if labels:  # no vocabulary head: its own small one, and no logits in the FLOPs
-        assert report["parameters"]["lm_head"] == labels * config.n_embd
+        assert report["parameters"]["lm_head"] == head
         assert report["train_flops_per_token"] < train_flops_per_token(config)
-    if trains == "lora":
-        adapters = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
-        assert report["parameters"]["adapters"] == adapters > 0
     fp32 = report["memory"]["fp32"]
     assert fp32["gradients"] == 4 * trainable and fp32["adamw_states"] == 8 * trainable
     assert main(["size", str(tmp_path / "run")]) == 0
     table = capsys.readouterr().out
     assert "parameters, trainable" in table and ("classifier head" in table) == bool(labels)
-    assert ("LoRA adapters" in table) == (trains == "lora") and "Muon" not in table
+    assert ("LoRA adapters" in table) == bool(lora) and "Muon" not in table
+
+
+def test_size_of_a_finetuning_recipe_counts_what_its_run_would_train(tmp_path, shared_data, capsys, monkeypatch):
+    monkeypatch.setenv("GPTLAB_DATA_DIR", str(shared_data))
+    config = get_preset("tiny")
+    write_run_config(tmp_path / "base", {"task": "pretrain", "model": asdict(config)})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"task: instruct\ninit_from: {tmp_path / 'base'}\ninstruct:\n  trainable: lora\nlora:\n  rank: 2\n"
+    )
+    assert main(["size", str(recipe), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable_parameters"] == expected_trainable(
+        config, "instruct", {}, {"rank": 2}
+    )
+    # A classifier recipe naming no labels: the data's (ham and spam), its last block by default.
+    recipe.write_text(f"task: classify\ninit_from: {tmp_path / 'base'}\nclassify:\n  source: sms-spam\n")
+    assert main(["size", str(recipe), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["run"]["labels"] == 2
+    assert report["trainable_parameters"] == expected_trainable(config, "classify", {"labels": [0, 1]}, None)

@@ -158,15 +158,24 @@ def _late_positionals(args: argparse.Namespace, unknown: list[str]) -> list[str]
 def resolve_model_config(name_or_path: str):
     """The GPTConfig `gptlab size` reports: a preset's, a run directory's, the model a run config (a recipe)
     trains, or a model config's (GPTConfig's fields, perhaps over a `preset`)."""
+    return resolve_size_target(name_or_path)[0]
+
+
+def resolve_size_target(name_or_path: str):
+    """(GPTConfig, run config) of what `gptlab size` reports; the run config, of a run directory or of the
+    run a finetuning recipe would make, says what the model has beside the GPT (a classifier's head,
+    LoRA's adapters, what trains: `sizing.run_model`), and is None for a preset or a pretraining recipe."""
     from pathlib import Path
 
     from gptlab.config import PRESETS, get_preset
 
     path = Path(name_or_path)
     if name_or_path in PRESETS or not path.exists():
-        return get_preset(name_or_path)
+        return get_preset(name_or_path), None
     if path.is_dir():
-        return _run_model_config(path)
+        from gptlab.checkpoint import read_run_config, run_dir_of
+
+        return _run_model_config(path), read_run_config(run_dir_of(path))
     return _config_file_model(path)
 
 
@@ -181,46 +190,11 @@ def _run_model_config(run, finetuning: dict | None = None, source: str = ""):
     return config_from_dict(GPTConfig, model, "model.", source)
 
 
-def run_model_parts(name_or_path: str):
-    """For a run directory of a classifier or a LoRA run, what its model has beside the GPT (`RunModel`),
-    counted on the model built as the run builds it, on the meta device (shapes only); else None."""
-    from pathlib import Path
-
-    from gptlab.config import PRESETS
-
-    path = Path(name_or_path)
-    if name_or_path in PRESETS or not path.is_dir():
-        return None
-    from gptlab.checkpoint import read_run_config, run_dir_of
-
-    run_config = read_run_config(run_dir_of(path))
-    if run_config.get("task") != "classify" and not run_config.get("lora"):
-        return None  # a GPT whose every weight trains: the preset arithmetic says it all
-    import torch
-
-    from gptlab.checkpoint import build_model
-    from gptlab.lora import ADAPTER_SUFFIXES, count_trainable
-    from gptlab.sizing import RunModel, trainable_parts
-
-    with torch.device("meta"):
-        model = build_model(run_config)
-    if run_config.get("task") == "classify":
-        from gptlab.classify import set_trainable
-        from gptlab.config import ClassifyConfig, config_from_dict
-
-        set_trainable(model, config_from_dict(ClassifyConfig, run_config["classify"], where="classify."))
-    trainable, _ = count_trainable(model)
-    adapters = sum(p.numel() for name, p in model.named_parameters() if name.endswith(ADAPTER_SUFFIXES))
-    return RunModel(
-        labels=getattr(model, "num_labels", 0), adapters=adapters, lora_rank=(run_config.get("lora") or {}).get("rank", 0),
-        trainable=trainable, parts=trainable_parts(model),
-    )  # fmt: skip
-
-
 def _config_file_model(path):
-    """The model a config file describes: a model config's own; a finetuning run's, its init_from run's (a
-    model known only from that run); a pretraining run's, its preset and model section with its tokenizer's
-    vocabulary, as `gptlab pretrain --config` would make it."""
+    """(GPTConfig, run config or None) of a config file: a model config's own; a finetuning run's, its
+    init_from run's (a model known only from that run) with what the finetuning adds to it; a pretraining
+    run's, its preset and model section with its tokenizer's vocabulary, as `gptlab pretrain --config`
+    would make it."""
     import dataclasses
     from pathlib import Path
 
@@ -241,7 +215,7 @@ def _config_file_model(path):
     if not (set(values) - {"preset"}) & (set(RUN_FIELDS) | set(section_types())):  # GPTConfig's fields
         model = {key: value for key, value in values.items() if key != "preset"}
         values = check_run_values({"preset": values.get("preset"), "model": model}, source=str(path))
-        return resolve_run_config(values, ["model"])["model"]
+        return resolve_run_config(values, ["model"])["model"], None
     values = check_run_values(values, source=str(path))
     if values.get("init_from"):
         if not Path(values["init_from"]).exists():
@@ -250,11 +224,35 @@ def _config_file_model(path):
                 "run's; make the run first, or size the run or its preset"
             )
         # As every run starting from another does: its model, of which only dropout may change.
-        return _run_model_config(values["init_from"], values.get("model"), str(path))
+        config = _run_model_config(values["init_from"], values.get("model"), str(path))
+        return config, _finetuning_run_config(values, config)
     if values.get("task", "pretrain") != "pretrain":
         raise GptlabError(f"{path} finetunes a model but names no run to start from (init_from), whose model it is")
     config = resolve_run_config({**TASK_DEFAULTS["pretrain"], **values}, ["model", "data"])
-    return dataclasses.replace(config["model"], vocab_size=_pretraining_vocab_size(config["data"]))
+    return dataclasses.replace(config["model"], vocab_size=_pretraining_vocab_size(config["data"])), None
+
+
+def _finetuning_run_config(values: dict, model) -> dict | None:
+    """What the run a finetuning recipe makes records about its model: the task, the model, the task's
+    section (a classifier's labels: the data's when the recipe names none) and LoRA's settings when
+    adapters train."""
+    import dataclasses
+
+    from gptlab.config import LoRAConfig, config_from_dict, config_to_dict
+
+    task = values.get("task", "pretrain")
+    if task == "pretrain":
+        return None
+    section = dict(values.get(task) or {})
+    run_config = {"task": task, "model": dataclasses.asdict(model), task: section}
+    if section.get("trainable") == "lora":
+        run_config["lora"] = config_to_dict(config_from_dict(LoRAConfig, values.get("lora") or {}, "lora."))
+    if task == "classify" and not section.get("labels"):
+        from gptlab.classify import prepare_classification_data
+        from gptlab.config import ClassifyConfig
+
+        section["labels"] = prepare_classification_data(config_from_dict(ClassifyConfig, section, "classify.")).labels
+    return run_config
 
 
 def _pretraining_vocab_size(data) -> int:
@@ -285,14 +283,14 @@ def run_size(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from gptlab.sizing import format_size_report, size_report
+    from gptlab.sizing import format_size_report, run_model, size_report
 
     if not 0 < args.mfu <= 1:
         raise GptlabError(f"--mfu must be in (0, 1], got {args.mfu}")
     if args.flops <= 0 or args.tokens <= 0:
         raise GptlabError("--flops and --tokens must be positive")
-    config = resolve_model_config(args.model)
-    report = size_report(config, args.tokens, args.flops, args.mfu, run_model_parts(args.model))
+    config, run_config = resolve_size_target(args.model)
+    report = size_report(config, args.tokens, args.flops, args.mfu, run_model(run_config) if run_config else None)
     if args.json:
         counts = report["parameters"]
         report["parameters"] = {

@@ -44,6 +44,30 @@ class RunModel:
     parts: Trainable | None = None  # what trains, for a step's FLOPs (None: everything)
 
 
+def run_model(run_config: dict) -> RunModel | None:
+    """What a run's model has beside its GPT shape (a classifier's head, LoRA's adapters, what trains), from
+    its run config, counted on the model built as the run builds it on PyTorch's meta device (shapes
+    only, nothing allocated); None for a GPT whose every weight trains. Imports torch, unlike the rest."""
+    if run_config.get("task") != "classify" and not run_config.get("lora"):
+        return None
+    import torch
+
+    from gptlab.checkpoint import build_model
+    from gptlab.lora import ADAPTER_SUFFIXES, count_trainable
+
+    with torch.device("meta"):
+        model = build_model(run_config)
+    if run_config.get("task") == "classify":
+        from gptlab.classify import set_trainable
+        from gptlab.config import ClassifyConfig, config_from_dict
+
+        set_trainable(model, config_from_dict(ClassifyConfig, run_config.get("classify") or {}, where="classify."))
+    trainable, _ = count_trainable(model)
+    adapters = sum(p.numel() for name, p in model.named_parameters() if name.endswith(ADAPTER_SUFFIXES))
+    rank = (run_config.get("lora") or {}).get("rank", 0)
+    return RunModel(getattr(model, "num_labels", 0), adapters, rank, trainable, trainable_parts(model))
+
+
 def count_parameters(config: GPTConfig, run: RunModel | None = None) -> ParameterCounts:
     C, L = config.n_embd, config.n_layer
     labels, adapters = (run.labels, run.adapters) if run else (0, 0)
@@ -68,16 +92,17 @@ def block_matrix_params(config: GPTConfig) -> int:
     return config.n_layer * 12 * config.n_embd * config.n_embd
 
 
-def forward_flops_per_token(config: GPTConfig, sequence_length: int | None = None) -> int:
-    """Forward FLOPs per token: 2 per multiply-add of every matrix (LM head included) plus attention.
+def forward_flops_per_token(config: GPTConfig, sequence_length: int | None = None, logit_share: float = 1.0) -> int:
+    """Forward FLOPs per token: 2 per multiply-add of every matrix (the LM head at the `logit_share` of
+    positions whose logits are computed) plus attention.
 
     Attention scores and the weighted sum cost 2 * 2 * T * C per layer and token; like PaLM's MFU
     convention we count the full T x T product, not the causal half.
     """
     T = sequence_length or config.context_length
     C, L = config.n_embd, config.n_layer
-    matmul_params = block_matrix_params(config) + config.vocab_size * C
-    return 2 * matmul_params + 4 * L * T * C
+    matmul_params = block_matrix_params(config) + logit_share * config.vocab_size * C
+    return round(2 * matmul_params + 4 * L * T * C)
 
 
 @dataclass(frozen=True)
@@ -179,7 +204,7 @@ def size_report(
     counts = count_parameters(config, run)
     # A classifier computes no vocabulary logits: its head's few products are left out, as in its MFU.
     logit_share = 0.0 if run.labels else 1.0
-    forward = forward_flops_per_token(config) - (2 * config.vocab_size * config.n_embd if run.labels else 0)
+    forward = forward_flops_per_token(config, None, logit_share)
     train_flops = train_flops_per_token(config, None, logit_share, run.parts or ALL_TRAINS)
     return {
         "config": config,
