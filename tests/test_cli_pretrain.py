@@ -354,3 +354,33 @@ def test_help_shows_each_commands_own_defaults(command, shown, capsys, monkeypat
     lines = {"--" + text.split()[0]: " ".join(text.split()) for text in options}  # each option's help on one line
     for option, default in shown.items():
         assert re.search(r"\(default: ([^)]*)\)", lines[option]).group(1).endswith(default), lines[option]
+
+
+def test_a_run_another_command_is_writing_is_refused_and_left_alone(tmp_path, shared_data, capsys, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = ["pretrain", "--out", str(run), *TINY, *verdict_args(shared_data), "--train.max_steps", "2",
+            "--train.eval_interval", "2"]  # fmt: skip
+    assert main(args) == 0
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".lock"}
+    # Another process holds the run, as a training command does while it runs.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from gptlab.checkpoint import lock_run; "
+         "lock_run(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        for extra in (["--overwrite"], ["--resume", str(run), "--train.max_steps", "4", "--allow-config-change"]):
+            command = [*args, *extra] if extra[0] == "--overwrite" else ["pretrain", *extra]
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert f"is being written by another gptlab command (process {holder.pid})" in err and err.count("\n") == 1
+        after = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".lock"}
+        assert after == before  # nothing replaced, truncated or added
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder gone, its lock went with it.
+    assert main(["pretrain", "--resume", str(run), "--train.max_steps", "4", "--allow-config-change"]) == 0

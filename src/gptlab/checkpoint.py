@@ -275,6 +275,50 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint
 
 
+# ---------------------------------------------------------------- one writer per run
+
+LOCK_FILE = ".lock"  # in the run directory: holds the pid of the command writing the run
+_HELD_LOCKS: dict[Path, int] = {}  # run directory -> the descriptor this process locks it with
+
+
+def lock_run(run_dir: Path) -> None:
+    """Take the run directory's lock (an advisory `flock`, creating the directory), or refuse with one line:
+    two commands writing one run would mix their checkpoints and metrics. The operating system drops the
+    lock with the process, so a killed run leaves none behind. Taking a lock this process holds is a no-op."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        return
+    key = Path(run_dir).resolve()
+    if key in _HELD_LOCKS:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+        os.close(descriptor)
+        raise GptlabError(
+            f"{run_dir} is being written by another gptlab command (process {holder}); wait for it to end or stop it"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, str(os.getpid()).encode())
+    _HELD_LOCKS[key] = descriptor
+
+
+def unlock_run(run_dir: Path) -> None:
+    """Let go of a lock `lock_run` took (nothing if this process holds none on `run_dir`)."""
+    descriptor = _HELD_LOCKS.pop(Path(run_dir).resolve(), None)
+    if descriptor is not None:
+        os.close(descriptor)  # closing the descriptor drops its flock
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """What a run directory holds besides its lock file."""
+    return [path for path in run_dir.iterdir() if path.name != LOCK_FILE] if run_dir.is_dir() else []
+
+
 def check_resumable(run_dir: str | Path) -> None:
     """Refuse to resume what holds no run: a wrong path, or a run stopped before it wrote anything (while
     it prepared its data or scored DPO's reference, say)."""

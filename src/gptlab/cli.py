@@ -1026,8 +1026,16 @@ def run_eval_judge(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- gptlab eval perplexity
 
 
-def _perplexity_arguments(parser: argparse.ArgumentParser) -> None:
+def _scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every scoring of a language model shares: the run, where and how it runs, JSON."""
     parser.add_argument("run_path", metavar="RUN", help="a run directory or checkpoint folder (a language model)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), fp32 or bf16")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _perplexity_arguments(parser: argparse.ArgumentParser) -> None:
+    _scoring_arguments(parser)
     parser.add_argument(
         "--data", metavar="SOURCE",
         help="text file, folder, .jsonl or named data set (default: the text the run was trained on)",
@@ -1040,9 +1048,6 @@ def _perplexity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, help="window length (default: the model's context length)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (default: all)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), fp32 or bf16")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 @evaluate("perplexity", "loss, perplexity and bits per byte of a language model on held-out text",
@@ -1079,7 +1084,7 @@ def run_eval_perplexity(args: argparse.Namespace) -> int:
 
 
 def _choice_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_path", metavar="RUN", help="a run directory or checkpoint folder (a language model)")
+    _scoring_arguments(parser)
     parser.add_argument(
         "--data", required=True, metavar="FILE",
         help="JSON lines of multiple-choice items: ctx/context/prompt/question, endings/choices, label/answer "
@@ -1090,9 +1095,7 @@ def _choice_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, default=0, help="score only the first N items (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="choices per forward pass (default 16)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), fp32 or bf16")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--details", metavar="FILE", help="write each item's scores and picks to FILE as JSON lines")
 
 
 @evaluate("choice", "accuracy of a language model on multiple-choice items (HellaSwag-style), by likelihood",
@@ -1100,6 +1103,7 @@ def _choice_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval_choice(args: argparse.Namespace) -> int:
     import json
 
+    from gptlab.checkpoint import atomic_write_text
     from gptlab.evaluate import score_choices_run
 
     if args.batch_size < 1:
@@ -1110,11 +1114,17 @@ def run_eval_choice(args: argparse.Namespace) -> int:
         score = score_choices_run(
             args.run_path, args.data, args.separator, args.limit, args.batch_size, args.device, args.dtype, progress
         )
+    if args.details:
+        atomic_write_text(args.details, "".join(json.dumps(record) + "\n" for record in score.details()))
     if args.json:
         print(json.dumps(score.as_dict()))
         return 0
-    print(f"{args.data} ({score.items:,} items, {score.extra['choices']:,} choices)")
-    print(f"accuracy {score.accuracy:.4f} | accuracy per byte {score.accuracy_norm:.4f} | {score.seconds:.1f} s")
+    result = score.as_dict()
+    print(f"{args.data} ({score.items:,} items, {score.extra['choices']:,} choices, {score.seconds:.1f} s)")
+    print(" | ".join(f"{rule.replace('_', ' ')} {result[rule]:.4f} ± {result[rule + '_stderr']:.4f}"
+                     for rule in score.RULES))  # fmt: skip
+    if args.details:
+        print(f"each item's scores: {args.details}")
     return 0
 
 

@@ -129,15 +129,10 @@ def score_run(
     """
     from gptlab.config import DataConfig, config_from_dict
     from gptlab.data import prepare_corpus
-    from gptlab.generate import load_generator
-    from gptlab.train import Runtime, resolve_autocast, resolve_device
 
     if split not in ("val", "train", "all"):
         raise GptlabError(f"split must be val, train or all, got {split!r}")
-    # fp32 weights under the dtype's autocast, as training evaluates: the two losses compare.
-    target = resolve_device(device)
-    runtime = Runtime(target, resolve_autocast(dtype, target))
-    run = load_generator(run_path, device, "fp32", command="eval perplexity")
+    run, runtime = scoring_model(run_path, device, dtype, "eval perplexity")
     model_context = run.model.config.context_length
     context = context or model_context
     if context > model_context:
@@ -155,7 +150,7 @@ def score_run(
         parts[split] = _first_tokens(parts[split], max_tokens + 1)
     tokens = parts[split][0] if len(parts[split]) == 1 else np.concatenate(parts[split])
     with runtime.autocast():
-        score = score_tokens(run.model, tokens, context, stride, batch_size, target, progress)
+        score = score_tokens(run.model, tokens, context, stride, batch_size, runtime.device, progress)
     score.bytes = text_bytes(run.tokenizer, tokens[1:])  # the first token is only ever an input
     score.extra = {
         "run": str(run.checkpoint), "source": corpus.meta.get("source", data.source), "split": split,
@@ -216,7 +211,7 @@ def read_choice_items(path: str | Path, limit: int = 0) -> list[ChoiceItem]:
     if not path.is_file():
         raise GptlabError(f"{path} is not a file; give a JSON-lines file of multiple-choice items")
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -255,20 +250,45 @@ def _choice_item(record: Any, where: str) -> ChoiceItem:
 
 @dataclass
 class ChoiceScore:
-    """How a language model did on multiple-choice items: `accuracy` picks the choice of the highest
-    log-likelihood, `accuracy_norm` the highest per byte of the choice's text (long choices are not
-    penalised for their length); `log_likelihoods[i][j]` is item i's choice j's, in nats."""
+    """How a language model did on multiple-choice items. Each item's pick is the choice of the highest
+    log-likelihood (`accuracy`), of the highest per token (`accuracy_per_token`: the `acc_norm` of
+    nanoGPT's and llm.c's HellaSwag scripts) or per byte of its text (`accuracy_per_byte`: as
+    lm-evaluation-harness's `acc_norm`, which counts characters; long choices are not penalised for their
+    length). `choices[i][j]` holds item i's choice j's log-likelihood (nats), tokens and bytes."""
 
-    items: int
-    accuracy: float
-    accuracy_norm: float
-    log_likelihoods: list[list[float]]
+    labels: list[int]
+    choices: list[list[dict]]
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
+    RULES = {"accuracy": "log_likelihood", "accuracy_per_token": "per_token", "accuracy_per_byte": "per_byte"}
+
+    @property
+    def items(self) -> int:
+        return len(self.labels)
+
+    def picks(self, rule: str) -> list[int]:
+        key = self.RULES[rule]
+        return [max(range(len(scored)), key=lambda j: scored[j][key]) for scored in self.choices]
+
+    def accuracy(self, rule: str = "accuracy") -> tuple[float, float]:
+        """(accuracy, its standard error) by one of the RULES; the error as lm-evaluation-harness gives it,
+        the sample standard deviation of the right/wrong outcomes over the square root of their count."""
+        right = [int(pick == label) for pick, label in zip(self.picks(rule), self.labels, strict=True)]
+        mean = sum(right) / len(right)
+        return mean, math.sqrt(mean * (1 - mean) / max(len(right) - 1, 1))
+
     def as_dict(self) -> dict:
-        return {"items": self.items, "accuracy": self.accuracy, "accuracy_norm": self.accuracy_norm,
-                "seconds": self.seconds, **self.extra}  # fmt: skip
+        values: dict[str, Any] = {"items": self.items}
+        for rule in self.RULES:
+            values[rule], values[f"{rule}_stderr"] = self.accuracy(rule)
+        return {**values, "seconds": self.seconds, **self.extra}
+
+    def details(self) -> Iterator[dict]:
+        """One record per item: its label, each rule's pick and each choice's scores."""
+        picks = {rule: self.picks(rule) for rule in self.RULES}
+        for i, (label, scored) in enumerate(zip(self.labels, self.choices, strict=True)):
+            yield {"item": i, "label": label, **{f"pick_{r}": picks[r][i] for r in self.RULES}, "choices": scored}
 
 
 def score_choices(
@@ -277,40 +297,47 @@ def score_choices(
     items: list[ChoiceItem],
     separator: str = " ",
     batch_size: int = 16,
-    device: torch.device | str = "cpu",
     progress: Callable[[int, int], None] | None = None,
 ) -> ChoiceScore:
     """Score each choice as the continuation of its context (`context + separator + choice`): the sum of
-    its tokens' log-probabilities. The context and the choice are tokenized apart, so every choice
-    starts on a token boundary; a context too long for the model keeps its end."""
+    its tokens' log-probabilities, on the model's own device. The context and the choice are tokenized
+    apart, so every choice starts on a token boundary; a context too long for the model keeps its end."""
     sequences = [_choice_sequence(tokenizer, item, choice, separator, model.config.context_length)
                  for item in items for choice in item.choices]  # fmt: skip
+    device = next(model.parameters()).device
     totals: list[float] = []
-    started = time.perf_counter()
+    started, was_training = time.perf_counter(), model.training
     model.eval()
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            group = sequences[start : start + batch_size]
-            width = max(len(ids) for ids, _ in group) - 1
-            inputs = torch.zeros((len(group), width), dtype=torch.long)
-            targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
-            for row, (ids, scored) in enumerate(group):
-                inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-                targets[row, len(ids) - 1 - scored : len(ids) - 1] = torch.tensor(ids[-scored:])
-            losses = model(inputs.to(device), targets.to(device), reduction="none")
-            totals += (-losses.double().sum(1)).tolist()
-            if progress is not None:
-                progress(min(start + batch_size, len(sequences)), len(sequences))
-    log_likelihoods, right, right_norm, at = [], 0, 0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(sequences), batch_size):
+                totals += _choice_log_likelihoods(model, sequences[start : start + batch_size], device)
+                if progress is not None:
+                    progress(min(start + batch_size, len(sequences)), len(sequences))
+    finally:
+        model.train(was_training)
+    scores, at = [], 0
     for item in items:
-        scores = totals[at : at + len(item.choices)]
-        at += len(item.choices)
-        per_byte = [s / len((separator + c).encode("utf-8")) for s, c in zip(scores, item.choices, strict=True)]
-        right += int(max(range(len(scores)), key=scores.__getitem__) == item.label)
-        right_norm += int(max(range(len(per_byte)), key=per_byte.__getitem__) == item.label)
-        log_likelihoods.append(scores)
-    return ChoiceScore(len(items), right / len(items), right_norm / len(items), log_likelihoods,
-                       time.perf_counter() - started)  # fmt: skip
+        scored = []
+        for choice in item.choices:
+            total, tokens, size = totals[at], sequences[at][1], len((separator + choice).encode("utf-8"))
+            scored.append({"log_likelihood": total, "tokens": tokens, "bytes": size, "per_token": total / tokens,
+                           "per_byte": total / size})  # fmt: skip
+            at += 1
+        scores.append(scored)
+    return ChoiceScore([item.label for item in items], scores, time.perf_counter() - started)
+
+
+def _choice_log_likelihoods(model, group: list[tuple[list[int], int]], device) -> list[float]:
+    """The summed log-probabilities of each sequence's last `scored` tokens, right-padded into one batch."""
+    width = max(len(ids) for ids, _ in group) - 1
+    inputs = torch.zeros((len(group), width), dtype=torch.long)
+    targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, scored) in enumerate(group):
+        inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[row, len(ids) - 1 - scored : len(ids) - 1] = torch.tensor(ids[-scored:])
+    losses = model(inputs.to(device), targets.to(device), reduction="none")
+    return (-losses.double().sum(1)).tolist()
 
 
 def _choice_sequence(tokenizer, item: ChoiceItem, choice: str, separator: str, context_length: int):
@@ -327,6 +354,16 @@ def _choice_sequence(tokenizer, item: ChoiceItem, choice: str, separator: str, c
     return ids, len(continuation)
 
 
+def scoring_model(run_path: str, device: str, dtype: str, command: str):
+    """(run, runtime) of a run's language model to score with: fp32 weights on the device, under the dtype's
+    autocast, as training evaluates, so that the numbers compare with its validation loss."""
+    from gptlab.generate import load_generator
+    from gptlab.train import Runtime, resolve_autocast, resolve_device
+
+    target = resolve_device(device)
+    return load_generator(run_path, device, "fp32", command=command), Runtime(target, resolve_autocast(dtype, target))
+
+
 def score_choices_run(
     run_path: str,
     data: str,
@@ -338,15 +375,10 @@ def score_choices_run(
     progress: Callable[[int, int], None] | None = None,
 ) -> ChoiceScore:
     """A run's language model on a JSON-lines file of multiple-choice items (`read_choice_items`)."""
-    from gptlab.generate import load_generator
-    from gptlab.train import Runtime, resolve_autocast, resolve_device
-
     items = read_choice_items(data, limit)  # before loading the model: a bad file is said at once
-    target = resolve_device(device)
-    runtime = Runtime(target, resolve_autocast(dtype, target))
-    run = load_generator(run_path, device, "fp32", command="eval choice")
+    run, runtime = scoring_model(run_path, device, dtype, "eval choice")
     with runtime.autocast():
-        score = score_choices(run.model, run.tokenizer, items, separator, batch_size, target, progress)
+        score = score_choices(run.model, run.tokenizer, items, separator, batch_size, progress)
     score.extra = {"run": str(run.checkpoint), "data": str(data), "separator": separator,
                    "choices": sum(len(item.choices) for item in items)}  # fmt: skip
     return score

@@ -689,7 +689,30 @@ def train(
     in DDP or sharded by FSDP (gptlab.distributed); `wrap_model` wraps it further for the steps
     (torch.compile); `save_weights` picks what a checkpoint stores (LoRA: adapters). `start_run` (a
     `RunDirectory`'s `start`) runs on rank 0 once the loop's own checks have passed, before it writes.
+
+    The run directory is locked against other commands (`checkpoint.lock_run`) from `start_run` to the end.
     """
+    try:
+        return _train_loop(
+            model, objective, config, Path(run_dir), runtime, resume_from, log, wrap_model, save_weights, start_run
+        )
+    finally:
+        ckpt.unlock_run(Path(run_dir))  # taken by start_run on rank 0; nothing to do elsewhere
+
+
+def _train_loop(
+    model: torch.nn.Module,
+    objective: Objective,
+    config: TrainConfig,
+    run_dir: str | Path,
+    runtime: Runtime,
+    resume_from: Path | None = None,
+    log: Callable[[str], None] = lambda line: None,
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    save_weights: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None,
+    start_run: Callable[[], None] | None = None,
+) -> TrainResult:
+    """The loop of `train`."""
     validate_train_config(config)
     run_dir = Path(run_dir)
     metrics = MetricsLog(run_dir / METRICS_FILE)
@@ -906,16 +929,20 @@ def check_run_dir(
         log(f"{run_dir} holds no checkpoint (it stopped before its first): starting it over from step 0")
 
     def start() -> None:
+        # The lock first: another command may have taken the run since the check (`train` lets go of it).
+        ckpt.lock_run(run_dir)
         if restart:  # with --allow-config-change, the run starts over under the new config
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
             ckpt.write_run_config(run_dir, config)
         if resume:
             return
-        if run_dir.exists():
+        left = ckpt.run_files(run_dir)
+        if left and not overwrite:  # made by another command since the check
+            raise GptlabError(f"run directory {run_dir} was created by another command meanwhile; choose another --out")
+        for path in left:  # --overwrite: all but the lock this command holds
             import shutil
 
-            shutil.rmtree(run_dir)  # --overwrite, or an empty directory
-        run_dir.mkdir(parents=True)
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         ckpt.write_run_config(run_dir, config)
         tokenizer.save(run_dir / "tokenizer")
         if write_files is not None:
@@ -957,7 +984,7 @@ def _check_run_dir(
             f"the weights to start from ({source}) lie inside the new run's directory {run_dir}, which the run "
             "would replace; write the new run elsewhere with --out"
         )
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+    if ckpt.run_files(run_dir) and not overwrite:
         raise GptlabError(
             f"run directory {run_dir} already exists; continue it with --resume {run_dir} "
             "or replace it with --overwrite"
