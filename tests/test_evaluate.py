@@ -105,43 +105,54 @@ def test_each_choice_scores_the_log_probabilities_of_its_own_tokens_after_the_co
     from gptlab.tokenizer import ByteTokenizer
 
     torch.manual_seed(0)
-    model, tokenizer = (
-        GPT(GPTConfig(vocab_size=257, context_length=16, n_layer=2, n_head=2, n_embd=16)).eval(),
-        ByteTokenizer(),
-    )
+    model = GPT(GPTConfig(vocab_size=257, context_length=16, n_layer=2, n_head=2, n_embd=16)).train()
+    tokenizer = ByteTokenizer()
     items = [
         ChoiceItem("The cat sat on the", ["mat.", "moon, far away.", "x"], 0),
         ChoiceItem("", ["Hello", "Bye"], 1),  # no context: the choice follows end-of-text
         ChoiceItem("a context much longer than the sixteen positions", ["end", "stop"], 1),  # keeps its end
     ]
     score = score_choices(model, tokenizer, items, separator=" ", batch_size=3)
-    for item, scores in zip(items, score.log_likelihoods, strict=True):
-        for choice, got in zip(item.choices, scores, strict=True):
+    assert model.training  # the model's mode is given back
+    model.eval()
+    for item, scored in zip(items, score.choices, strict=True):
+        for choice, got in zip(item.choices, scored, strict=True):
             context, continuation = tokenizer.encode(item.context) or [256], tokenizer.encode(" " + choice)
             ids = (context + continuation)[-17:]
             with torch.no_grad():
                 log_probs = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)
-            expected = sum(
-                log_probs[len(ids) - 1 - k - 1, ids[len(ids) - 1 - k]].item() for k in range(len(continuation))
-            )
-            assert got == pytest.approx(expected, abs=1e-4)
-    picks = [max(range(len(s)), key=s.__getitem__) for s in score.log_likelihoods]
-    assert score.accuracy == sum(p == item.label for p, item in zip(picks, items, strict=True)) / 3
-    per_byte = [[v / len((" " + c).encode()) for v, c in zip(s, it.choices, strict=True)]
-                for s, it in zip(score.log_likelihoods, items, strict=True)]  # fmt: skip
-    norm_picks = [max(range(len(s)), key=s.__getitem__) for s in per_byte]
-    assert score.accuracy_norm == sum(p == item.label for p, item in zip(norm_picks, items, strict=True)) / 3
+            n = len(ids) - 1
+            expected = sum(log_probs[n - k - 1, ids[n - k]].item() for k in range(len(continuation)))
+            assert got["log_likelihood"] == pytest.approx(expected, abs=1e-4)
+            assert got["tokens"] == len(continuation) == got["bytes"]  # a byte a token
+    for rule, key in score.RULES.items():
+        picks = [max(range(len(c)), key=lambda j, c=c: c[j][key]) for c in score.choices]
+        right = [p == item.label for p, item in zip(picks, items, strict=True)]
+        accuracy, stderr = score.accuracy(rule)
+        assert accuracy == sum(right) / 3 and stderr == pytest.approx((accuracy * (1 - accuracy) / 2) ** 0.5)
 
 
-def test_eval_choice_on_preference_pairs_and_hellaswags_format(tmp_path, shared_data, capsys, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny pretrained run (byte tokenizer, context 128) for the eval choice commands."""
+    from conftest import SHARED_DATA as shared_data
+
+    if not shared_data.is_dir():
+        pytest.skip(f"shared data folder {shared_data} is absent")
+    folder = tmp_path_factory.mktemp("choice")
+    run = folder / "run"
+    args = ["pretrain", "--out", str(run), *TINY, "--data.source", str(shared_data / "the-verdict.txt"),
+            "--train.max_steps", "2", "--train.eval_interval", "2", "--model.context_length", "128"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GPTLAB_CACHE", str(folder / "cache"))
+        assert main(args) == 0
+    return run
+
+
+def test_eval_choice_on_preference_pairs_and_hellaswags_format(tiny_run, tmp_path, shared_data, capsys):
     from gptlab.evaluate import read_choice_items
     from gptlab.templates import format_instruction
 
-    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
-    run = tmp_path / "run"
-    args = ["pretrain", "--out", str(run), *TINY, "--data.source", str(shared_data / "the-verdict.txt"),
-            "--train.max_steps", "2", "--train.eval_interval", "2", "--model.context_length", "128"]  # fmt: skip
-    assert main(args) == 0
     # The book's preference pairs (those with answers that fit) as two-choice items: the chosen answer first
     # or second in turn.
     pairs = json.loads((shared_data / "instruction-data-with-preference.json").read_text())
@@ -149,27 +160,25 @@ def test_eval_choice_on_preference_pairs_and_hellaswags_format(tmp_path, shared_
     with open(tmp_path / "pairs.jsonl", "w") as out:
         for i, pair in enumerate(pairs):
             choices = [pair["chosen"], pair["rejected"]][:: 1 if i % 2 == 0 else -1]
-            out.write(
-                json.dumps(
-                    {
-                        "context": format_instruction("alpaca", pair["instruction"], pair["input"]),
-                        "choices": choices,
-                        "label": i % 2,
-                    }
-                )
-                + "\n"
-            )
+            context = format_instruction("alpaca", pair["instruction"], pair["input"])
+            out.write(json.dumps({"context": context, "choices": choices, "label": i % 2}) + "\n")
     capsys.readouterr()
-    assert main(["eval", "choice", str(run), "--data", str(tmp_path / "pairs.jsonl"), "--limit", "10", "--json"]) == 0
+    details = tmp_path / "details.jsonl"
+    command = ["eval", "choice", str(tiny_run), "--data", str(tmp_path / "pairs.jsonl")]
+    assert main([*command, "--limit", "10", "--json", "--details", str(details)]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["items"] == 10 and result["choices"] == 20 and 0 <= result["accuracy"] <= 1
-    assert main(["eval", "choice", str(run), "--data", str(tmp_path / "pairs.jsonl")]) == 0
-    assert "(12 items, 24 choices)" in capsys.readouterr().out
+    assert result["items"] == 10 and result["choices"] == 20
+    records = [json.loads(line) for line in details.read_text().splitlines()]
+    right = [r["pick_accuracy_per_token"] == r["label"] for r in records]
+    assert len(records) == 10 and result["accuracy_per_token"] == sum(right) / 10
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "(12 items, 24 choices," in out and "accuracy per byte" in out and "±" in out
 
     (tmp_path / "hs.jsonl").write_text(
-        json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": "2"}) + "\n"
+        "\ufeff" + json.dumps({"ctx": "A man", "endings": ["a", "b", "c"], "label": "2"})
     )
-    assert read_choice_items(tmp_path / "hs.jsonl")[0].label == 2
+    assert read_choice_items(tmp_path / "hs.jsonl")[0].label == 2  # HellaSwag's keys; a byte-order mark is fine
 
 
 @pytest.mark.parametrize(
@@ -182,17 +191,12 @@ def test_eval_choice_on_preference_pairs_and_hellaswags_format(tmp_path, shared_
             "the label must be the index of a choice, 0 to 1, got 2",
         ),
         ('{"context": "a", "choices": ["x"], "label": 0}', "at least two non-empty texts"),
-        ('{"context": "a", "choices": ["x", "' + "y" * 40 + '"], "label": 0}', "a choice of 41 tokens does not fit"),
+        ('{"context": "a", "choices": ["x", "' + "y" * 140 + '"], "label": 0}', "a choice of 141 tokens does not fit"),
     ],
 )
-def test_eval_choice_bad_items_are_one_line_errors(line, message, tmp_path, capsys, monkeypatch, shared_data):
-    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
-    run = tmp_path / "run"
-    args = ["pretrain", "--out", str(run), *TINY, "--data.source", str(shared_data / "the-verdict.txt"),
-            "--train.max_steps", "1", "--train.eval_interval", "1"]  # fmt: skip
-    assert main(args) == 0
+def test_eval_choice_bad_items_are_one_line_errors(line, message, tiny_run, tmp_path, capsys):
     (tmp_path / "items.jsonl").write_text(line + "\n")
     capsys.readouterr()
-    assert main(["eval", "choice", str(run), "--data", str(tmp_path / "items.jsonl")]) == 2
+    assert main(["eval", "choice", str(tiny_run), "--data", str(tmp_path / "items.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
