@@ -146,7 +146,7 @@ def test_a_prompt_longer_than_the_context_is_a_400_when_overflow_is_an_error(tmp
         (
             "/v1/completions",
             {"prompt": "x", "max_tokens": 5000},
-            "max_tokens 5000 is above this server's limit of 4096",
+            "max_tokens must be from 1 to this server's limit of 4096, got 5000",
         ),
         ("/v1/chat/completions", {"messages": [{"role": "system", "content": "Be brief."}]}, "no user message"),
     ],
@@ -248,7 +248,23 @@ def test_a_streamed_reply_drops_its_leading_space_as_the_whole_reply_does(tmp_pa
         ("/v1/chat/completions", {"messages": chat("x"), "logprobs": True}, "logprobs is not supported"),
         ("/v1/chat/completions", {"messages": chat("x"), "tools": [{"type": "function"}]}, "no tool calling"),
         ("/v1/chat/completions", {"messages": chat("x"), "response_format": {"type": "json_object"}}, "only text"),
-        ("/v1/chat/completions", {"messages": chat("x"), "max_completion_tokens": 9999}, "max_completion_tokens 9999"),
+        (
+            "/v1/chat/completions",
+            {"messages": chat("x"), "max_completion_tokens": 9999},
+            "max_completion_tokens must be",
+        ),
+        ("/v1/chat/completions", {"messages": chat("x"), "max_completion_tokens": 0}, "max_completion_tokens must be"),
+        (
+            "/v1/chat/completions",
+            {"messages": chat("x"), "max_completion_tokens": 3, "max_tokens": 9999},
+            "max_tokens must",
+        ),
+        ("/v1/completions", {"prompt": "x", "logprobs": 0}, "logprobs is not supported"),
+        ("/v1/chat/completions", {"messages": chat("x"), "reasoning_effort": "low"}, "the model does not reason"),
+        ("/v1/completions", {"prompt": [1, "a"]}, "prompt must be a text, a list of texts, or token ids"),
+        ("/v1/completions", {"prompt": [True, False]}, "prompt must be a text, a list of texts, or token ids"),
+        ("/v1/completions", {"prompt": [1.0, 2.0]}, "prompt must be a text, a list of texts, or token ids"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "needs its text"),
         (
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -258,15 +274,22 @@ def test_a_streamed_reply_drops_its_leading_space_as_the_whole_reply_does(tmp_pa
 )
 def test_openai_fields_the_server_cannot_honour_are_refused_by_name(tmp_path, path, body, message):
     response = in_process_client(make_run(tmp_path / "run")).post(path, json=body)
-    assert response.status_code == 400 and message in response.json()["error"]["message"]
+    error = response.json()["error"]
+    assert response.status_code == 400 and message in error["message"]
+    assert error["code"] is None and error["param"] in body  # OpenAI's error shape: the field at fault
 
 
 def test_openai_fields_at_the_values_that_ask_for_nothing_are_accepted(tmp_path):
     client = in_process_client(make_run(tmp_path / "run"))
-    defaults = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "user": "me", "max_tokens": 2}
+    defaults = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "user": "me", "max_tokens": 2,
+                "service_tier": "auto"}  # fmt: skip
     assert client.post("/v1/completions", json={"prompt": "x", "logprobs": None, "echo": False, **defaults}).is_success
-    chat_defaults = {"logprobs": False, "tool_choice": "none", "response_format": {"type": "text"}, "store": False}
-    assert client.post("/v1/chat/completions", json={"messages": chat("x"), **chat_defaults, **defaults}).is_success
+    chat_defaults = {"logprobs": False, "tool_choice": "none", "response_format": {"type": "text"}, "store": False,
+                     "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}  # fmt: skip
+    messages = [*chat("x"), {"role": "assistant", "content": None}, *chat("y")]  # a turn without content
+    response = client.post("/v1/chat/completions", json={"messages": messages, **chat_defaults, **defaults})
+    events = stream_events(response)
+    assert response.is_success and all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"]
 
 
 def test_token_id_prompts_echo_and_the_newer_chat_fields(tmp_path):

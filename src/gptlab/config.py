@@ -600,12 +600,12 @@ def load_run_config(path: str | Path) -> dict[str, Any]:
     return check_run_values(load_config_file(path), source=str(path))
 
 
-# The command that trains (and resumes) each task's runs.
 # What each task's run starts from before a recipe and options. The dataclasses' defaults are pretraining's;
 # finetuning moves a trained model little, with a shorter schedule and a lower learning rate of its own.
 # DPO also turns dropout off unless asked for: with it, the policy at step 0 would already differ from the
 # reference. Each command's --help shows these.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    # With no arguments `gptlab pretrain` is the demo (recipes/demo.yaml says the same).
     "pretrain": {"task": "pretrain", "out_dir": "runs/pretrain", "preset": "demo"},
     "classify": {
         "task": "classify", "out_dir": "runs/classify",
@@ -624,6 +624,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 
+# The command that trains (and resumes) each task's runs.
 TASK_COMMANDS = {
     "pretrain": "gptlab pretrain",
     "classify": "gptlab finetune classify",

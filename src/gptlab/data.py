@@ -380,7 +380,7 @@ def short_vocabulary_note(config: DataConfig, tokenizer) -> str | None:
         return None
     return (
         f"the corpus yields a BPE vocabulary of {tokenizer.vocab_size:,} ids, fewer than the {config.vocab_size:,} "
-        "asked (data.vocab_size): it holds no more pairs to merge"
+        "asked: it holds no more pairs to merge"
     )
 
 

@@ -24,16 +24,25 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from gptlab.config import GenerationConfig
 from gptlab.errors import GptlabError
+
+
+class RequestError(GptlabError):
+    """A request this server cannot answer, naming the field at fault (OpenAI's error `param`)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class _StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    include_obfuscation: bool = True  # OpenAI pads its chunks against side channels; nothing to pad here
 
 
 class _Sampling(BaseModel):
@@ -54,6 +63,7 @@ class _Sampling(BaseModel):
     stream_options: _StreamOptions | None = None
     n: int = 1
     user: str | None = None  # OpenAI's end-user id: nothing to do with the answer
+    service_tier: str | None = None  # OpenAI's billing tier: nothing to do with the answer
     # OpenAI's fields that would change the answer and that gptlab does not do: accepted only at the
     # values that ask for nothing (clients send their defaults), refused otherwise (`_unsupported`).
     presence_penalty: float = 0.0
@@ -62,7 +72,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = ""  # text, texts, or token ids
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = ""  # text, texts, or token ids
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -76,17 +86,19 @@ class _ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     role: str
-    content: str | list[_ContentPart]
+    content: str | list[_ContentPart] | None = None  # none: an assistant turn of OpenAI's tool calls
     name: str | None = None
 
     def text(self) -> str:
         """The message's text; a list of content parts must all be text, joined."""
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         kinds = {part.type for part in self.content} - {"text"}
         if kinds:
-            raise GptlabError(f"only text message content is supported, got {', '.join(sorted(kinds))}")
-        return "".join(part.text or "" for part in self.content)
+            raise RequestError(f"only text message content is supported, got {', '.join(sorted(kinds))}", "messages")
+        if any(part.text is None for part in self.content):
+            raise RequestError("a text content part needs its text", "messages")
+        return "".join(part.text for part in self.content)
 
 
 class ChatRequest(_Sampling):
@@ -102,6 +114,7 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
+    reasoning_effort: str | None = None
 
 
 def _unsupported(request: _Sampling) -> None:
@@ -112,7 +125,9 @@ def _unsupported(request: _Sampling) -> None:
         "presence_penalty": fields["presence_penalty"] != 0,
         "frequency_penalty": fields["frequency_penalty"] != 0,
         "logit_bias": bool(fields["logit_bias"]),
-        "logprobs": bool(fields.get("logprobs")),
+        # Chat's false asks for nothing; completions' 0 asks for the sampled tokens' own (0 == False in Python).
+        "logprobs": fields.get("logprobs") is not None and fields.get("logprobs") is not False,
+        "reasoning_effort": fields.get("reasoning_effort") is not None,
         "top_logprobs": bool(fields.get("top_logprobs")),
         "suffix": bool(fields.get("suffix")),
         "best_of": (fields.get("best_of") or 1) > 1,
@@ -128,12 +143,13 @@ def _unsupported(request: _Sampling) -> None:
         "tools": ": the model has no tool calling",
         "functions": ": the model has no tool calling",
         "response_format": ": only text output",
+        "reasoning_effort": ": the model does not reason before it answers",
     }
     for name, given in asked.items():
         if given:
-            raise GptlabError(f"{name} is not supported by this server{hints.get(name, '')}")
+            raise RequestError(f"{name} is not supported by this server{hints.get(name, '')}", name)
     if request.stream_options is not None and not request.stream:
-        raise GptlabError("stream_options is only allowed with stream: true")
+        raise RequestError("stream_options is only allowed with stream: true", "stream_options")
 
 
 # The most tokens one request may ask for, unless `gptlab serve --max-tokens-limit` says otherwise: requests
@@ -146,14 +162,19 @@ def _generation_config(
 ) -> GenerationConfig:
     """The server's defaults overridden by the request's sampling fields."""
     if request.n != 1:
-        raise GptlabError("only n=1 is supported; send several requests for several completions")
+        raise RequestError("only n=1 is supported; send several requests for several completions", "n")
     _unsupported(request)
-    max_tokens = getattr(request, "max_completion_tokens", None)
-    max_tokens, name = (
-        (max_tokens, "max_completion_tokens") if max_tokens is not None else (request.max_tokens, "max_tokens")
+    lengths = {
+        "max_tokens": request.max_tokens,
+        "max_completion_tokens": getattr(request, "max_completion_tokens", None),
+    }
+    for name, value in lengths.items():
+        if value is not None and not 1 <= value <= limit:
+            raise RequestError(f"{name} must be from 1 to this server's limit of {limit}, got {value}", name)
+    # Chat's newer name wins over the older one when both are sent.
+    max_tokens = (
+        lengths["max_completion_tokens"] if lengths["max_completion_tokens"] is not None else request.max_tokens
     )
-    if max_tokens is not None and max_tokens > limit:
-        raise GptlabError(f"{name} {max_tokens} is above this server's limit of {limit}")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     overrides: dict[str, Any] = {"stop": [*stop, *extra_stop]}
     if max_tokens is not None:
@@ -179,12 +200,18 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
 def _checked_ids(ids: list[int], vocab_size: int) -> list[int]:
     outside = [token for token in ids if not 0 <= token < vocab_size]
     if outside:
-        raise GptlabError(f"prompt token id {outside[0]} is outside the vocabulary (0 to {vocab_size - 1})")
+        raise RequestError(f"prompt token id {outside[0]} is outside the vocabulary (0 to {vocab_size - 1})", "prompt")
     return ids
 
 
-def _error(message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": "invalid_request_error"}})
+def _error(message: str, param: str | None = None, status: int = 400) -> JSONResponse:
+    """An error in OpenAI's shape; `param` names the request field at fault, when one is."""
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    return JSONResponse(status_code=status, content={"error": error})
+
+
+def _refused(exc: GptlabError) -> JSONResponse:
+    return _error(str(exc), getattr(exc, "param", None))
 
 
 def _invalid_request(_request, exc: RequestValidationError) -> JSONResponse:
@@ -195,11 +222,14 @@ def _invalid_request(_request, exc: RequestValidationError) -> JSONResponse:
     if tuple(first["loc"]) == ("body",):  # not an object: a list, or a body not sent as JSON
         return _error("the request body must be a JSON object, sent with content-type: application/json")
     where = ".".join(str(part) for part in first["loc"] if part != "body")
+    param = str(first["loc"][1]) if len(first["loc"]) > 1 else None
     if first.get("type") == "extra_forbidden":
         return _error(
-            f"unknown field {where!r}: this server takes OpenAI's fields for this endpoint (docs/generation.md)"
+            f"unknown field {where!r}: this server takes OpenAI's fields for this endpoint (docs/generation.md)", param
         )
-    return _error(f"{where}: {first['msg']}" if where else first["msg"])
+    if param == "prompt":  # pydantic names each shape it tried; one sentence says them all
+        return _error("prompt must be a text, a list of texts, or token ids (whole numbers, or lists of them)", param)
+    return _error(f"{where}: {first['msg']}" if where else first["msg"], param)
 
 
 @dataclass
@@ -239,6 +269,20 @@ def _without_leading_space(pieces: Iterator[str]) -> Iterator[str]:
             started = bool(piece)
         if piece:
             yield piece
+
+
+def _streamed(chunks: Iterator[dict[str, Any]], request: _Sampling, head: dict, outcome: _Outcome) -> StreamingResponse:
+    """The chunks as server-sent events. With `stream_options.include_usage`, as OpenAI streams: every chunk
+    carries `"usage": null`, and a last one without choices the usage, known once the others are sent."""
+    with_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+    def events() -> Iterator[dict[str, Any]]:
+        for chunk in chunks:
+            yield {**chunk, "usage": None} if with_usage else chunk
+        if with_usage:
+            yield {**head, "choices": [], "usage": outcome.usage()}
+
+    return StreamingResponse(_sse(events()), media_type="text/event-stream")
 
 
 def _sse(payloads: Iterator[dict[str, Any]]) -> Iterator[str]:
@@ -398,12 +442,12 @@ def create_app(
             config = _generation_config(request, defaults, max_tokens_limit)
             prompts = _prompts(request.prompt)
             if not prompts:
-                raise GptlabError("the prompt list is empty; send at least one prompt")
+                raise RequestError("the prompt list is empty; send at least one prompt", "prompt")
             if request.stream and len(prompts) != 1:
-                raise GptlabError("streaming takes one prompt per request")
+                raise RequestError("streaming takes one prompt per request", "prompt")
             generations = start([job(prompt, config) for prompt in prompts])
         except GptlabError as exc:
-            return _error(str(exc))
+            return _refused(exc)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": created, "model": name}
         echoed = [(prompt if isinstance(prompt, str) else tokenizer.decode(prompt)) if request.echo else ""
@@ -415,10 +459,8 @@ def create_app(
                 for piece in itertools.chain([echoed[0]] if echoed[0] else [], pieces):
                     yield {**head, "choices": [{"index": 0, "text": piece, "finish_reason": None}]}
                 yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": outcome.finish_reason}]}
-                if request.stream_options and request.stream_options.include_usage:
-                    yield {**head, "choices": [], "usage": outcome.usage()}
 
-            return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
+            return _streamed(chunks(), request, head, outcome)
         choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for index, (pieces, outcome) in enumerate(generations):
             text = echoed[index] + "".join(pieces)
@@ -433,20 +475,18 @@ def create_app(
             config = _generation_config(request, defaults, max_tokens_limit, template.stop if template else ())
             ((pieces, outcome),) = start([job(chat_prompt(request.messages), config)])
         except GptlabError as exc:
-            return _error(str(exc))
+            return _refused(exc)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
+            head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name}
 
             def chunks() -> Iterator[dict[str, Any]]:
-                head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name}
                 yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
                 for piece in _without_leading_space(pieces):
                     yield {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                 yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": outcome.finish_reason}]}
-                if request.stream_options and request.stream_options.include_usage:
-                    yield {**head, "choices": [], "usage": outcome.usage()}
 
-            return StreamingResponse(_sse(chunks()), media_type="text/event-stream")
+            return _streamed(chunks(), request, head, outcome)
         text = "".join(pieces).strip()
         return {
             "id": ident, "object": "chat.completion", "created": created, "model": name,

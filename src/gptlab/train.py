@@ -999,9 +999,6 @@ def init_weights_from(model: torch.nn.Module, source: str) -> Any:
     return ckpt.read_run_config(ckpt.run_dir_of(checkpoint))
 
 
-# What `gptlab pretrain` starts from: with no arguments it is the demo (recipes/demo.yaml says the same).
-
-
 def _check_same_text(checkpoint: Path, meta: dict[str, Any], source, allow_change: bool, log) -> None:
     """Refuse to resume on text other than the checkpoint's (edited or added files) unless allowed: the
     run would no longer continue exactly."""
