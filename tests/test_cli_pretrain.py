@@ -384,3 +384,52 @@ def test_a_run_another_command_is_writing_is_refused_and_left_alone(tmp_path, sh
         holder.wait()
     # The holder gone, its lock went with it.
     assert main(["pretrain", "--resume", str(run), "--train.max_steps", "4", "--allow-config-change"]) == 0
+
+
+def test_damaged_pointers_and_checkpoints_say_how_to_repair_them(tmp_path, shared_data, capsys, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["pretrain", "--out", str(run), *TINY, *verdict_args(shared_data), "--train.max_steps", "4",
+                     "--train.eval_interval", "2"]) == 0  # fmt: skip
+    finally:
+        os.umask(old_umask)
+    # Ordinary permissions under the umask, as other files get: others may read the run.
+    assert (run / "config.yaml").stat().st_mode & 0o777 == 0o644
+    assert (run / "checkpoints" / "step-0000004").stat().st_mode & 0o777 == 0o755
+    capsys.readouterr()
+    generate = ["generate", str(run), "x", "--max-new-tokens", "2"]
+    for damaged in (b"../../elsewhere/checkpoints/step-0000004", b"/etc", b"\xff\xfe\x00"):
+        (run / "latest").write_bytes(damaged)
+        assert main(generate) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"{run / 'latest'} is damaged: it should name one of the run's checkpoint folders; write step-0000004"
+            in err
+        )
+    (run / "latest").write_text("step-0000004")
+    weights = run / "checkpoints" / "step-0000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(generate) == 2
+    err = capsys.readouterr().err
+    assert f"to go back to the checkpoint before it, write step-0000002 into {run / 'latest'}" in err
+    (run / "latest").write_text("step-0000002")
+    assert main(generate) == 0
+
+
+def test_a_file_system_that_refuses_a_write_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import gptlab.train
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "run" / "config.yaml"))
+
+    monkeypatch.setattr(gptlab.train, "pretrain", refused)
+    assert main(["pretrain", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"error: cannot write {tmp_path / 'run' / 'config.yaml'} (Read-only file system); choose a place this user may write to\n"
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -52,12 +53,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def ordinary_permissions(path: Path, directory: bool = False) -> None:
+    """Give a file or folder made by `tempfile` (private: 0600, 0700) the permissions an ordinary `open` or
+    `mkdir` would, under the user's umask, so that others may read runs as they may read other files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if directory else 0o666) & ~umask)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        ordinary_permissions(Path(tmp))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -105,7 +115,24 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     try:
         return load_file(os.fspath(path), device=str(device))
     except Exception as exc:
-        raise GptlabError(f"weights file {path} is damaged or not safetensors ({str(exc).splitlines()[0]})") from None
+        raise GptlabError(
+            f"weights file {path} is damaged or not safetensors ({str(exc).splitlines()[0]}){_earlier_hint(path.parent)}"
+        ) from None
+
+
+def _earlier_hint(folder: Path) -> str:
+    """For a damaged checkpoint folder of a run, how to go back to the one before it."""
+    if folder.parent.name != CHECKPOINTS:
+        return ""
+    earlier = [name for name in _step_folders(folder.parent.parent) if name < folder.name]
+    if not earlier:
+        return ""
+    return f"; to go back to the checkpoint before it, write {earlier[-1]} into {folder.parent.parent / 'latest'}"
+
+
+def _step_folders(run_dir: Path) -> list[str]:
+    root = run_dir / CHECKPOINTS
+    return sorted(p.name for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -188,6 +215,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    ordinary_permissions(tmp, directory=True)
     try:
         from safetensors.torch import save
 
@@ -217,10 +245,21 @@ def save_checkpoint(
 
 
 def _pointer(run_dir: Path, name: str) -> Path | None:
+    """The checkpoint folder a `latest` or `best` file names, None without one (or naming a folder that is
+    gone). It may name only one of the run's own step folders: anything else (a path elsewhere, garbage)
+    is a damaged file, said in one line with the way to repair it."""
     pointer = run_dir / name
     if not pointer.is_file():
         return None
-    target = run_dir / CHECKPOINTS / pointer.read_text().strip()
+    try:
+        text = pointer.read_text().strip()
+    except UnicodeDecodeError:
+        text = ""
+    if not re.fullmatch(r"step-\d+", text):
+        steps = _step_folders(run_dir)
+        fix = f"write {steps[-1]} (or another of {', '.join(steps)}) into it" if steps else "delete it"
+        raise GptlabError(f"{pointer} is damaged: it should name one of the run's checkpoint folders; {fix}")
+    target = run_dir / CHECKPOINTS / text
     return target if target.is_dir() else None
 
 
@@ -244,19 +283,33 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
         raise GptlabError(f"{path} does not exist; give a run directory or a checkpoint folder")
     target = _pointer(path, which) or _pointer(path, "latest")
     if target is None:
-        raise GptlabError(f"{path} holds no checkpoint (no '{which}' or 'latest' file); train or import a model first")
+        pointers = f"'{which}' or 'latest'" if which != "latest" else "'latest'"
+        if _step_folders(path):
+            raise GptlabError(
+                f"{path} has no {pointers} file naming one of its checkpoints ({', '.join(_step_folders(path))}); "
+                f"write the one to use into {path / 'latest'}"
+            )
+        raise GptlabError(f"{path} holds no checkpoint (no {pointers} file); train or import a model first")
     return target
 
 
-def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+def load_trainer_state(checkpoint: Path, require: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A checkpoint's trainer state (step, optimizer, data position, RNG, ...); one that lacks what `require`
+    names (a resume needs the optimizer's) or cannot be read is damaged, said in one line."""
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(os.fspath(checkpoint / STATE_TENSORS_FILE))
         skeleton = json.loads((checkpoint / STATE_FILE).read_text())
+        state = unflatten_state(tensors, skeleton)
+        missing = [key for key in require if key not in state]
+        if missing:
+            raise ValueError(f"its state lacks {', '.join(missing)}")
     except Exception as exc:
-        raise GptlabError(f"checkpoint {checkpoint} is damaged ({str(exc).splitlines()[0]})") from None
-    return unflatten_state(tensors, skeleton)
+        raise GptlabError(
+            f"checkpoint {checkpoint} is damaged ({str(exc).splitlines()[0]}){_earlier_hint(checkpoint)}"
+        ) from None
+    return state
 
 
 # ---------------------------------------------------------------- runs

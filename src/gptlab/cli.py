@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -123,6 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # The file system said no (read-only, full, no permission): one line naming the file, as for bad input.
+        if args.debug or exc.errno not in _FILE_SYSTEM_ERRORS:
+            raise
+        if _is_rank_zero():
+            print(f"error: {file_system_error(exc)}", file=sys.stderr)
+        return 2
+
+
+# errno values of a file system refusing a write: the user's to fix, not a bug to trace.
+_FILE_SYSTEM_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+def file_system_error(exc: OSError) -> str:
+    what = f" {exc.filename}" if exc.filename else ""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    hint = "free some space and run the command again" if full else "choose a place this user may write to"
+    return f"cannot write{what} ({os.strerror(exc.errno)}); {hint}"
 
 
 def _discard_stdout() -> None:

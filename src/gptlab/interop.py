@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from gptlab.checkpoint import CONFIG_FILE
+from gptlab.checkpoint import CONFIG_FILE, ordinary_permissions
 from gptlab.config import PRESETS, GPTConfig
 from gptlab.errors import GptlabError
 
@@ -720,9 +720,7 @@ def _new_directory(path: Path, force: bool, is_kind: Callable[[Path], bool], kin
     path = path.resolve()  # a link to a directory: replace the directory it points to, keep the link
     path.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    umask = os.umask(0)
-    os.umask(umask)
-    building.chmod(0o777 & ~umask)  # mkdtemp's folder is private (0700); the result is an ordinary directory
+    ordinary_permissions(building, directory=True)  # the result is an ordinary directory
     try:
         yield building
         _refuse_existing(path, force, is_kind, kind)

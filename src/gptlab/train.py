@@ -594,9 +594,14 @@ def _save_plot(fig, ax, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
 
 
 PLOT_AXES = {"step": "optimizer step", "tokens": "tokens seen", "time": "training time (s)"}
@@ -721,7 +726,11 @@ def _train_loop(
     save_weights = save_weights or (lambda m: m.state_dict())
 
     step, tokens_seen, elapsed_before, best_val = 0, 0, 0.0, math.inf
-    state = ckpt.load_trainer_state(resume_from) if resume_from is not None else None
+    state = None
+    if resume_from is not None:
+        state = ckpt.load_trainer_state(
+            resume_from, require=("step", "tokens_seen", "elapsed", "best_val", "optimizer")
+        )
     if state is not None:
         distributed.check_resume(state, runtime, tokens_per_step)
         ckpt.load_model_state(model, ckpt.load_weights(resume_from / ckpt.WEIGHTS_FILE, runtime.device), strict=False)
@@ -799,9 +808,13 @@ def _train_loop(
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         train_loss = distributed.mean_across_ranks(step_loss, runtime).item()
         if not math.isfinite(train_loss):
+            kept = (
+                f"the last good checkpoint is kept in {run_dir / ckpt.CHECKPOINTS}"
+                if (run_dir / ckpt.CHECKPOINTS).is_dir() else "no checkpoint was written yet"
+            )  # fmt: skip
             raise GptlabError(
-                f"the training loss became {train_loss} at step {step + 1}; the last good checkpoint is kept in "
-                f"{run_dir / ckpt.CHECKPOINTS}; lower train.learning_rate or check the data"
+                f"the training loss became {train_loss} at step {step + 1}; {kept}; lower train.learning_rate or "
+                "check the data"
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -851,7 +864,10 @@ def _train_loop(
                 log(f"eval   {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
                 for sample in samples:
                     log(f"sample | {sample!r}")
-                plot_metrics(metrics.read(), run_dir / PLOT_FILE, tokens_per_step)
+                try:
+                    plot_metrics(metrics.read(), run_dir / PLOT_FILE, tokens_per_step)
+                except OSError as exc:  # the curve is for people; the checkpoint below decides whether the run goes on
+                    log(f"could not draw {run_dir / PLOT_FILE} ({exc.strerror or exc}); training goes on")
             save(best=improved)
         elif checkpoint_now:
             save(best=False)
