@@ -160,3 +160,13 @@ def test_a_closed_output_pipe_ends_quietly(run_dir):
     finally:
         os.close(write_end)
     assert result.returncode == 0 and result.stderr == ""
+
+
+@pytest.mark.parametrize("text", [b"", b"task: pretrain\n", b"\xff\xfe\x00binary", b"- a list\n"])
+def test_a_damaged_config_is_a_one_line_error(run_dir, capsys, text):
+    (run_dir / "config.yaml").write_bytes(text)
+    for command in (["generate", str(run_dir), "x"], ["export", str(run_dir), str(run_dir.parent / "hf")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ")
+        assert "config.yaml is damaged (it holds no model section)" in err or "must hold a mapping" in err

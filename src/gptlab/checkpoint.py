@@ -388,7 +388,16 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise GptlabError(f"{run_dir} is not a gptlab run (no {CONFIG_FILE})")
-    return load_config_file(path)
+    try:
+        values = load_config_file(path)
+    except UnicodeDecodeError:
+        values = None
+    if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+        # Every run's config has its model: without it nothing can be rebuilt, resumed or exported.
+        raise GptlabError(
+            f"{path} is damaged (it holds no model section); restore it, or rerun the run with --overwrite"
+        )
+    return values
 
 
 def write_run_config(run_dir: str | Path, values: dict[str, Any]) -> None:
