@@ -1,6 +1,7 @@
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -370,6 +371,15 @@ def test_resumed_finetuning_ends_where_the_uninterrupted_one_does(tmp_path):
     records = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if r["split"] == "val"]
     assert steps == [10, 20]  # continued from step 10, not started over
+
+    # The labelled file changed since: a resume refuses it, unless told to go on with the new data.
+    source = Path(values["classify"]["source"])
+    source.write_text("\n".join(source.read_text().splitlines()[::2]) + "\n")
+    (resumed_dir / "latest").write_text("step-0000010\n")
+    with pytest.raises(GptlabError, match="changed since .* began .* resume with --allow-config-change"):
+        finetune_classify(values, resume=True)
+    finetune_classify(values, resume=True, allow_config_change=True)
+    assert json.loads((resumed_dir / "split.json").read_text())["source"] == str(source)
 
 
 def test_a_transformers_gpt2_imported_as_a_run_finetunes(tmp_path, shared_data):

@@ -850,6 +850,21 @@ def _write_reports(run_dir: Path, step: int, reports: dict[str, dict[str, Any]])
     return files
 
 
+def _check_same_split(run_dir: Path, data: ClassificationData, allow_change: bool, log) -> None:
+    """A resumed run trains on the split it began with: a labelled file changed since (other rows, other
+    labels) is refused, unless --allow-config-change, when the new split is recorded in split.json."""
+    saved = run_dir / SPLIT_FILE
+    if not saved.is_file() or json.loads(saved.read_text()) == split_summary(data):
+        return
+    if not allow_change:
+        raise GptlabError(
+            f"the data of {data.source} changed since {run_dir} began (its split differs from {saved}); restore it, "
+            "or resume with --allow-config-change to go on with the new data"
+        )
+    log(f"the data of {data.source} changed since the run began; going on with its new split")
+    ckpt.atomic_write_text(saved, json.dumps(split_summary(data)) + "\n")
+
+
 def finetune_classify(
     values: dict[str, Any],
     resume: bool = False,
@@ -871,6 +886,8 @@ def finetune_classify(
     base, run_dir = Path(config["init_from"]), Path(config["out_dir"])
     runtime = make_runtime(config["train"])
     data = prepare_classification_data(config["classify"])
+    if resume:
+        _check_same_split(run_dir, data, allow_config_change, log)
     config["classify"] = dataclasses.replace(config["classify"], labels=data.labels)
     stored = run_config_to_dict(config)
     tokenizer = load_tokenizer((run_dir if resume else ckpt.run_dir_of(base)) / "tokenizer")
