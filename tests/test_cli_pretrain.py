@@ -433,3 +433,15 @@ def test_a_file_system_that_refuses_a_write_is_a_one_line_error(tmp_path, capsys
         err
         == f"error: cannot write {tmp_path / 'run' / 'config.yaml'} (Read-only file system); choose a place this user may write to\n"
     )
+
+
+def test_a_resume_between_log_lines_logs_the_same_mean_losses(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    assert main(["pretrain", "--out", str(run), *TINY, *verdict_args(shared_data), "--train.max_steps", "10",
+                 "--train.eval_interval", "10", "--train.log_interval", "5", "--train.checkpoint_interval", "2",
+                 "--train.keep_checkpoints", "10"]) == 0  # fmt: skip
+    shutil.copytree(run, resumed)
+    (resumed / "latest").write_text("step-0000006")  # as if killed after step 6, in the middle of a window
+    assert main(["pretrain", "--resume", str(resumed), "--out", str(resumed)]) == 0
+    assert train_records(resumed) == train_records(run) and [s for s, _ in train_records(run)] == [5, 10]

@@ -751,10 +751,9 @@ def _save_figure(fig, path: Path) -> None:
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     """Training and validation loss, and training and validation accuracy, against steps, as a PNG."""
-    import matplotlib
+    from gptlab.train import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
     val = [r for r in records if r.get("split") == "val" and "val_accuracy" in r]
@@ -777,10 +776,9 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
 
 def plot_confusion(report: dict[str, Any], path: Path, title: str = "test split") -> None:
     """The confusion matrix as a PNG: counts in the cells, true labels down, predicted across."""
-    import matplotlib
+    from gptlab.train import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     matrix, labels = np.asarray(report["confusion_matrix"]), report["labels"]
     size = 2.5 + 0.6 * len(labels)

@@ -561,12 +561,19 @@ class MetricsLog:
         ckpt.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def plot_metrics(records: list[dict[str, Any]], path: Path, tokens_per_step: float) -> None:
-    """Train and validation loss against steps (bottom axis) and tokens (top axis), as a PNG."""
+def pyplot():
+    """matplotlib's pyplot drawing to files (no window), imported on first use: it takes a second."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(records: list[dict[str, Any]], path: Path, tokens_per_step: float) -> None:
+    """Train and validation loss against steps (bottom axis) and tokens (top axis), as a PNG."""
+    plt = pyplot()
 
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("split") == "val" and "val_loss" in r]
@@ -622,10 +629,7 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], path: Path, x: str = "token
     """Overlay runs' curves in one PNG: `metric` at each evaluation (and, for val_loss, the training loss
     faintly in the same colour) against steps, tokens or training time. Returns {run: (last, best)}.
     A name a run did not log is its validation metric: `accuracy` is a classifier's val_accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if x not in PLOT_AXES:
         raise GptlabError(f"the x axis must be one of {', '.join(PLOT_AXES)}, got {x!r}")
@@ -772,8 +776,11 @@ def _train_loop(
         )
     peak_flops = config.peak_flops or measure_peak_flops(runtime.device, runtime.autocast_dtype)
     stepper = wrap_model(stepper) if wrap_model else stepper
+    if runtime.is_main:
+        pyplot()  # now, not in the first evaluation: matplotlib's import swallows an interrupt that lands in it
     start_step, start_time = step, time.perf_counter()
-    window_time, window_tokens, window_losses = time.perf_counter(), 0, []
+    # The losses since the last log line: a resumed run logs the same means as one that never stopped.
+    window_time, window_tokens, window_losses = time.perf_counter(), 0, list((state or {}).get("window_losses", []))
     last_eval: dict[str, float] = {}
     samples: list[str] = []
     train_loss = math.nan
@@ -787,6 +794,7 @@ def _train_loop(
             "world_size": runtime.world_size,
             "tokens_per_step": tokens_per_step,
             "optimizer_kind": config.optimizer,
+            "window_losses": list(window_losses),
         }
         per_rank = {"objective": objective.state_dict(), "rng": rng_state()}
         distributed.save_checkpoint(
