@@ -90,3 +90,24 @@ def test_the_installed_command_exits_non_zero(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: no file or folder") and "Traceback" not in result.stderr
+
+
+def test_a_damaged_meta_and_a_killed_preparations_leftovers_are_dealt_with(shared_data, tmp_path, capsys):
+    out = tmp_path / "verdict"
+    prepare = ["prepare", "the-verdict", "--tokenizer", "byte", "--out", str(out)]
+    assert main(prepare) == 0
+    (out / "meta.json").write_text('{"truncated')  # a disk that filled, say
+    # A preparation killed earlier left its temporary folder; its process (a finished child here) is gone.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f"verdict.tmp-{dead.stdout.strip()}"
+    (leftover / "train.bin").parent.mkdir()
+    (leftover / "train.bin").write_bytes(b"\0" * 100)
+    capsys.readouterr()
+    assert main(prepare) == 0
+    assert "prepared data set the-verdict" in capsys.readouterr().out  # prepared again, not reused or refused
+    assert json.loads((out / "meta.json").read_text())["train_tokens"] > 0 and not leftover.exists()
+
+
+def test_a_source_that_is_neither_file_nor_folder_is_named(capsys):
+    assert main(["prepare", "/dev/null"]) == 2
+    assert "'/dev/null' is neither a file nor a folder" in capsys.readouterr().err

@@ -113,6 +113,8 @@ def _resolve_source(source: str) -> tuple[str, list[_Unit]]:
         if path.stat().st_size == 0:
             raise GptlabError(f"{path} is empty; give a file with text in it")
         return f"file {path}", [_file_unit(path, path.name)]
+    if path.exists():
+        raise GptlabError(f"{source!r} is neither a file nor a folder (a device or a pipe, say); give a text file")
     try:
         dataset = get_dataset(source)
     except GptlabError as exc:
@@ -275,7 +277,8 @@ def _decode(data: bytes, piece: _Piece, offset: int, encoding_errors: str) -> st
         where = piece.start + offset + exc.start
         raise GptlabError(
             f"{piece.unit.name}: invalid UTF-8 at byte {where} (line {_line_number(piece.unit, where)}); "
-            "fix the file or pass --encoding-errors replace to substitute U+FFFD"
+            "fix the file, or substitute U+FFFD (--data.encoding_errors replace; gptlab prepare: --encoding-errors "
+            "replace)"
         ) from None
 
 
@@ -442,6 +445,7 @@ def prepare_corpus(
         )
         tokenizer = build_tokenizer(config.tokenizer, train_texts, config.vocab_size)
 
+    _remove_abandoned(directory)
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -534,13 +538,35 @@ def _tokenizer_spec(config: DataConfig) -> str:
     return config.tokenizer
 
 
+def _remove_abandoned(directory: Path) -> None:
+    """Delete the temporary folders of earlier preparations of `directory` whose process is gone (killed):
+    on a real corpus each holds gigabytes of half-written shards."""
+    for tmp in directory.parent.glob(f"{directory.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def _is_prepared(directory: Path, identity: dict[str, Any], spec: str, tokenizer: Tokenizer | None) -> bool:
     """Whether `directory` holds complete shards of the same source, split and tokenizer."""
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         return False
-    meta = json.loads(meta_path.read_text())
-    if any(meta.get(name) != value for name, value in identity.items()):
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError):  # damaged (a disk that filled, an edit): prepared again
+        return False
+    if not isinstance(meta, dict) or any(meta.get(name) != value for name, value in identity.items()):
         return False
     if tokenizer is not None and meta["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
         return False
