@@ -176,6 +176,41 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(monkeypatch, chunk_
     assert torch.allclose(weight.grad, w2.grad, atol=1e-6)
 
 
+@pytest.mark.parametrize("stored_elements", [11 * 8, 1 << 27])  # a weight-gradient product every 2 chunks; one
+def test_chunked_loss_under_bf16_autocast_equals_autocast_cross_entropy(monkeypatch, stored_elements):
+    import gptlab.model as model_module
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 11 * 4)  # chunks of 4 rows
+    monkeypatch.setattr(model_module, "LOSS_STORED_GRAD_ELEMENTS", stored_elements)
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 11, (37,))
+    targets[::5] = -100
+    with torch.no_grad():  # row 1 predicts its target with p = 0.9988: p - 1 must not round to 0 or 0.004
+        hidden[1] = 0.0
+        hidden[1, 0] = 10.0
+        weight[:, 0] = 0.0
+        weight[targets[1], 0] = 0.9
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model_module.linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    # Against fp32 the bf16 rounding shows; it must be no larger than autocast's own plain cross-entropy's
+    ours = (hidden.grad, weight.grad)
+    exact = torch.autograd.grad(torch.nn.functional.cross_entropy(hidden @ weight.t(), targets), (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = hidden @ weight.t()  # bf16
+    expected = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100)
+    plain = torch.autograd.grad(expected, (hidden, weight))
+    assert loss.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for mine, reference, truth in zip(ours, plain, exact, strict=True):
+        error, reference_error = (mine - truth).norm() / truth.norm(), (reference - truth).norm() / truth.norm()
+        assert error < max(2 * reference_error, 1e-3) and error < 0.01, (error, reference_error)
+    sure_row_error = (hidden.grad[1] - exact[0][1]).norm() / exact[0][1].norm()
+    assert sure_row_error < 0.05 and not hidden.grad[0].any(), sure_row_error  # row 0's target is ignored
+
+
 def test_the_loss_takes_only_rows_with_a_target_to_the_head():
     import gptlab.model as model_module
 

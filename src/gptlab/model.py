@@ -7,6 +7,7 @@ H heads, D head width, V vocabulary.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -250,51 +251,106 @@ def _compute_dtype(tensor):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
+# Under mixed precision the d-logits of several chunks are kept (in the compute dtype, up to this many
+# elements: 256 MiB in bf16) for one weight-gradient product: adding each chunk's low-precision (V, C)
+# product into the fp32 gradient costs a conversion and an add of the whole (V, C) a chunk, more than
+# the product itself (docs/benchmarks.md).
+LOSS_STORED_GRAD_ELEMENTS = 1 << 27
+
+
+_loss_buffers = threading.local()
+
+
+def _loss_buffer(name: str, shape: tuple[int, int], dtype, device) -> torch.Tensor:
+    """A buffer of the chunked loss, kept from one call to the next in this thread (grown when too small).
+
+    A fresh tensor this large is fresh pages that the kernel faults in and zeroes on first touch, about
+    0.4 ms per MiB on a CPU: for bpe-mini's 270 MiB of logits that was about a tenth of a bf16 step
+    (docs/benchmarks.md). Held at the size of the largest loss so far, which training reaches anyway."""
+    if device.type != "cpu" or torch.compiler.is_compiling():  # CUDA's caching allocator reuses memory itself
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffers = _loss_buffers.__dict__
+    key, numel = (name, dtype, device), shape[0] * shape[1]
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffers.pop(key, None)  # free the old one before the new one is made
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
 def _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, grads):
     """Loss over chunks of rows; when `grads` is (grad_hidden, grad_weight) fill them too."""
     dtype = _compute_dtype(hidden)
     w = weight.to(dtype)
+    N, V = hidden.shape[0], w.shape[0]
+    grad_hidden, grad_weight = grads if grads is not None else (None, None)
     count = (targets != ignore_index).sum().clamp(min=1)
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    # Every chunk reuses the same two buffers: a fresh tensor this large is fresh pages that the
-    # kernel faults in and zeroes on first touch, about 0.4 ms per MiB on a CPU (docs/benchmarks.md).
-    rows = min(chunk_rows, hidden.shape[0])
-    logits_buffer = hidden.new_empty((rows, w.shape[0]), dtype=dtype)
-    logprobs_buffer = hidden.new_empty((rows, w.shape[0]), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_rows):
+    rows = min(chunk_rows, N)
+    stored_rows = rows
+    if grad_weight is not None and grad_weight.dtype != dtype:
+        stored_rows = min(N, max(rows, LOSS_STORED_GRAD_ELEMENTS // V // rows * rows))
+    d_logits = _loss_buffer("d_logits", (stored_rows, V), dtype, hidden.device)  # logits, then d loss / d logits
+    scaled_hidden = hidden.new_empty((stored_rows, hidden.shape[1]), dtype=dtype) if grad_weight is not None else None
+    logprobs_buffer = (
+        None if dtype == torch.float32 else _loss_buffer("logprobs", (rows, V), torch.float32, hidden.device)
+    )
+    stored, first_product = 0, True
+    for start in range(0, N, chunk_rows):
         h = hidden[start : start + chunk_rows].to(dtype)  # (n, C)
         n = h.shape[0]
         t = targets[start : start + chunk_rows]
         keep = t != ignore_index
         safe_t = t.clamp(min=0)[:, None]
-        logits = torch.mm(h, w.t(), out=logits_buffer[:n])  # (n, V)
-        # One fused pass (max, sum of exponentials, write) in fp32, whatever the matmul's dtype.
-        logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=logprobs_buffer[:n])
-        loss_sum -= (logprobs.gather(1, safe_t).squeeze(1) * keep).sum()
-        if grads is not None:
-            grad_hidden, grad_weight = grads
-            probs = logprobs.exp_()  # softmax, in place of the log-probabilities
-            probs.scatter_add_(1, safe_t, -torch.ones_like(safe_t, dtype=probs.dtype))
-            probs.mul_((keep.float() / count)[:, None])
-            g = probs.to(dtype)  # d loss / d logits, (n, V)
-            if grad_hidden is not None:
-                if grad_hidden.dtype == dtype:
-                    torch.mm(g, w, out=grad_hidden[start : start + n])
-                else:
-                    grad_hidden[start : start + n] = g @ w
-            if grad_weight is not None:
-                if g.dtype == grad_weight.dtype:  # accumulate inside the matmul: no (V, C) temporary
-                    grad_weight.addmm_(g.t(), h)
-                else:
-                    grad_weight.add_(g.t() @ h)
+        if stored + n > stored_rows:
+            _add_weight_gradient(grad_weight, d_logits[:stored], scaled_hidden[:stored], first_product)
+            stored, first_product = 0, False
+        chunk = d_logits[stored : stored + n]
+        torch.mm(h, w.t(), out=chunk)  # (n, V) logits
+        # The softmax and the loss in fp32 whatever the matmul's dtype, in place (converting into an fp32
+        # buffer first is 3x faster on a CPU than log_softmax's own dtype argument).
+        logprobs = chunk if logprobs_buffer is None else logprobs_buffer[:n].copy_(chunk)
+        torch.log_softmax(logprobs, dim=-1, out=logprobs)
+        target_logprobs = logprobs.gather(1, safe_t).squeeze(1)
+        loss_sum -= (target_logprobs * keep).sum()
+        if grads is None:
+            continue
+        # d loss / d logits = (softmax - one-hot) * keep / count; the scale goes on the (n, C) sides
+        # of the products instead of the (n, V) matrix, and the target's entry is p - 1 computed in
+        # fp32 (in bf16, p - 1 is 0 whenever p > 0.996).
+        probs = logprobs.exp_()
+        if probs is not chunk:
+            chunk.copy_(probs)
+        # (index_put_, not scatter_: on a CPU scatter_ walks the whole (n, V) matrix, 20 ms a chunk)
+        chunk.index_put_((torch.arange(n, device=chunk.device), safe_t[:, 0]), (target_logprobs.exp() - 1).to(dtype))
+        scale = (keep.float() / count)[:, None]
+        if grad_hidden is not None:
+            torch.mul(chunk @ w, scale, out=grad_hidden[start : start + n])
+        if grad_weight is not None:
+            torch.mul(h, scale, out=scaled_hidden[stored : stored + n])
+            stored += n
+    if grad_weight is not None and stored:
+        _add_weight_gradient(grad_weight, d_logits[:stored], scaled_hidden[:stored], first_product)
+    elif grad_weight is not None and first_product:  # no rows at all
+        grad_weight.zero_()
     return loss_sum / count, grads
+
+
+def _add_weight_gradient(grad_weight, d_logits, scaled_hidden, first: bool) -> None:
+    """grad_weight (V, C) += d_logits.T @ scaled_hidden; the first product overwrites (no zero fill)."""
+    if d_logits.dtype == grad_weight.dtype:  # accumulate inside the matmul: no (V, C) temporary
+        grad_weight.addmm_(d_logits.t(), scaled_hidden, beta=0 if first else 1)
+    elif first:
+        grad_weight.copy_(d_logits.t() @ scaled_hidden)
+    else:
+        grad_weight.add_(d_logits.t() @ scaled_hidden)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.empty_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         loss, _ = _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, (grad_hidden, grad_weight))
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
