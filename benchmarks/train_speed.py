@@ -5,12 +5,14 @@ is forward, loss, backward, AdamW step and zero_grad, as in the training loop, o
 tokens for every implementation. Prints a table (median tokens/s over the timed steps, ratio to
 transformers fp32, MFU against the fp32 matmul rate measured at the start of the run, peak RSS of the
 process and the step's own growth over the built model) and writes benchmarks/results/train_speed.json.
+The steps are split into rounds that take every configuration in turn, so that the machine's drift
+falls on all of them alike.
 
 Variants: fp32; fp32+compile (torch.compile, its compile time reported apart); bf16 (what the
 library does: bf16 autocast where the CPU has bf16 units, else the fp32 fallback, reported as such);
 bf16-emulated (autocast forced on, to show what a CPU without bf16 units would get).
 
-    .venv/bin/python benchmarks/train_speed.py            # char-small and bpe-mini, 30 timed steps
+    .venv/bin/python benchmarks/train_speed.py            # char-small and bpe-mini, 30 timed steps in 3 rounds
     .venv/bin/python benchmarks/train_speed.py --steps 10 --shapes char-small --variants fp32
 """
 
@@ -141,7 +143,30 @@ def measure(impl: str, variant: str, shape: str, steps: int, warmup: int) -> dic
         "threads": threads,
         "cpu_bf16": cpu_has_bf16(),
         "load_average": os.getloadavg()[0],
+        "step_times_s": times[warmup:],
     }
+
+
+def order(key: str, runs: list[tuple[str, str, str]]) -> tuple[int, int]:
+    """Table order: shapes as asked, then RUNS' order."""
+    shape, impl, variant = key.split("/")
+    shapes = list(dict.fromkeys(r[0] for r in runs)) or [shape]
+    return (shapes.index(shape) if shape in shapes else len(shapes), RUNS.index((impl, variant)))
+
+
+def merge_rounds(rounds: list[dict], batch_tokens: int) -> dict:
+    """One configuration's rounds as one result: the median over every timed step of every round, the
+    highest peak memory; compile time and first step from the first round (later ones find a warm cache)."""
+    merged = dict(rounds[0])
+    times = [t for r in rounds for t in r["step_times_s"]]
+    merged["median_step_s"] = statistics.median(times)
+    merged["tokens_per_second"] = batch_tokens / merged["median_step_s"]
+    merged["round_medians_s"] = [statistics.median(r["step_times_s"]) for r in rounds]
+    merged["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rounds)
+    merged["step_peak_mib"] = max(r["step_peak_mib"] for r in rounds)
+    merged["load_average"] = max(r["load_average"] for r in rounds)
+    merged["step_times_s"] = times
+    return merged
 
 
 def flops_per_token(shape: str) -> float:
@@ -178,12 +203,15 @@ def table(results: dict, fp32_flops: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="the steps are split into this many interleaved rounds")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--variants", default=",".join(dict.fromkeys(v for _, v in RUNS)))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
-        "--emulated-shapes", default="char-small", help="shapes that also run bf16-emulated (minutes a step on bpe-mini)"
+        "--emulated-shapes",
+        default="char-small",
+        help="shapes that also run bf16-emulated (minutes a step on bpe-mini)",
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: impl,variant,shape in a subprocess
     args = parser.parse_args()
@@ -198,24 +226,43 @@ def main() -> None:
 
     configure_threads(0)
     rates = {name: matmul_flops(name) for name in ("float32", "bfloat16")}
-    results = {}
     variants = args.variants.split(",")
+    runs, results = [], {}
     for shape in args.shapes.split(","):
         for impl, variant in RUNS:
             if variant not in variants and impl != "transformers":
                 continue
             if variant == "bf16-emulated" and shape not in args.emulated_shapes.split(","):
-                results[f"{shape}/{impl}/{variant}"] = {"skipped": "emulated bf16 at this size: add it to --emulated-shapes"}
+                results[f"{shape}/{impl}/{variant}"] = {
+                    "skipped": "emulated bf16 at this size: add it to --emulated-shapes"
+                }
                 continue
+            runs.append((shape, impl, variant))
+    # Rounds: every configuration runs a share of the steps in each round, so that a slow spell of the
+    # machine (it drifts by 20-30% within minutes) falls on all of them alike instead of on one.
+    steps = max(1, args.steps // args.rounds)
+    rounds: dict[str, list[dict]] = {}
+    for round_index in range(args.rounds):
+        for shape, impl, variant in runs:
+            key = f"{shape}/{impl}/{variant}"
             command = [sys.executable, __file__, "--one", f"{impl},{variant},{shape}",
-                       "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+                       "--steps", str(steps), "--warmup", str(args.warmup)]  # fmt: skip
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[f"{shape}/{impl}/{variant}"] = json.loads(output.strip().splitlines()[-1])
-            print(f"{shape}/{impl}/{variant}: {results[f'{shape}/{impl}/{variant}']}", file=sys.stderr, flush=True)
+            rounds.setdefault(key, []).append(json.loads(output.strip().splitlines()[-1]))
+            median = rounds[key][-1]["median_step_s"]
+            print(
+                f"round {round_index + 1}/{args.rounds} {key}: median step {median:.4f} s", file=sys.stderr, flush=True
+            )
+    for shape, impl, variant in runs:
+        fields, batch = SHAPES[shape]
+        results[f"{shape}/{impl}/{variant}"] = merge_rounds(
+            rounds[f"{shape}/{impl}/{variant}"], batch * fields["context_length"]
+        )
+    results = {key: results[key] for key in sorted(results, key=lambda k: order(k, runs))}
     print(f"matmul 1024^3: fp32 {rates['float32'] / 1e9:,.0f} GFLOP/s, bf16 {rates['bfloat16'] / 1e9:,.0f} GFLOP/s")
     print(table(results, rates["float32"]))
     loads = [r["load_average"] for r in results.values() if "load_average" in r]
-    if loads and max(loads) > 1.5:
+    if loads and max(loads) > (os.cpu_count() or 1) + 0.5:  # the benchmark itself keeps every core busy
         print(f"warning: 1-minute load average reached {max(loads):.1f} during the run; the figures are disturbed")
     meta = {
         "machine": platform.processor() or platform.machine(),
@@ -223,6 +270,7 @@ def main() -> None:
         "torch": torch.__version__,
         "steps": args.steps,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "matmul_flops": rates,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }

@@ -318,9 +318,10 @@ def _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, grads):
         # d loss / d logits = (softmax - one-hot) * keep / count; the scale goes on the (n, C) sides
         # of the products instead of the (n, V) matrix, and the target's entry is p - 1 computed in
         # fp32 (in bf16, p - 1 is 0 whenever p > 0.996).
-        probs = logprobs.exp_()
-        if probs is not chunk:
-            chunk.copy_(probs)
+        if logprobs is chunk:
+            chunk.exp_()
+        else:  # the softmax again from the low-precision logits, in place: one pass instead of exp and a copy
+            torch.softmax(chunk, dim=-1, out=chunk)
         # (index_put_, not scatter_: on a CPU scatter_ walks the whole (n, V) matrix, 20 ms a chunk)
         chunk.index_put_((torch.arange(n, device=chunk.device), safe_t[:, 0]), (target_logprobs.exp() - 1).to(dtype))
         scale = (keep.float() / count)[:, None]
