@@ -211,6 +211,24 @@ def test_chunked_loss_under_bf16_autocast_equals_autocast_cross_entropy(monkeypa
     assert sure_row_error < 0.05 and not hidden.grad[0].any(), sure_row_error  # row 0's target is ignored
 
 
+def test_chunked_loss_scales_its_gradients_and_refuses_a_second_backward(monkeypatch):
+    import gptlab.model as model_module
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 11 * 4)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 11, (37,))
+    (model_module.linear_cross_entropy(hidden, weight, targets) * 0.25).backward()  # as gradient accumulation
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    (torch.nn.functional.cross_entropy(h2 @ w2.t(), targets) * 0.25).backward()
+    torch.testing.assert_close(hidden.grad, h2.grad)
+    torch.testing.assert_close(weight.grad, w2.grad)
+    loss = model_module.linear_cross_entropy(hidden, weight, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(GptlabError, match="backward ran twice"):
+        loss.backward()
+
+
 def test_the_loss_takes_only_rows_with_a_target_to_the_head():
     import gptlab.model as model_module
 

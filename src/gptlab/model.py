@@ -281,7 +281,11 @@ def _loss_buffer(name: str, shape: tuple[int, int], dtype, device) -> torch.Tens
 def _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, grads):
     """Loss over chunks of rows; when `grads` is (grad_hidden, grad_weight) fill them too."""
     dtype = _compute_dtype(hidden)
-    w = weight.to(dtype)
+    w = (
+        weight
+        if weight.dtype == dtype
+        else _loss_buffer("weight", tuple(weight.shape), dtype, weight.device).copy_(weight)
+    )
     N, V = hidden.shape[0], w.shape[0]
     grad_hidden, grad_weight = grads if grads is not None else (None, None)
     count = (targets != ignore_index).sum().clamp(min=1)
@@ -341,29 +345,50 @@ def _add_weight_gradient(grad_weight, d_logits, scaled_hidden, first: bool) -> N
     """grad_weight (V, C) += d_logits.T @ scaled_hidden; the first product overwrites (no zero fill)."""
     if d_logits.dtype == grad_weight.dtype:  # accumulate inside the matmul: no (V, C) temporary
         grad_weight.addmm_(d_logits.t(), scaled_hidden, beta=0 if first else 1)
-    elif first:
-        grad_weight.copy_(d_logits.t() @ scaled_hidden)
-    else:
-        grad_weight.add_(d_logits.t() @ scaled_hidden)
+    else:  # the low-precision product into a kept buffer (no fresh pages), then converted once
+        shape = tuple(grad_weight.shape)
+        product = torch.mm(
+            d_logits.t(), scaled_hidden, out=_loss_buffer("product", shape, d_logits.dtype, d_logits.device)
+        )
+        grad_weight.copy_(product) if first else grad_weight.add_(product)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """The chunked loss with its gradients computed in the forward pass; backward only scales them.
+
+    The gradients are held on ctx rather than saved for backward, so that backward can hand them to
+    autograd as the only reference: autograd then adds the tied embedding's gradient into the head's
+    in place, and a step faults in no fresh (V, C) pages for it (docs/benchmarks.md). Hence backward
+    runs once per forward."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.empty_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         loss, _ = _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, (grad_hidden, grad_weight))
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.grads = (grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output
+        if ctx.grads is None:
+            raise GptlabError(
+                "the chunked loss's backward ran twice on one forward; run the forward again instead of "
+                "retain_graph=True"
+            )
+        (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
+        # The training loop's loss is not scaled (grad_output 1): then no pass over the (V, C) gradient.
+        # On a GPU the check would wait for the device (and under torch.compile break the graph), so
+        # there it always multiplies.
+        always = grad_output.device.type != "cpu" or torch.compiler.is_compiling()
+        scale = always or bool(grad_output != 1)
+        if grad_hidden is not None and scale:
+            grad_hidden.mul_(grad_output)
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+            if scale:
+                grad_weight.mul_(grad_output)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None
 
 
