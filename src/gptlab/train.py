@@ -252,9 +252,11 @@ NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: a X + b (X
 def orthogonalize(updates: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """The nearest semi-orthogonal matrices to a stack (L, rows, cols) of updates, approximately:
     Newton-Schulz iterations of a quintic that push every singular value towards 1 in a few steps
-    (to about 0.7-1.2, enough for Muon). bf16 on GPUs, as Muon's authors run it; fp32 on CPUs, where
-    bf16 is emulated and 15x slower, and there in the Gram form, which does the same arithmetic in
-    fewer products."""
+    (to about 0.7-1.2, enough for Muon). bf16 on GPUs, as Muon's authors run it; fp32 on CPUs, in the
+    Gram form, which does the same arithmetic in fewer products. Without bf16 units bf16 is emulated
+    and 15x slower; with AMX the products alone are 2x faster in bf16, but the tinyshakespeare recipe's
+    steps were slower (53.8 against 44.6 ms: the conversions of small stacks) and its loss no better
+    (docs/benchmarks.md)."""
     wide = updates.size(-2) <= updates.size(-1)
     x = (updates if wide else updates.mT).to(iteration_dtype(updates.device))  # work on the shorter side
     x = newton_schulz(x, steps) if updates.is_cuda else newton_schulz_gram(x, steps)
@@ -262,7 +264,7 @@ def orthogonalize(updates: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 def iteration_dtype(device: torch.device) -> torch.dtype:
-    """What `orthogonalize` computes in: bf16 on GPUs, fp32 where bf16 would be emulated."""
+    """What `orthogonalize` computes in: bf16 on GPUs, fp32 on CPUs (see orthogonalize)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
