@@ -185,8 +185,9 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = IGNORE_IND
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, without materialising all logits.
 
     hidden (N, C), weight (V, C), targets (N,). In training the gradients are computed chunk by chunk
-    during the forward pass (softmax minus one-hot), so only one chunk of logits exists at a time
-    and nothing is recomputed; the softmax and the loss are always in fp32. Logits that fit in one
+    during the forward pass (softmax minus one-hot), so only one chunk of fp32 logits exists at a time
+    and nothing is recomputed (under bf16 autocast the bf16 d-logits of up to 256 MiB of rows are kept
+    for one weight-gradient product); the softmax and the loss are always in fp32. Logits that fit in one
     chunk take plain cross-entropy, which has fewer small kernels (docs/benchmarks.md).
     """
     hidden, targets = targeted_rows(hidden, targets, ignore_index)
