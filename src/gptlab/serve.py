@@ -210,6 +210,12 @@ def _error(message: str, param: str | None = None, status: int = 400) -> JSONRes
     return JSONResponse(status_code=status, content={"error": error})
 
 
+def _server_error(exc: Exception) -> dict[str, Any]:
+    """A failure of the decoding itself (not of the request), in OpenAI's shape: the body of a 500, or the
+    last event of a stream that has already started."""
+    return {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None, "code": None}}
+
+
 def _refused(exc: GptlabError) -> JSONResponse:
     return _error(str(exc), getattr(exc, "param", None))
 
@@ -271,23 +277,40 @@ def _without_leading_space(pieces: Iterator[str]) -> Iterator[str]:
             yield piece
 
 
-def _streamed(chunks: Iterator[dict[str, Any]], request: _Sampling, head: dict, outcome: _Outcome) -> StreamingResponse:
+def _streamed(chunks: Iterator[dict[str, Any]], request: _Sampling, head: dict, job: _Job) -> StreamingResponse:
     """The chunks as server-sent events. With `stream_options.include_usage`, as OpenAI streams: every chunk
     carries `"usage": null`, and a last one without choices the usage, known once the others are sent."""
+    from starlette.concurrency import iterate_in_threadpool
+
     with_usage = bool(request.stream_options and request.stream_options.include_usage)
 
     def events() -> Iterator[dict[str, Any]]:
         for chunk in chunks:
             yield {**chunk, "usage": None} if with_usage else chunk
         if with_usage:
-            yield {**head, "choices": [], "usage": outcome.usage()}
+            yield {**head, "choices": [], "usage": job.outcome.usage()}
 
-    return StreamingResponse(_sse(events()), media_type="text/event-stream")
+    async def body():
+        # Starlette cancels the body when the client leaves but never closes a plain iterator, so the
+        # decoder would go on decoding the row, every other client waiting behind it, until garbage
+        # collection closed the generators: the row is marked abandoned here, however the body ends.
+        try:
+            async for text in iterate_in_threadpool(_sse(events())):
+                yield text
+        finally:
+            job.abandoned = True
+
+    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 def _sse(payloads: Iterator[dict[str, Any]]) -> Iterator[str]:
-    for payload in payloads:
-        yield f"data: {json.dumps(payload)}\n\n"
+    """Server-sent events; a failure after the stream has started ends it with an error event, no [DONE]."""
+    try:
+        for payload in payloads:
+            yield f"data: {json.dumps(payload)}\n\n"
+    except Exception as exc:  # noqa: BLE001 - the status line is sent: the client learns of it in the stream
+        yield f"data: {json.dumps(_server_error(exc))}\n\n"
+        return
     yield "data: [DONE]\n\n"
 
 
@@ -340,12 +363,15 @@ class Batcher:
 
     def _next_batch(self) -> list[_Job]:
         with self.ready:
-            while not self.waiting:
-                self.ready.wait()
+            while not self.waiting or self.waiting[0].abandoned:  # a client that left while it waited
+                if self.waiting:
+                    self.waiting.popleft().pieces.put(_END)
+                else:
+                    self.ready.wait()
             first = self.waiting.popleft()
             batch, deadline = [first], time.monotonic() + self.GATHER_SECONDS
             while first.config.seed is None and len(batch) < first.config.batch_size:
-                for job in [job for job in self.waiting if job.config == first.config]:
+                for job in [job for job in self.waiting if job.config == first.config and not job.abandoned]:
                     if len(batch) == first.config.batch_size:
                         break
                     self.waiting.remove(job)
@@ -375,6 +401,8 @@ class Batcher:
             for index, piece in rows:
                 batch[index].pieces.put(piece)
                 if all(job.abandoned for job in batch):  # every client left: stop decoding for nobody
+                    for job in batch:  # and wake any reader thread still waiting for a piece
+                        job.pieces.put(_END)
                     return
         except Exception as exc:  # noqa: BLE001 - the batch's requests fail with it; the server goes on
             for job in batch:
@@ -407,10 +435,10 @@ def create_app(
         ids = prepare_prompt(ids, model.config.context_length, config, tokenizer.eot_id)
         return _Job(ids, config, _Outcome(len(ids)))
 
-    def start(jobs: list[_Job]) -> list[tuple[Iterator[str], _Outcome]]:
-        """Submit a request's jobs together, once they all passed their checks: (pieces, outcome) of each."""
+    def start(jobs: list[_Job]) -> list[_Job]:
+        """Submit a request's jobs together, once they all passed their checks."""
         batcher.submit(jobs)
-        return [(job.read(), job.outcome) for job in jobs]
+        return jobs
 
     def chat_prompt(messages: list[ChatMessage]) -> str:
         """The prompt of a conversation: in the run's template, or for a run without one its messages'
@@ -453,17 +481,22 @@ def create_app(
         echoed = [(prompt if isinstance(prompt, str) else tokenizer.decode(prompt)) if request.echo else ""
                   for prompt in prompts]  # fmt: skip
         if request.stream:
-            pieces, outcome = generations[0]
+            (streamed,) = generations
 
             def chunks() -> Iterator[dict[str, Any]]:
-                for piece in itertools.chain([echoed[0]] if echoed[0] else [], pieces):
+                for piece in itertools.chain([echoed[0]] if echoed[0] else [], streamed.read()):
                     yield {**head, "choices": [{"index": 0, "text": piece, "finish_reason": None}]}
-                yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": outcome.finish_reason}]}
+                finish = streamed.outcome.finish_reason
+                yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": finish}]}
 
-            return _streamed(chunks(), request, head, outcome)
+            return _streamed(chunks(), request, head, streamed)
         choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        for index, (pieces, outcome) in enumerate(generations):
-            text = echoed[index] + "".join(pieces)
+        try:
+            texts = ["".join(generation.read()) for generation in generations]
+        except Exception as exc:  # noqa: BLE001 - the decoding failed, not the request
+            return JSONResponse(status_code=500, content=_server_error(exc))
+        for index, generation in enumerate(generations):
+            text, outcome = echoed[index] + texts[index], generation.outcome
             choices.append({"index": index, "text": text, "finish_reason": outcome.finish_reason})
             for key, value in outcome.usage().items():
                 total[key] += value
@@ -473,7 +506,7 @@ def create_app(
     def chat_completions(request: ChatRequest):
         try:
             config = _generation_config(request, defaults, max_tokens_limit, template.stop if template else ())
-            ((pieces, outcome),) = start([job(chat_prompt(request.messages), config)])
+            (generation,) = start([job(chat_prompt(request.messages), config)])
         except GptlabError as exc:
             return _refused(exc)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -482,12 +515,16 @@ def create_app(
 
             def chunks() -> Iterator[dict[str, Any]]:
                 yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
-                for piece in _without_leading_space(pieces):
+                for piece in _without_leading_space(generation.read()):
                     yield {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-                yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": outcome.finish_reason}]}
+                finish = generation.outcome.finish_reason
+                yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
 
-            return _streamed(chunks(), request, head, outcome)
-        text = "".join(pieces).strip()
+            return _streamed(chunks(), request, head, generation)
+        try:
+            text, outcome = "".join(generation.read()).strip(), generation.outcome
+        except Exception as exc:  # noqa: BLE001 - the decoding failed, not the request
+            return JSONResponse(status_code=500, content=_server_error(exc))
         return {
             "id": ident, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
