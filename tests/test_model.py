@@ -229,6 +229,17 @@ def test_chunked_loss_scales_its_gradients_and_refuses_a_second_backward(monkeyp
         loss.backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_in_place_equals_the_out_of_place_result(dtype):
+    import gptlab.model as model_module
+
+    rows = (torch.randn(7, 50_257) * 4).to(dtype)
+    for function in (torch.softmax, torch.log_softmax):
+        expected, written = function(rows, dim=-1), rows.clone()
+        model_module._normalize_in_place(function, written)
+        assert torch.equal(written, expected), function
+
+
 def test_the_loss_takes_only_rows_with_a_target_to_the_head():
     import gptlab.model as model_module
 
