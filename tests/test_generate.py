@@ -267,9 +267,10 @@ def test_empty_prompt_starts_from_end_of_text():
 def test_long_prompt_keeps_the_most_recent_tokens_with_a_warning():
     scripted = script("ab", start="z")
     prompt = "y" * 100 + "z"
-    with pytest.warns(GenerationWarning, match="keeping the last 64"):
+    with pytest.warns(GenerationWarning, match="keeping the last 64") as caught:
         assert generate(scripted, ByteTokenizer(), prompt, GenerationConfig(temperature=0)) == ["ab"]
     assert scripted.inputs[0].shape == (1, 64)
+    assert caught[0].filename == __file__  # the warning names the caller's line, not the library's
 
 
 def test_long_prompt_is_refused_when_asked():

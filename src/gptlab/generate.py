@@ -18,6 +18,8 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import numbers
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -240,10 +242,20 @@ def prepare_prompt(ids: Sequence[int], context_length: int, config: GenerationCo
             f"the prompt has {len(ids)} tokens, more than the context length {context_length}; "
             f"keeping the last {context_length}",
             GenerationWarning,
-            stacklevel=3,
+            stacklevel=_caller_level(),
         )
         ids = ids[-context_length:]
     return ids
+
+
+def _caller_level() -> int:
+    """The `stacklevel` that makes a warning raised by this function's caller name the first frame
+    outside gptlab: the user's own line, however deep in the library the warning starts."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1  # the caller, which warns: stacklevel 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _config(config: GenerationConfig | None) -> GenerationConfig:
