@@ -712,20 +712,10 @@ def train(
 
 
 def _train_loop(
-    model: torch.nn.Module,
-    objective: Objective,
-    config: TrainConfig,
-    run_dir: str | Path,
-    runtime: Runtime,
-    resume_from: Path | None = None,
-    log: Callable[[str], None] = lambda line: None,
-    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    save_weights: Callable[[torch.nn.Module], dict[str, torch.Tensor]] | None = None,
-    start_run: Callable[[], None] | None = None,
+    model, objective, config, run_dir: Path, runtime, resume_from, log, wrap_model, save_weights, start_run
 ) -> TrainResult:
-    """The loop of `train`."""
+    """The loop of `train`, given all of its arguments (typed and documented there)."""
     validate_train_config(config)
-    run_dir = Path(run_dir)
     metrics = MetricsLog(run_dir / METRICS_FILE)
     accum = accumulation_steps(config, objective.tokens_per_batch, runtime.world_size)
     tokens_per_step = objective.tokens_per_batch * accum * runtime.world_size
