@@ -737,21 +737,9 @@ def read_texts(path: str | Path, text_column: str, label_column: str, columns: S
 # ---------------------------------------------------------------- plots
 
 
-def _save_figure(fig, path: Path) -> None:
-    import os
-
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     """Training and validation loss, and training and validation accuracy, against steps, as a PNG."""
-    from gptlab.train import pyplot
+    from gptlab.train import pyplot, save_figure
 
     plt = pyplot()
 
@@ -771,12 +759,12 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(report: dict[str, Any], path: Path, title: str = "test split") -> None:
     """The confusion matrix as a PNG: counts in the cells, true labels down, predicted across."""
-    from gptlab.train import pyplot
+    from gptlab.train import pyplot, save_figure
 
     plt = pyplot()
 
@@ -793,7 +781,7 @@ def plot_confusion(report: dict[str, Any], path: Path, title: str = "test split"
     for (row, col), count in np.ndenumerate(matrix):
         dark = count > matrix.max() / 2
         ax.text(col, row, str(count), ha="center", va="center", color="white" if dark else "black")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- the finetuning run

@@ -195,12 +195,9 @@ def read_responses(path: str | Path) -> tuple[list[dict[str, Any]], Path]:
 
 def plot_histogram(result: JudgeResult, path: Path) -> None:
     """The scores as a histogram PNG with bins of ten."""
-    import matplotlib
+    from gptlab.train import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(7, 4), dpi=100)
     ax.hist(result.scores, bins=range(0, 101, 10), color="tab:blue", edgecolor="white")
     ax.axvline(result.mean, color="tab:orange", label=f"mean {result.mean:.1f}")
     ax.set_xlim(0, 100)
@@ -208,9 +205,7 @@ def plot_histogram(result: JudgeResult, path: Path) -> None:
     ax.set_ylabel("responses")
     ax.set_title(f"{len(result.scores)} responses judged by {result.model}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def judge_run(

@@ -595,11 +595,16 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, tokens_per_step: flo
 
 
 def _save_plot(fig, ax, path: Path) -> None:
-    """Grid, legend and layout, then the PNG written atomically (a viewer never sees half a file)."""
-    import matplotlib.pyplot as plt
-
+    """Grid and legend, then the figure saved (`save_figure`)."""
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out and write a figure as a PNG atomically (a viewer never sees half a file; a failed write
+    leaves no temporary behind), then free it."""
+    plt = pyplot()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
