@@ -152,8 +152,9 @@ def _unsupported(request: _Sampling) -> None:
         raise RequestError("stream_options is only allowed with stream: true", "stream_options")
 
 
-# The most tokens one request may ask for, unless `gptlab serve --max-tokens-limit` says otherwise: requests
-# are served one at a time, so one asking for 100,000 tokens would hold every other client for minutes.
+# The most tokens one request may ask for, unless `gptlab serve --max-tokens-limit` says otherwise: a batch
+# takes no request in once it has started, so one asking for 100,000 tokens would hold every later client
+# for minutes.
 MAX_TOKENS_LIMIT = 4096
 
 
@@ -179,12 +180,10 @@ def _generation_config(
     overrides: dict[str, Any] = {"stop": [*stop, *extra_stop]}
     if max_tokens is not None:
         overrides["max_new_tokens"] = max_tokens
-    names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-             "repetition_penalty": "repetition_penalty", "seed": "seed"}  # fmt: skip
-    for field, target in names.items():
+    for field in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):  # the same names
         value = getattr(request, field)
         if value is not None:
-            overrides[target] = value
+            overrides[field] = value
     return dataclasses.replace(defaults, **overrides)
 
 
