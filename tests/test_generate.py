@@ -10,10 +10,12 @@ from gptlab.errors import GptlabError
 from gptlab.generate import (
     Chat,
     GenerationWarning,
+    GreedyScreen,
     decode_steps,
     decoding_head,
     generate,
     generate_ids,
+    greedy_screen,
     keep_min_p,
     keep_top_k,
     keep_top_p,
@@ -153,6 +155,80 @@ def test_decoding_head_equals_the_model_head_after_weight_updates(model):
 def test_bf16_model_generates(model):
     rows = generate_ids(model.to(torch.bfloat16), [[1, 2], [3]], greedy(max_new_tokens=30))
     assert [len(r) for r in rows] == [30, 30]
+
+
+# ---------------------------------------------------------------- the bf16 screen of greedy decoding
+
+
+def near_tie_head() -> torch.Tensor:
+    """A random (V, C) head in which rows 7 and 9 are both row 3 times (1 + 2e-5): bf16 cannot tell
+    the three apart, fp32 can (except 7 from 9, where the first index wins, as in argmax)."""
+    torch.manual_seed(1)
+    weight = torch.randn(300, 24) * 0.02
+    weight[7] = weight[3] * (1 + 2e-5)
+    weight[9] = weight[7]
+    return weight
+
+
+def test_greedy_screen_picks_fp32_argmax_even_where_bf16_ties():
+    weight = near_tie_head()
+    screen = GreedyScreen(weight)
+    toward_3 = weight[3] / weight[3].norm() * 5
+    hidden = torch.cat([toward_3[None], torch.randn(40, 24) * 3])
+    bf16_logits = hidden.bfloat16() @ weight.bfloat16().t()
+    assert bf16_logits[0, 3] == bf16_logits[0, 7]  # the case bf16 alone gets wrong
+    expected = (hidden @ weight.t()).argmax(dim=-1)
+    assert expected[0] == 7
+    assert torch.equal(screen(hidden), expected)  # all rows at once
+    assert [screen(row[None]).item() for row in hidden] == expected.tolist()  # and one at a time
+
+
+def test_greedy_screen_bound_covers_the_bf16_error():
+    weight = near_tie_head()
+    screen = GreedyScreen(weight)
+    hidden = torch.randn(64, 24) * torch.logspace(-2, 2, 64)[:, None]
+    approx, bound = screen.approximate(hidden)
+    error = (approx.double() - weight.double() @ hidden.double().t()).abs().amax(dim=0)
+    assert bool((error <= bound).all())
+    assert bool((bound < 0.05 * (hidden @ weight.t()).abs().amax(dim=1)).all())  # and it is not vacuous
+
+
+def test_greedy_screen_falls_back_where_every_token_ties_or_the_state_is_not_finite():
+    screen = GreedyScreen(torch.zeros(3000, 16))  # every logit 0: all 3,000 tokens are candidates
+    assert screen(torch.randn(2, 16)).tolist() == [0, 0]
+    screen = GreedyScreen(near_tie_head())
+    hidden = torch.randn(2, 24)
+    hidden[1, 0] = float("nan")
+    assert torch.equal(screen(hidden), (hidden @ screen.weight.t()).argmax(dim=-1))
+
+
+def test_greedy_screen_refuses_a_cpu_whose_bf16_products_exceed_the_bound():
+    class Coarse(GreedyScreen):  # results rounded like a kernel that sums in bf16 would leave them
+        def approximate(self, hidden):
+            logits, bound = super().approximate(hidden)
+            return logits + 3 * bound, bound
+
+    assert GreedyScreen(near_tie_head()).holds()
+    assert not Coarse(near_tie_head()).holds()
+
+
+def test_greedy_decoding_through_the_screen_equals_fp32(model, monkeypatch):
+    import gptlab.train
+
+    prompts = [[1, 2, 3], [9], [40, 41, 42, 43]]
+    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: False)
+    assert greedy_screen(model, greedy()) is None
+    plain = generate_ids(model, prompts, greedy(max_new_tokens=30))
+    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+    assert isinstance(greedy_screen(model, greedy()), GreedyScreen)
+    for sampled in (GenerationConfig(temperature=0.7), greedy(repetition_penalty=1.3)):
+        assert greedy_screen(model, sampled) is None  # these need every logit
+    assert generate_ids(model, prompts, greedy(max_new_tokens=30)) == plain
+    assert generate_ids(model, prompts, greedy(max_new_tokens=30, batch_size=1)) == plain
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)  # an in-place update makes a new screen
+    hidden = torch.randn(5, 32)
+    assert torch.equal(greedy_screen(model, greedy())(hidden), model.lm_head(hidden).argmax(dim=-1))
 
 
 # ---------------------------------------------------------------- decoding strategies

@@ -64,6 +64,11 @@ def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
+def is_greedy(config: GenerationConfig) -> bool:
+    """Whether the config decodes greedily: temperature 0, or so small that fp32 would read it as 0."""
+    return config.temperature < torch.finfo(torch.float32).tiny
+
+
 def sample_next(
     logits: torch.Tensor,
     config: GenerationConfig,
@@ -77,7 +82,7 @@ def sample_next(
     logits = logits.float()
     if seen is not None and config.repetition_penalty != 1.0:
         logits = penalize_repetition(logits, seen, config.repetition_penalty)
-    if config.temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that fp32 would read it as 0
+    if is_greedy(config):
         return logits.argmax(dim=-1)
     # Shifted to a row maximum of 0 first: softmax does not change, and a tiny temperature then makes the
     # others -inf (greedy-like) instead of overflowing every logit to inf and the probabilities to NaN.
@@ -127,8 +132,39 @@ def _left_padded(windows: list[list[int]], device: torch.device) -> tuple[torch.
     return ids, mask
 
 
-# lm_head module -> (data pointer, version, its weight transposed to (C, V)); see `decoding_head`.
+# lm_head module -> (data pointer, version, derived tensor); see `decoding_head` and `greedy_screen`.
 _TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plain_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's head when decoding may map hidden states through it directly; None to use `forward`."""
+    from gptlab.distributed import is_sharded
+
+    head = getattr(model, "lm_head", None)
+    # FSDP gathers a sharded model's weights in the hooks of its forward, which hidden_states skips.
+    if head is None or not hasattr(model, "hidden_states") or is_sharded(model):
+        return None
+    return head
+
+
+def _plain_cpu_weight(head: torch.nn.Module | None) -> torch.Tensor | None:
+    """The weight of a bias-free linear head on the CPU, which decoding may replace by a derived copy."""
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.device.type != "cpu":
+        return None
+    return head.weight
+
+
+def _derived(cache: weakref.WeakKeyDictionary, head: torch.nn.Module, make: Callable):
+    """`make(weight)` for the head's current weight, made once per weight version and kept while it lives."""
+    weight = head.weight
+    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+    cached = cache.get(head)
+    if cached is None or cached[:2] != key:
+        with torch.no_grad():
+            cached = (*key, make(weight.detach()))
+        cache[head] = cached
+    return cached[2]
 
 
 def decoding_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -139,23 +175,103 @@ def decoding_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tens
     head is most of a decoding step's work on small models. So a plain bias-free head gets a transposed
     copy, made once per weight version and kept while the model lives; other heads are used as they are.
     """
-    from gptlab.distributed import is_sharded
-
-    head = getattr(model, "lm_head", None)
-    # FSDP gathers a sharded model's weights in the hooks of its forward, which hidden_states skips.
-    if head is None or not hasattr(model, "hidden_states") or is_sharded(model):
-        return None
-    weight = head.weight if type(head) is torch.nn.Linear and head.bias is None else None
-    if weight is None or weight.device.type != "cpu":
+    head = _plain_head(model)
+    if _plain_cpu_weight(head) is None:
         return head
-    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
-    cached = _TRANSPOSED_HEADS.get(head)
-    if cached is None or cached[:2] != key:
-        with torch.no_grad():
-            cached = (*key, weight.t().contiguous())
-        _TRANSPOSED_HEADS[head] = cached
-    transposed = cached[2]
+    transposed = _derived(_TRANSPOSED_HEADS, head, lambda weight: weight.t().contiguous())
     return lambda hidden: hidden @ transposed
+
+
+# A screen leaving more candidates than this per row computes the whole head in fp32 instead (a head of
+# nearly equal rows, such as a freshly zeroed one, would otherwise gather most of its weight).
+SCREEN_MAX_CANDIDATES = 1024
+
+
+class GreedyScreen:
+    """The greedy next token through a bf16 copy of an fp32 head: always a token with fp32's largest logit.
+
+    Decoding a small model is bound by reading its weights from memory, and the head is the largest of
+    them (GPT-2's 50,257 x 384 is 77 MB in fp32, two thirds of bpe-mini's weights). Greedy decoding
+    needs only the largest logit, so on a CPU with bf16 units the head is read in bf16, half the bytes.
+    Each bf16 logit is within a bound E of the fp32 one, E following from how far the weights, the
+    hidden state and the result move when rounded to bf16; a token whose bf16 logit is more than 2E
+    below the row's largest cannot have the largest fp32 logit. The few that remain are computed again
+    in fp32 from the fp32 weight rows, and the first of the largest wins, as in `argmax`.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # (V, C) fp32
+        self.low = weight.to(torch.bfloat16)
+        rounded = self.low.float()
+        self.weight_error = torch.linalg.vector_norm(weight - rounded, dim=1).max().item()  # max ||w - bf16(w)||
+        self.largest_row = torch.linalg.vector_norm(rounded, dim=1).max().item()  # max ||bf16(w)||
+
+    def error_bound(self, hidden: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """E (B,): |h.w - bf16(h).bf16(w) as computed| for every row w of the head, by Cauchy-Schwarz.
+
+        The bf16 products are exact in fp32 and summed in fp32; the sums' error and the rounding of the
+        result to bf16 (2^-9 of it) are both covered by 2^-8 |bf16(h)| max|bf16(w)|.
+        """
+        hidden_norm = torch.linalg.vector_norm(hidden, dim=1)
+        low_float = low.float()
+        rounding = torch.linalg.vector_norm(hidden - low_float, dim=1)
+        low_norm = torch.linalg.vector_norm(low_float, dim=1)
+        return rounding * self.largest_row + hidden_norm * self.weight_error + low_norm * (self.largest_row / 256)
+
+    def approximate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bf16 logits (V, B), and the bound E (B,) of their distance from the fp32 logits."""
+        low = hidden.to(torch.bfloat16)
+        # Both orientations read the (V, C) weight row by row, the way these CPU kernels stream fastest;
+        # one row goes to the matrix-vector kernel, which here is 1.7x faster than a product with N = 1.
+        logits = torch.mv(self.low, low[0])[:, None] if len(low) == 1 else self.low @ low.t()
+        return logits, self.error_bound(hidden, low)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The next token (B,) of each row from its last hidden state (B, C)."""
+        batch = hidden.shape[0]
+        approx, bound = self.approximate(hidden)
+        threshold = approx.amax(dim=0).float() - 2 * bound
+        # Lowered by 2^-7 of its size before rounding to bf16 (which moves it by at most 2^-9), so the
+        # bf16 comparison keeps every candidate without converting all V logits to fp32.
+        threshold = (threshold - threshold.abs() / 128).to(torch.bfloat16)
+        vocab_ids, rows = (approx >= threshold).nonzero(as_tuple=True)
+        if vocab_ids.numel() <= SCREEN_MAX_CANDIDATES * batch:
+            exact = (self.weight[vocab_ids] * hidden[rows]).sum(dim=1)
+            best = exact.new_full((batch,), float("-inf")).scatter_reduce(0, rows, exact, "amax")
+            winners = exact == best[rows]
+            absent = self.weight.shape[0]
+            tokens = rows.new_full((batch,), absent).scatter_reduce(0, rows[winners], vocab_ids[winners], "amin")
+            if not bool((tokens == absent).any()):  # a row without candidates has NaN or inf in it
+                return tokens
+        return (hidden @ self.weight.t()).argmax(dim=-1)
+
+    def holds(self, samples: int = 4) -> bool:
+        """Whether this CPU's bf16 products stay within the bound (they would not if they summed in bf16)."""
+        probes = torch.randn(samples, self.weight.shape[1], generator=torch.Generator().manual_seed(0))
+        for rows in (probes[:1], probes):  # one row takes a matrix-vector kernel, several a matrix one
+            approx, bound = self.approximate(rows)
+            error = (approx.float() - self.weight @ rows.t()).abs().amax(dim=0)
+            if not bool((error <= bound / 2).all()):
+                return False
+        return True
+
+
+def greedy_screen(model: torch.nn.Module, config: GenerationConfig) -> GreedyScreen | None:
+    """The model's `GreedyScreen` when `config` is plain greedy decoding of an fp32 head on a CPU with
+    bf16 units (elsewhere bf16 is emulated and slower than fp32); None to compute the logits."""
+    from gptlab.train import cpu_has_bf16
+
+    head = _plain_head(model)
+    weight = _plain_cpu_weight(head)
+    plain_greedy = is_greedy(config) and config.repetition_penalty == 1.0
+    if weight is None or weight.dtype != torch.float32 or not plain_greedy or not cpu_has_bf16():
+        return None
+    return _derived(_SCREENS, head, _checked_screen)
+
+
+def _checked_screen(weight: torch.Tensor) -> GreedyScreen | None:
+    screen = GreedyScreen(weight)
+    return screen if screen.holds() else None
 
 
 def _last_logits(model, head, ids, attention_mask=None, cache=None) -> torch.Tensor:
@@ -182,7 +298,8 @@ def decode_steps(
 
     context = model.config.context_length
     weight = next(model.parameters())
-    head = decoding_head(model)
+    screen = greedy_screen(model, config)
+    head = None if screen is not None else decoding_head(model)
     rows = [list(p) for p in prompt_ids]
     starts = [0] * len(rows)
     seen = None
@@ -196,18 +313,21 @@ def decode_steps(
         max_length = min(context, longest + config.max_new_tokens - 1)
         cache = KVCache(model.config, len(rows), max_length, device=weight.device, dtype=weight.dtype)
 
+    def next_tokens(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if screen is not None:
+            return screen(model.hidden_states(ids, mask, None, cache)[:, -1])
+        return sample_next(_last_logits(model, head, ids, mask, cache), config, seen, generator)
+
     def prefill() -> torch.Tensor:
         if cache is not None:
             cache.reset()
-        ids, mask = _left_padded([row[start:] for row, start in zip(rows, starts, strict=True)], weight.device)
-        return _last_logits(model, head, ids, mask, cache)
+        return next_tokens(*_left_padded([row[start:] for row, start in zip(rows, starts, strict=True)], weight.device))
 
     was_training = model.training
     model.eval()
     try:
-        logits = prefill()
+        tokens = prefill()  # (B,)
         for step in range(config.max_new_tokens):
-            tokens = sample_next(logits, config, seen, generator)  # (B,)
             new = tokens.tolist()
             yield new
             if step == config.max_new_tokens - 1:
@@ -217,9 +337,9 @@ def decode_steps(
             for row, token in zip(rows, new, strict=True):
                 row.append(token)
             if _slide_windows(rows, starts, context) or cache is None:
-                logits = prefill()
+                tokens = prefill()
             else:
-                logits = _last_logits(model, head, tokens[:, None], cache=cache)
+                tokens = next_tokens(tokens[:, None])
     finally:
         model.train(was_training)
 

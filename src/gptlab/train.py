@@ -9,6 +9,7 @@ progress lines, metrics as JSON lines with a loss-curve PNG, atomic checkpoints,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -96,6 +97,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AMX or AVX-512 BF16); otherwise bf16 is emulated and slow."""
     try:
