@@ -190,7 +190,8 @@ def test_greedy_screen_bound_covers_the_bf16_error():
     approx, bound = screen.approximate(hidden)
     error = (approx.double() - weight.double() @ hidden.double().t()).abs().amax(dim=0)
     assert bool((error <= bound).all())
-    assert bool((bound < 0.05 * (hidden @ weight.t()).abs().amax(dim=1)).all())  # and it is not vacuous
+    candidates = (approx.float() >= approx.float().amax(dim=0) - 2 * bound).sum(dim=0)
+    assert candidates.max() <= 30  # and it is not vacuous: at most a tenth of the 300 tokens stay
 
 
 def test_greedy_screen_falls_back_where_every_token_ties_or_the_state_is_not_finite():

@@ -203,20 +203,15 @@ class GreedyScreen:
         self.weight = weight  # (V, C) fp32
         self.low = weight.to(torch.bfloat16)
         rounded = self.low.float()
-        self.weight_error = torch.linalg.vector_norm(weight - rounded, dim=1).max().item()  # max ||w - bf16(w)||
-        self.largest_row = torch.linalg.vector_norm(rounded, dim=1).max().item()  # max ||bf16(w)||
-
-    def error_bound(self, hidden: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        """E (B,): |h.w - bf16(h).bf16(w) as computed| for every row w of the head, by Cauchy-Schwarz.
-
-        The bf16 products are exact in fp32 and summed in fp32; the sums' error and the rounding of the
-        result to bf16 (2^-9 of it) are both covered by 2^-8 |bf16(h)| max|bf16(w)|.
-        """
-        hidden_norm = torch.linalg.vector_norm(hidden, dim=1)
-        low_float = low.float()
-        rounding = torch.linalg.vector_norm(hidden - low_float, dim=1)
-        low_norm = torch.linalg.vector_norm(low_float, dim=1)
-        return rounding * self.largest_row + hidden_norm * self.weight_error + low_norm * (self.largest_row / 256)
+        weight_error = torch.linalg.vector_norm(weight - rounded, dim=1).max().item()  # max |w - bf16(w)|
+        largest_row = torch.linalg.vector_norm(rounded, dim=1).max().item()  # max |bf16(w)|
+        # E = |h| (max |w - bf16(w)| + max |bf16(w)| / 64), by Cauchy-Schwarz, with u = 2^-8 the rounding
+        # of bf16: rounding h moves each logit by up to u |h| max |bf16(w)|, rounding w by |h| max
+        # |w - bf16(w)|; the products of bf16 numbers are exact in fp32, their sum over C <= 2^14 terms
+        # errs by at most 2^-10 |h| max |bf16(w)|, and rounding the result to bf16 by u of it. These
+        # add up to less than 2^-6 |h| max |bf16(w)|. (The tiny term covers numbers below bf16's range.)
+        self.bound_per_norm = weight_error + largest_row / 64
+        self.usable = weight.shape[1] <= 2**14
 
     def approximate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bf16 logits (V, B), and the bound E (B,) of their distance from the fp32 logits."""
@@ -224,17 +219,20 @@ class GreedyScreen:
         # Both orientations read the (V, C) weight row by row, the way these CPU kernels stream fastest;
         # one row goes to the matrix-vector kernel, which here is 1.7x faster than a product with N = 1.
         logits = torch.mv(self.low, low[0])[:, None] if len(low) == 1 else self.low @ low.t()
-        return logits, self.error_bound(hidden, low)
+        bound = torch.linalg.vector_norm(hidden, dim=1) * self.bound_per_norm + torch.finfo(torch.float32).tiny
+        return logits, bound
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """The next token (B,) of each row from its last hidden state (B, C)."""
         batch = hidden.shape[0]
         approx, bound = self.approximate(hidden)
         threshold = approx.amax(dim=0).float() - 2 * bound
-        # Lowered by 2^-7 of its size before rounding to bf16 (which moves it by at most 2^-9), so the
+        # Lowered by 2^-7 of its size before rounding to bf16 (which moves it by at most 2^-8), so the
         # bf16 comparison keeps every candidate without converting all V logits to fp32.
         threshold = (threshold - threshold.abs() / 128).to(torch.bfloat16)
         vocab_ids, rows = (approx >= threshold).nonzero(as_tuple=True)
+        if batch == 1 and 0 < len(vocab_ids) <= SCREEN_MAX_CANDIDATES:  # argmax picks the first of ties, too
+            return vocab_ids[(self.weight[vocab_ids] @ hidden[0]).argmax()].view(1)
         if vocab_ids.numel() <= SCREEN_MAX_CANDIDATES * batch:
             exact = (self.weight[vocab_ids] * hidden[rows]).sum(dim=1)
             best = exact.new_full((batch,), float("-inf")).scatter_reduce(0, rows, exact, "amax")
@@ -247,6 +245,8 @@ class GreedyScreen:
 
     def holds(self, samples: int = 4) -> bool:
         """Whether this CPU's bf16 products stay within the bound (they would not if they summed in bf16)."""
+        if not self.usable:
+            return False
         probes = torch.randn(samples, self.weight.shape[1], generator=torch.Generator().manual_seed(0))
         for rows in (probes[:1], probes):  # one row takes a matrix-vector kernel, several a matrix one
             approx, bound = self.approximate(rows)
