@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gptlab.model
 from gptlab import checkpoint as ckpt
 from gptlab.cli import main
 from gptlab.config import GPTConfig, TrainConfig
@@ -271,7 +272,8 @@ def test_accumulated_step_equals_one_big_batch(tmp_path):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
-def test_training_lowers_the_loss_and_writes_metrics_plot_checkpoints(tmp_path):
+def test_training_lowers_the_loss_and_writes_metrics_plot_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setattr(gptlab.model, "LOSS_CHUNK_ELEMENTS", 32 * 20)  # the chunked loss, with its kept buffers
     result, _ = run(tmp_path, train_config(max_steps=24, eval_interval=8))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["split"] == "train"]
@@ -283,6 +285,7 @@ def test_training_lowers_the_loss_and_writes_metrics_plot_checkpoints(tmp_path):
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert len(kept) <= 3 and "step-0000024" in kept
     assert result.step == 24 and math.isfinite(result.best_val_loss)
+    assert not vars(gptlab.model._loss_buffers)  # the kept loss buffers are freed when training ends
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])

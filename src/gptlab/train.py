@@ -29,6 +29,7 @@ from gptlab import checkpoint as ckpt
 from gptlab import distributed
 from gptlab.config import TASK_DEFAULTS, TrainConfig
 from gptlab.errors import GptlabError
+from gptlab.model import release_loss_buffers
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -716,6 +717,7 @@ def train(
         )
     finally:
         ckpt.unlock_run(Path(run_dir))  # taken by start_run on rank 0; nothing to do elsewhere
+        release_loss_buffers()  # so that what follows in this process (generation, evaluation) has the memory
 
 
 def _train_loop(
