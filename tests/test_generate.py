@@ -152,6 +152,22 @@ def test_decoding_head_equals_the_model_head_after_weight_updates(model):
     assert torch.allclose(decoding_head(model)(hidden), model.lm_head(hidden), atol=1e-4)
 
 
+def test_decoding_follows_a_fused_optimizer_step_which_leaves_the_version_unchanged(model, monkeypatch):
+    import gptlab.train
+
+    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)  # the screen too, wherever this runs
+    model.train()
+    hidden = torch.randn(3, 32)
+    decoding_head(model)(hidden), greedy_screen(model, greedy())(hidden)  # both copies made and kept
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[2, 3, 4, 5]])).backward()
+    version = model.lm_head.weight._version
+    optimizer.step()
+    assert model.lm_head.weight._version == version  # what makes the version alone not enough
+    assert torch.allclose(decoding_head(model)(hidden), model.lm_head(hidden), atol=1e-4)
+    assert torch.equal(greedy_screen(model, greedy())(hidden), model.lm_head(hidden).argmax(dim=-1))
+
+
 def test_bf16_model_generates(model):
     rows = generate_ids(model.to(torch.bfloat16), [[1, 2], [3]], greedy(max_new_tokens=30))
     assert [len(r) for r in rows] == [30, 30]

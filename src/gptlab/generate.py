@@ -155,16 +155,30 @@ def _plain_cpu_weight(head: torch.nn.Module | None) -> torch.Tensor | None:
     return head.weight
 
 
+# Weight entries compared to tell whether a head changed in place: fused optimizers (AdamW's fused
+# kernel) update weights without bumping their version counter, and an optimizer step changes every
+# row of a head (the softmax's gradient reaches all of them).
+FINGERPRINT_ENTRIES = 4096
+
+
+def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    flat = weight.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // FINGERPRINT_ENTRIES)]
+
+
 def _derived(cache: weakref.WeakKeyDictionary, head: torch.nn.Module, make: Callable):
-    """`make(weight)` for the head's current weight, made once per weight version and kept while it lives."""
+    """`make(weight)` for the head's current weight, made again when the weight changed and kept while it lives.
+
+    A change is a new tensor, a new version (in-place updates bump it) or, for updates that do not
+    (fused optimizers), different values at a spread of entries."""
     weight = head.weight
     key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
     cached = cache.get(head)
-    if cached is None or cached[:2] != key:
+    if cached is None or cached[:2] != key or not torch.equal(cached[2], _fingerprint(weight)):
         with torch.no_grad():
-            cached = (*key, make(weight.detach()))
+            cached = (*key, _fingerprint(weight).clone(), make(weight.detach()))
         cache[head] = cached
-    return cached[2]
+    return cached[3]
 
 
 def decoding_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
