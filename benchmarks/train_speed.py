@@ -177,7 +177,9 @@ def flops_per_token(shape: str) -> float:
     return train_flops_per_token(GPTConfig(**fields), fields["context_length"])
 
 
-def table(results: dict, fp32_flops: float) -> str:
+def table(results: dict, rates: dict[str, float]) -> str:
+    """The results as a table; MFU against the matrix-product rate of the variant's own dtype (the bf16
+    row, which runs only on bf16 units, against bf16's; emulated bf16 against fp32's)."""
     header = (
         f"{'shape':<11} {'implementation':<13} {'variant':<14} {'tokens/s':>9} {'vs HF':>6} {'MFU':>6} "
         f"{'peak MiB':>15} {'step MiB':>15} {'compile s':>9}"
@@ -190,7 +192,8 @@ def table(results: dict, fp32_flops: float) -> str:
             continue
         base = results[f"{shape}/transformers/fp32"]
         ratio = r["tokens_per_second"] / base["tokens_per_second"]
-        mfu = r["tokens_per_second"] * flops_per_token(shape) / fp32_flops
+        peak_rate = rates["bfloat16"] if variant == "bf16" else rates["float32"]
+        mfu = r["tokens_per_second"] * flops_per_token(shape) / peak_rate
         peak = f"{r['peak_rss_mib']:,.0f} ({r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x)"
         step = f"{r['step_peak_mib']:,.0f} ({r['step_peak_mib'] / max(base['step_peak_mib'], 1):.2f}x)"
         lines.append(
@@ -260,7 +263,7 @@ def main() -> None:
         )
     results = {key: results[key] for key in sorted(results, key=lambda k: order(k, runs))}
     print(f"matmul 1024^3: fp32 {rates['float32'] / 1e9:,.0f} GFLOP/s, bf16 {rates['bfloat16'] / 1e9:,.0f} GFLOP/s")
-    print(table(results, rates["float32"]))
+    print(table(results, rates))
     loads = [r["load_average"] for r in results.values() if "load_average" in r]
     if loads and max(loads) > (os.cpu_count() or 1) + 0.5:  # the benchmark itself keeps every core busy
         print(f"warning: 1-minute load average reached {max(loads):.1f} during the run; the figures are disturbed")
