@@ -132,7 +132,7 @@ def _left_padded(windows: list[list[int]], device: torch.device) -> tuple[torch.
     return ids, mask
 
 
-# lm_head module -> (data pointer, version, derived tensor); see `decoding_head` and `greedy_screen`.
+# lm_head module -> (data pointer, version, fingerprint, derived copy); see `_derived`.
 _TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -187,7 +187,7 @@ def decoding_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tens
     On the CPU a few vectors times the head stored as (C, V) stream memory about twice as fast as
     F.linear's (V, C) layout (5.8 against 11.3 ms for GPT-2's 50257 x 384 head on one core), and the
     head is most of a decoding step's work on small models. So a plain bias-free head gets a transposed
-    copy, made once per weight version and kept while the model lives; other heads are used as they are.
+    copy, made again when the weight changes (`_derived`); other heads are used as they are.
     """
     head = _plain_head(model)
     if _plain_cpu_weight(head) is None:
@@ -223,7 +223,8 @@ class GreedyScreen:
         # of bf16: rounding h moves each logit by up to u |h| max |bf16(w)|, rounding w by |h| max
         # |w - bf16(w)|; the products of bf16 numbers are exact in fp32, their sum over C <= 2^14 terms
         # errs by at most 2^-10 |h| max |bf16(w)|, and rounding the result to bf16 by u of it. These
-        # add up to less than 2^-6 |h| max |bf16(w)|. (The tiny term covers numbers below bf16's range.)
+        # add up to less than 2^-6 |h| max |bf16(w)|. (The tiny term in `approximate` covers subnormals,
+        # whose rounding is not relative.)
         self.bound_per_norm = weight_error + largest_row / 64
         self.usable = weight.shape[1] <= 2**14
 
