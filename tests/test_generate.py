@@ -13,6 +13,7 @@ from gptlab.generate import (
     GreedyScreen,
     decode_steps,
     decoding_head,
+    draw,
     generate,
     generate_ids,
     greedy_screen,
@@ -293,6 +294,19 @@ def test_sampling_follows_the_tempered_distribution():
     hot = sample_next(logits, GenerationConfig(temperature=2.0), generator=generator)
     expected = probs.sqrt() / probs.sqrt().sum()
     assert torch.allclose(torch.bincount(hot, minlength=3) / 20000, expected, atol=0.015)
+
+
+def test_draw_follows_each_rows_probabilities_and_never_picks_a_zero():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0]])  # rows need not sum to 1
+    drawn = torch.stack([draw(probs, generator) for _ in range(20000)])  # (20000, 2)
+    first = torch.bincount(drawn[:, 0], minlength=5) / 20000
+    assert torch.allclose(first, torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]), atol=0.015)
+    assert first[1] == 0 and first[4] == 0  # not even the last entry, where rounding could land
+    assert (drawn[:, 1] == 4).all()
+    tiny = torch.full((1, 50257), 1e-30)
+    tiny[0, 123] = 1.0
+    assert draw(tiny, generator).item() == 123
 
 
 def test_seed_makes_sampling_reproducible():

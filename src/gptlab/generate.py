@@ -1,7 +1,7 @@
 """Text generation: decoding strategies, the KV-cached decoding loop, batching, stop strings, streaming, chat.
 
 Layers, lowest first:
-    sample_next(logits, config)              one token per row from last-position logits
+    sample_next(logits, config)              one token per row from last-position logits (`draw` samples)
     decode_steps(model, prompt_ids, config)  every row's next token, step after step
     generate_ids(model, prompt_ids, config)  the new token ids of each prompt
     stream(model, tokenizer, prompt, config) the completion as text pieces, valid UTF-8 each
@@ -94,7 +94,27 @@ def sample_next(
         logits = keep_top_p(logits, config.top_p)
     if config.min_p > 0:
         logits = keep_min_p(logits, config.min_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return draw(logits.softmax(dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index (B,) from each row's probabilities (B, V), which need not sum to exactly 1.
+
+    On a CPU, `torch.multinomial` draws a random number for every entry of the row, 1.2 ms for GPT-2's
+    50,257 tokens, as long as the rest of a decoding step. Here a CPU inverts the cumulative
+    distribution instead: one uniform number a row, the cumulative sum in float64 (so that rounding
+    moves no token's share by more than about 1e-12), and a binary search, about 0.1 ms. An entry of
+    probability 0 is never drawn: the search finds the first cumulative sum above the number, which
+    only a token with a share can be.
+    """
+    if probs.device.type != "cpu":  # GPUs draw all those numbers in parallel (and MPS has no float64)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    cumulative = probs.double().cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    uniform = torch.rand(total.shape, dtype=torch.float64, generator=generator) * total
+    # rand is below 1, but the product can round up to the total, past the last token with a share.
+    uniform = torch.minimum(uniform, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, uniform, right=True).squeeze(1)
 
 
 def make_generator(config: GenerationConfig, device: torch.device) -> torch.Generator | None:
