@@ -249,25 +249,25 @@ class GreedyScreen:
         self.usable = weight.shape[1] <= 2**14
 
     def approximate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """bf16 logits (V, B), and the bound E (B,) of their distance from the fp32 logits."""
+        """The bf16 logits (V, B), converted to fp32, and the bound E (B,) of their distance from fp32's."""
         low = hidden.to(torch.bfloat16)
         # Both orientations read the (V, C) weight row by row, the way these CPU kernels stream fastest;
         # one row goes to the matrix-vector kernel, which here is 1.7x faster than a product with N = 1.
         logits = torch.mv(self.low, low[0])[:, None] if len(low) == 1 else self.low @ low.t()
         bound = torch.linalg.vector_norm(hidden, dim=1) * self.bound_per_norm + torch.finfo(torch.float32).tiny
-        return logits, bound
+        return logits.float(), bound
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """The next token (B,) of each row from its last hidden state (B, C)."""
         batch = hidden.shape[0]
         approx, bound = self.approximate(hidden)
-        threshold = approx.amax(dim=0).float() - 2 * bound
-        # Lowered by 2^-7 of its size before rounding to bf16 (which moves it by at most 2^-8), so the
-        # bf16 comparison keeps every candidate without converting all V logits to fp32.
-        threshold = (threshold - threshold.abs() / 128).to(torch.bfloat16)
-        vocab_ids, rows = (approx >= threshold).nonzero(as_tuple=True)
-        if batch == 1 and 0 < len(vocab_ids) <= SCREEN_MAX_CANDIDATES:  # argmax picks the first of ties, too
-            return vocab_ids[(self.weight[vocab_ids] @ hidden[0]).argmax()].view(1)
+        if batch == 1:  # one row: 1-d reductions and search, about 60 us faster than over a (V, 1) matrix
+            logits = approx[:, 0]
+            vocab_ids = (logits >= logits.max() - 2 * bound).nonzero()[:, 0]
+            if 0 < len(vocab_ids) <= SCREEN_MAX_CANDIDATES:  # argmax picks the first of ties, as fp32's would
+                return vocab_ids[(self.weight[vocab_ids] @ hidden[0]).argmax()].view(1)
+            return (hidden @ self.weight.t()).argmax(dim=-1)
+        vocab_ids, rows = (approx >= approx.amax(dim=0) - 2 * bound).nonzero(as_tuple=True)
         if vocab_ids.numel() <= SCREEN_MAX_CANDIDATES * batch:
             exact = (self.weight[vocab_ids] * hidden[rows]).sum(dim=1)
             best = exact.new_full((batch,), float("-inf")).scatter_reduce(0, rows, exact, "amax")
@@ -285,7 +285,7 @@ class GreedyScreen:
         probes = torch.randn(samples, self.weight.shape[1], generator=torch.Generator().manual_seed(0))
         for rows in (probes[:1], probes):  # one row takes a matrix-vector kernel, several a matrix one
             approx, bound = self.approximate(rows)
-            error = (approx.float() - self.weight @ rows.t()).abs().amax(dim=0)
+            error = (approx - self.weight @ rows.t()).abs().amax(dim=0)
             if not bool((error <= bound / 2).all()):
                 return False
         return True
