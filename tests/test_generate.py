@@ -211,6 +211,21 @@ def test_greedy_screen_bound_covers_the_bf16_error():
     assert candidates.max() <= 30  # and it is not vacuous: at most a tenth of the 300 tokens stay
 
 
+def test_greedy_screen_holds_for_tiny_and_subnormal_hidden_states():
+    generator = torch.Generator().manual_seed(0)
+    nearly_equal = torch.randn(1, 64, generator=generator) * 0.02 + torch.randn(512, 64, generator=generator) * 1e-4
+    screen = GreedyScreen(nearly_equal)
+    hidden = torch.randn(20, 64, generator=generator) * 1e-24  # |h|^2 underflows in fp32
+    expected = (hidden.double() @ nearly_equal.double().t()).argmax(dim=-1)
+    assert torch.equal(screen(hidden), expected)
+    assert [screen(row[None]).item() for row in hidden] == expected.tolist()
+    # Subnormal entries round by an absolute amount in bf16 (here the first by a third of itself).
+    head = torch.tensor([[1e15, 0.0], [0.0, 0.7e15]])
+    subnormal = torch.tensor([[1.49 * 2.0**-133, 2.0**-132]])
+    assert (subnormal @ head.t()).argmax().item() == 0 != (subnormal.bfloat16().float() @ head.t()).argmax().item()
+    assert GreedyScreen(head)(subnormal).item() == 0
+
+
 def test_greedy_screen_falls_back_where_every_token_ties_or_the_state_is_not_finite():
     screen = GreedyScreen(torch.zeros(3000, 16))  # every logit 0: all 3,000 tokens are candidates
     assert screen(torch.randn(2, 16)).tolist() == [0, 0]
@@ -307,6 +322,12 @@ def test_draw_follows_each_rows_probabilities_and_never_picks_a_zero():
     tiny = torch.full((1, 50257), 1e-30)
     tiny[0, 123] = 1.0
     assert draw(tiny, generator).item() == 123
+
+
+@pytest.mark.parametrize("row", [[float("nan"), 1.0], [0.0, 0.0], [0.5, -0.1], [float("inf"), 1.0]])
+def test_draw_refuses_rows_that_are_not_probabilities(row):
+    with pytest.raises(GptlabError, match="cannot sample"):
+        draw(torch.tensor([[0.5, 0.5], row]))
 
 
 def test_seed_makes_sampling_reproducible():

@@ -99,6 +99,15 @@ def test_left_padded_batch_matches_rows_alone():
     assert torch.isfinite(logits).all()
 
 
+def test_a_cache_made_without_gradients_serves_a_forward_with_them():
+    config = CONFIGS[2]
+    model = GPT(config)
+    with torch.no_grad():
+        cache = KVCache(config, batch_size=1)
+    logits = model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    assert logits.requires_grad and cache.length == 3
+
+
 def test_positions_past_context_raise_clear_error():
     config = CONFIGS[2]
     model = GPT(config)

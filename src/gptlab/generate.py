@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import math
 import numbers
 import os
 import sys
@@ -111,6 +112,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     cumulative = probs.double().cumsum(dim=-1)
     total = cumulative[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all() and (probs >= 0).all()):
+        raise GptlabError(
+            "cannot sample: a row of probabilities is NaN, infinite, negative or all zero "
+            "(the model's logits are not finite: check the checkpoint, or decode greedily to see where it breaks)"
+        )
     uniform = torch.rand(total.shape, dtype=torch.float64, generator=generator) * total
     # rand is below 1, but the product can round up to the total, past the last token with a share.
     uniform = torch.minimum(uniform, torch.nextafter(total, torch.zeros_like(total)))
@@ -152,7 +158,7 @@ def _left_padded(windows: list[list[int]], device: torch.device) -> tuple[torch.
     return ids, mask
 
 
-# lm_head module -> (data pointer, version, fingerprint, derived copy); see `_derived`.
+# lm_head module -> (data pointer, dtype, shape, version, fingerprint, derived copy); see `_derived`.
 _TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -177,28 +183,29 @@ def _plain_cpu_weight(head: torch.nn.Module | None) -> torch.Tensor | None:
 
 # Weight entries compared to tell whether a head changed in place: fused optimizers (AdamW's fused
 # kernel) update weights without bumping their version counter, and an optimizer step changes every
-# row of a head (the softmax's gradient reaches all of them).
-FINGERPRINT_ENTRIES = 4096
+# row of a head (the softmax's gradient reaches all of them). Up to 64 x 64 of them.
+FINGERPRINT_SIDE = 64
 
 
 def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
-    flat = weight.detach().reshape(-1)
-    return flat[:: max(1, flat.numel() // FINGERPRINT_ENTRIES)]
+    rows, columns = weight.shape
+    return weight.detach()[:: max(1, rows // FINGERPRINT_SIDE), :: max(1, columns // FINGERPRINT_SIDE)]
 
 
 def _derived(cache: weakref.WeakKeyDictionary, head: torch.nn.Module, make: Callable):
     """`make(weight)` for the head's current weight, made again when the weight changed and kept while it lives.
 
     A change is a new tensor, a new version (in-place updates bump it) or, for updates that do not
-    (fused optimizers), different values at a spread of entries."""
+    (fused optimizers), different values at a grid of entries spread over the weight. An edit through
+    `.data` that misses every entry of the grid goes unseen, as it does for autograd."""
     weight = head.weight
-    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+    key = (weight.data_ptr(), weight.dtype, weight.shape, 0 if weight.is_inference() else weight._version)
     cached = cache.get(head)
-    if cached is None or cached[:2] != key or not torch.equal(cached[2], _fingerprint(weight)):
+    if cached is None or cached[:4] != key or not torch.equal(cached[4], _fingerprint(weight)):
         with torch.no_grad():
             cached = (*key, _fingerprint(weight).clone(), make(weight.detach()))
         cache[head] = cached
-    return cached[3]
+    return cached[5]
 
 
 def decoding_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -239,14 +246,17 @@ class GreedyScreen:
         rounded = self.low.float()
         weight_error = torch.linalg.vector_norm(weight - rounded, dim=1).max().item()  # max |w - bf16(w)|
         largest_row = torch.linalg.vector_norm(rounded, dim=1).max().item()  # max |bf16(w)|
-        # E = |h| (max |w - bf16(w)| + max |bf16(w)| / 64), by Cauchy-Schwarz, with u = 2^-8 the rounding
-        # of bf16: rounding h moves each logit by up to u |h| max |bf16(w)|, rounding w by |h| max
-        # |w - bf16(w)|; the products of bf16 numbers are exact in fp32, their sum over C <= 2^14 terms
-        # errs by at most 2^-10 |h| max |bf16(w)|, and rounding the result to bf16 by u of it. These
-        # add up to less than 2^-6 |h| max |bf16(w)|. (The tiny term in `approximate` covers subnormals,
-        # whose rounding is not relative.)
+        width = weight.shape[1]
+        # E = |h| (max |w - bf16(w)| + max |bf16(w)| / 64) + a term for subnormal numbers, by
+        # Cauchy-Schwarz, with u = 2^-8 the rounding of bf16: rounding h moves each logit by up to
+        # u |h| max |bf16(w)|, rounding w by |h| max |w - bf16(w)|; the products of bf16 numbers are
+        # exact in fp32, their sum over C <= 2^14 terms errs by at most 2^-10 |h| max |bf16(w)|, and
+        # rounding the result to bf16 by u of it: less than 2^-6 |h| max |bf16(w)| together. Below the
+        # normal range rounding is absolute, not relative: up to 2^-134 for each entry of h and for the
+        # result in bf16, 2^-150 for each fp32 addition.
         self.bound_per_norm = weight_error + largest_row / 64
-        self.usable = weight.shape[1] <= 2**14
+        self.subnormal_error = (largest_row * math.sqrt(width) + 1) * 2.0**-134 + width * 2.0**-150
+        self.usable = width <= 2**14
 
     def approximate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The bf16 logits (V, B), converted to fp32, and the bound E (B,) of their distance from fp32's."""
@@ -254,8 +264,9 @@ class GreedyScreen:
         # Both orientations read the (V, C) weight row by row, the way these CPU kernels stream fastest;
         # one row goes to the matrix-vector kernel, which here is 1.7x faster than a product with N = 1.
         logits = torch.mv(self.low, low[0])[:, None] if len(low) == 1 else self.low @ low.t()
-        bound = torch.linalg.vector_norm(hidden, dim=1) * self.bound_per_norm + torch.finfo(torch.float32).tiny
-        return logits.float(), bound
+        # |h| in float64: its squares underflow in fp32 once every entry is below about 1e-23.
+        norm = torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float64)
+        return logits.float(), (norm * self.bound_per_norm + self.subnormal_error).float()
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """The next token (B,) of each row from its last hidden state (B, C)."""
@@ -278,12 +289,14 @@ class GreedyScreen:
                 return tokens
         return (hidden @ self.weight.t()).argmax(dim=-1)
 
-    def holds(self, samples: int = 4) -> bool:
-        """Whether this CPU's bf16 products stay within the bound (they would not if they summed in bf16)."""
+    def holds(self, batch_sizes: Sequence[int] = (1, 4, 16, 64)) -> bool:
+        """Whether this CPU's bf16 products stay within the bound (they would not if they summed in bf16),
+        for the batch sizes decoding uses (one row takes a matrix-vector kernel, more rows others)."""
         if not self.usable:
             return False
-        probes = torch.randn(samples, self.weight.shape[1], generator=torch.Generator().manual_seed(0))
-        for rows in (probes[:1], probes):  # one row takes a matrix-vector kernel, several a matrix one
+        probes = torch.randn(max(batch_sizes), self.weight.shape[1], generator=torch.Generator().manual_seed(0))
+        for size in batch_sizes:
+            rows = probes[:size]
             approx, bound = self.approximate(rows)
             error = (approx - self.weight @ rows.t()).abs().amax(dim=0)
             if not bool((error <= bound / 2).all()):

@@ -459,9 +459,11 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         # Each layer's views made once: `narrow` on them is cheaper per step than indexing with a tuple.
-        # (Not `unbind`: its views may not be written in place when the cache is used with gradients.)
-        self.layer_keys = [self.keys[layer] for layer in range(config.n_layer)]
-        self.layer_values = [self.values[layer] for layer in range(config.n_layer)]
+        # (Not `unbind`, and not under no_grad: such views may not be written in place when the cache is
+        # used with gradients.)
+        with torch.enable_grad():
+            self.layer_keys = [self.keys[layer] for layer in range(config.n_layer)]
+            self.layer_values = [self.values[layer] for layer in range(config.n_layer)]
         self.key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_length = max_length
