@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from host import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -269,7 +270,7 @@ def main() -> None:
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": describe(),
         "cpus": os.cpu_count(),
         "threads": threads,
         "device": str(device),

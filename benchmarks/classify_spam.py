@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
+
+from host import describe
 
 RESULTS = Path(__file__).parent / "results" / "classify_spam.json"
 SPLIT = {"source": "sms-spam", "balance": "downsample"}  # the book's setup; split and seed are the defaults
@@ -120,14 +121,6 @@ def tfidf_baselines() -> dict[str, dict]:
     return results
 
 
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("runs/bench-spam"), help="folder for the runs")
@@ -173,7 +166,7 @@ def main() -> None:
         print(f"(gptlab: {pretrained['seconds']:.0f} s pretraining on {pretrained['messages']} unlabelled messages, "
               f"then {finetune_seconds} s finetuning per seed)")  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"platform": platform.platform(), "cpu": cpu_model(), "threads": args.threads, "cpus": os.cpu_count()}
+    machine = {**describe(), "threads": args.threads}
     results = {
         "machine": machine, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "base_model": {**BASE_MODEL, **TOKENIZER} if pretrained else str(base), "pretraining": pretrained,

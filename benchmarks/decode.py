@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from gptlab.config import GenerationConfig, get_preset
 from gptlab.generate import generate_ids
 from gptlab.interop import state_dict_to_hf
 from gptlab.model import GPT
+from host import describe
 
 RESULTS = Path(__file__).parent / "results" / "decode.json"
 PROMPT_TOKENS, BATCH = 16, 8
@@ -188,10 +188,8 @@ def main() -> None:
         "new_tokens": n,
         "repeats": args.repeats,
         "machine": {
-            "processor": platform.processor() or platform.machine(),
+            **describe(),
             "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
         },
         "tokens_per_second": rates,

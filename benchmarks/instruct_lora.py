@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections import Counter
 from pathlib import Path
+
+from host import describe
 
 RESULTS = Path(__file__).parent / "results" / "instruct_lora.json"
 BASE_MODEL = {"context_length": 256}  # the demo preset, with room for the longest instruction examples
@@ -123,7 +124,7 @@ def main() -> None:
     results = {
         "base": str(base), "data": "instruction-data", "steps": args.steps, "batch_size": args.batch_size,
         "lora_rank": args.lora_rank, "lora_targets": args.lora_targets, "runs": runs, "lora_loss_ratio": ratio, "lora_124m": share,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads},
+        "machine": {**describe(), "threads": args.threads},
     }  # fmt: skip
     RESULTS.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {RESULTS}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from gptlab.instruct import collate, encode_example, load_records
 from gptlab.model import GPT
 from gptlab.templates import get_template
 from gptlab.tokenizer import GPT2Tokenizer
+from host import describe
 
 RESULTS = Path(__file__).parent / "results" / "instruct_step.json"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "instruction-data.json"
@@ -99,7 +99,7 @@ def main() -> None:
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     RESULTS.write_text(json.dumps({**previous, args.preset: {
         "command": "benchmarks/instruct_step.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "machine": describe(),
         "load_average": os.getloadavg()[0], "targeted_share": targeted,
         "median_seconds": medians, "speedup": before / after, "largest_loss_difference": agree,
     }}, indent=1) + "\n")  # fmt: skip

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from host import describe
 
 RESULTS = Path(__file__).parent / "results" / "preference_dpo.json"
 DEFAULT_BASE = Path("runs/bench-instruct/all")
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true", help="only part 2")
     args = parser.parse_args()
 
-    results: dict = {"machine": platform.processor() or platform.machine(), "threads": args.threads}
+    results: dict = {"machine": describe(), "threads": args.threads}
     import torch
 
     results["torch"] = torch.__version__

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+from host import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serve_batching.json"
@@ -139,7 +140,7 @@ def main() -> None:
     result = {
         "preset": args.preset, "clients": args.clients, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "summary": summary, "speedup": speedup, "same_completions": same,
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "machine": describe(), "torch": torch.__version__,
         "load_average_at_end": os.getloadavg(),
     }  # fmt: skip
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

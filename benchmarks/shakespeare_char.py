@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from host import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "shakespeare-char.yaml"
@@ -146,7 +147,7 @@ def main() -> None:
         f"{TARGET['train_seconds']:.0f} s) {'met' if met else 'missed'}"
     )
     meta = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": describe(),
         "cpus": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "torch": torch.__version__,

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from host import describe
 
 RESULTS = Path(__file__).parent / "results" / "startup.json"
 GPTLAB = str(Path(sys.executable).with_name("gptlab"))
@@ -102,7 +103,7 @@ def main() -> None:
     print("slowest top-level imports of gptlab.cli: " + ", ".join(f"{name} {ms:.0f} ms" for ms, name in profile))
     results = {
         "meta": {
-            "machine": platform.processor() or platform.machine(),
+            "machine": describe(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
             "repeats": args.repeats,

@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from host import describe
 
 SHAPES = {
     # name: (model fields, batch size)
@@ -268,7 +269,7 @@ def main() -> None:
     if loads and max(loads) > (os.cpu_count() or 1) + 0.5:  # the benchmark itself keeps every core busy
         print(f"warning: 1-minute load average reached {max(loads):.1f} during the run; the figures are disturbed")
     meta = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": describe(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "steps": args.steps,
