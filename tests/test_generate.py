@@ -280,6 +280,31 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
     assert [bool(mask[i]) for i in order] == [True] * kept + [False] * (4 - kept)
 
 
+def nucleus_by_full_sort(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """The reference: sort every token, keep those before which the mass has not reached p."""
+    probs = logits.softmax(dim=-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    kept = ordered.cumsum(dim=-1) - ordered < p
+    return torch.zeros_like(kept).scatter(-1, order, kept)
+
+
+@pytest.mark.parametrize("scale", [10.0, 3.0, 0.5])  # nuclei of a few, hundreds to thousands, and most tokens
+def test_top_p_on_a_large_vocabulary_equals_sorting_every_token(scale):
+    logits = torch.randn(3, 20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * scale
+    logits[1] *= 3  # rows of different sharpness in one batch
+    for p in (0.3, 0.9, 0.99):
+        kept = torch.isfinite(keep_top_p(logits, p))
+        assert torch.equal(kept, nucleus_by_full_sort(logits, p))  # float64: no ties among 20,000 values
+    assert 0 < kept.sum() < kept.numel()
+
+
+def test_top_p_keeps_tokens_tied_with_the_least_likely_one_it_keeps():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]])
+    probs = logits.softmax(dim=-1)[0]
+    reaching = (probs[0] + probs[1]).item() + 1e-6  # the nucleus ends inside the tie of three
+    assert torch.isfinite(keep_top_p(logits, reaching)).tolist() == [[True, True, True, True, False]]
+
+
 def test_min_p_drops_tokens_below_a_fraction_of_the_top():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     assert torch.isfinite(keep_min_p(probs.log(), 0.25)).tolist() == [[True, True, True, False]]
