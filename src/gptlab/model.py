@@ -141,9 +141,8 @@ class GPT(nn.Module):
                 positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         if positions is None:
             positions = self.position_ids[past : past + T]
-        x = _dropped(
-            self.embedding_dropout, self.token_embedding(idx) + self.position_embedding(positions)
-        )  # (B, T, C)
+        x = self.token_embedding(idx) + self.position_embedding(positions)  # (B, T, C)
+        x = _dropped(self.embedding_dropout, x)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, causal, cache, layer)
         if cache is not None:
