@@ -172,7 +172,7 @@ def _left_padded(windows: list[list[int]], device: torch.device) -> tuple[torch.
     return ids, mask
 
 
-# lm_head module -> (data pointer, dtype, shape, version, fingerprint, derived copy); see `_derived`.
+# lm_head module -> (its weight's identity and version, fingerprint, derived copy); see `_derived`.
 _TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -214,12 +214,12 @@ def _derived(cache: weakref.WeakKeyDictionary, head: torch.nn.Module, make: Call
     `.data` that misses every entry of the grid goes unseen, as it does for autograd."""
     weight = head.weight
     key = (weight.data_ptr(), weight.dtype, weight.shape, 0 if weight.is_inference() else weight._version)
-    cached = cache.get(head)
-    if cached is None or cached[:4] != key or not torch.equal(cached[4], _fingerprint(weight)):
+    cached = cache.get(head)  # (key, fingerprint, derived copy)
+    if cached is None or cached[0] != key or not torch.equal(cached[1], _fingerprint(weight)):
         with torch.no_grad():
-            cached = (*key, _fingerprint(weight).clone(), make(weight.detach()))
+            cached = (key, _fingerprint(weight).clone(), make(weight.detach()))
         cache[head] = cached
-    return cached[5]
+    return cached[2]
 
 
 def decoding_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -270,7 +270,6 @@ class GreedyScreen:
         # result in bf16, 2^-150 for each fp32 addition.
         self.bound_per_norm = weight_error + largest_row / 64
         self.subnormal_error = (largest_row * math.sqrt(width) + 1) * 2.0**-134 + width * 2.0**-150
-        self.usable = width <= 2**14
 
     def approximate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The bf16 logits (V, B), converted to fp32, and the bound E (B,) of their distance from fp32's."""
@@ -291,22 +290,22 @@ class GreedyScreen:
             vocab_ids = (logits >= logits.max() - 2 * bound).nonzero()[:, 0]
             if 0 < len(vocab_ids) <= SCREEN_MAX_CANDIDATES:  # argmax picks the first of ties, as fp32's would
                 return vocab_ids[(self.weight[vocab_ids] @ hidden[0]).argmax()].view(1)
-            return (hidden @ self.weight.t()).argmax(dim=-1)
-        vocab_ids, rows = (approx >= approx.amax(dim=0) - 2 * bound).nonzero(as_tuple=True)
-        if vocab_ids.numel() <= SCREEN_MAX_CANDIDATES * batch:
-            exact = (self.weight[vocab_ids] * hidden[rows]).sum(dim=1)
-            best = exact.new_full((batch,), float("-inf")).scatter_reduce(0, rows, exact, "amax")
-            winners = exact == best[rows]
-            absent = self.weight.shape[0]
-            tokens = rows.new_full((batch,), absent).scatter_reduce(0, rows[winners], vocab_ids[winners], "amin")
-            if not bool((tokens == absent).any()):  # a row without candidates has NaN or inf in it
-                return tokens
-        return (hidden @ self.weight.t()).argmax(dim=-1)
+        else:
+            vocab_ids, rows = (approx >= approx.amax(dim=0) - 2 * bound).nonzero(as_tuple=True)
+            if vocab_ids.numel() <= SCREEN_MAX_CANDIDATES * batch:
+                exact = (self.weight[vocab_ids] * hidden[rows]).sum(dim=1)
+                best = exact.new_full((batch,), float("-inf")).scatter_reduce(0, rows, exact, "amax")
+                winners = exact == best[rows]
+                absent = self.weight.shape[0]
+                tokens = rows.new_full((batch,), absent).scatter_reduce(0, rows[winners], vocab_ids[winners], "amin")
+                if not bool((tokens == absent).any()):  # a row without candidates has NaN or inf in it
+                    return tokens
+        return (hidden @ self.weight.t()).argmax(dim=-1)  # too many candidates, or a state not finite
 
     def holds(self, batch_sizes: Sequence[int] = (1, 4, 16, 64)) -> bool:
         """Whether this CPU's bf16 products stay within the bound (they would not if they summed in bf16),
         for the batch sizes decoding uses (one row takes a matrix-vector kernel, more rows others)."""
-        if not self.usable:
+        if self.weight.shape[1] > 2**14:  # the bound's sum term assumes C <= 2^14
             return False
         probes = torch.randn(max(batch_sizes), self.weight.shape[1], generator=torch.Generator().manual_seed(0))
         for size in batch_sizes:

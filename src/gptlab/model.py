@@ -389,7 +389,10 @@ def _add_weight_gradient(grad_weight, d_logits, scaled_hidden, first: bool) -> N
         product = torch.mm(
             d_logits.t(), scaled_hidden, out=_loss_buffer("product", shape, d_logits.dtype, d_logits.device)
         )
-        grad_weight.copy_(product) if first else grad_weight.add_(product)
+        if first:
+            grad_weight.copy_(product)
+        else:
+            grad_weight.add_(product)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
