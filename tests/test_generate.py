@@ -130,6 +130,31 @@ def test_generation_past_the_context_slides_the_window(model):
     assert next(steps)[0] == expected
 
 
+def test_decoding_steps_skip_the_modules_of_a_plain_model_with_the_same_tokens(model, monkeypatch):
+    """Single-position steps go through `DecodeStep`; a hooked model takes the modules, to the same tokens."""
+    import gptlab.model
+
+    calls = []
+    monkeypatch.setattr(gptlab.model.DecodeStep, "__call__", _counted(gptlab.model.DecodeStep.__call__, calls))
+    prompts = [[1, 2, 3], list(range(40, 50)), [7]]
+    for config in (greedy(max_new_tokens=12), greedy(max_new_tokens=12, temperature=0.7, seed=3, top_k=20)):
+        plain = generate_ids(model, prompts, config)
+        assert len(calls) == 11  # every step after the prefill
+        model.blocks[0].register_forward_pre_hook(lambda module, args: None)
+        hooked = generate_ids(model, prompts, config)
+        assert hooked == plain and len(calls) == 11
+        model.blocks[0]._forward_pre_hooks.clear()
+        calls.clear()
+
+
+def _counted(function, calls):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return counted
+
+
 def test_decoding_runs_in_inference_mode_and_restores_training_mode():
     scripted = script("abc")
     scripted.train()

@@ -4,7 +4,7 @@ import torch
 from gptlab.config import GPTConfig, get_preset
 from gptlab.errors import GptlabError
 from gptlab.interop import state_dict_from_hf, state_dict_to_hf
-from gptlab.model import GPT, KVCache
+from gptlab.model import GPT, DecodeStep, KVCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -97,6 +97,48 @@ def test_left_padded_batch_matches_rows_alone():
     assert torch.allclose(next_logits[1, -1], alone_long[0, -1], atol=1e-5)
     assert torch.allclose(no_cache[0, -1], alone_short[0, -2], atol=1e-5)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_step_equals_the_modules_bit_for_bit(bias):
+    """The decoding loop's module-free step: plain and padded batches, with and without biases."""
+    config = GPTConfig(vocab_size=97, context_length=32, n_layer=3, n_head=4, n_embd=32, bias=bias, qkv_bias=bias)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():  # non-zero biases and LayerNorm parameters, so each is used where it belongs
+        for name, param in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                param.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
+    step = DecodeStep(model)
+    for rows, padded in ((1, False), (3, False), (3, True)):
+        prompt = torch.randint(0, config.vocab_size, (rows, 6))
+        mask = torch.ones_like(prompt)
+        if padded:
+            mask[1, :2], mask[2, :5] = 0, 0
+        modules, steps = KVCache(config, rows, 20), KVCache(config, rows, 20)
+        with torch.inference_mode():
+            model.hidden_states(prompt, mask, None, modules), model.hidden_states(prompt, mask, None, steps)
+            for _ in range(8):
+                tokens = torch.randint(0, config.vocab_size, (rows,))
+                expected = model.hidden_states(tokens[:, None], None, None, modules)[:, -1]
+                assert torch.equal(step(tokens, steps), expected), (rows, padded)
+        assert steps.length == modules.length == 14
+        assert torch.equal(steps.keys, modules.keys) and torch.equal(steps.next_position, modules.next_position)
+
+
+def test_decode_step_fits_only_a_plain_model_in_evaluation():
+    from gptlab.config import LoRAConfig
+    from gptlab.lora import apply_lora
+
+    model = GPT(CONFIGS[0]).eval()
+    assert DecodeStep.fits(model)
+    assert not DecodeStep.fits(model.train())
+    hooked = GPT(CONFIGS[0]).eval()
+    hooked.blocks[1].mlp.register_forward_hook(lambda module, args, out: out * 2)
+    assert not DecodeStep.fits(hooked)
+    adapted = apply_lora(GPT(CONFIGS[0]), LoRAConfig(rank=2)).eval()
+    assert not DecodeStep.fits(adapted)
+    assert not DecodeStep.fits(torch.nn.Linear(2, 2))
 
 
 def test_a_cache_made_without_gradients_serves_a_forward_with_them():

@@ -355,7 +355,7 @@ def decode_steps(
     caller's business: stop iterating when every row is done. With the cache, the prompts are
     prefilled once and each step runs one position; without, each step recomputes every window.
     """
-    from gptlab.model import KVCache
+    from gptlab.model import DecodeStep, KVCache
 
     context = model.config.context_length
     weight = next(model.parameters())
@@ -374,10 +374,19 @@ def decode_steps(
         max_length = min(context, longest + config.max_new_tokens - 1)
         cache = KVCache(model.config, len(rows), max_length, device=weight.device, dtype=weight.dtype)
 
+    one_position = DecodeStep(model) if cache is not None and DecodeStep.fits(model) else None
+
+    def last_hidden(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if one_position is not None and mask is None and ids.shape[1] == 1:
+            return one_position(ids[:, 0], cache)
+        return model.hidden_states(ids, mask, None, cache)[:, -1]
+
     def next_tokens(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if screen is not None:
-            return screen(model.hidden_states(ids, mask, None, cache)[:, -1])
-        return sample_next(_last_logits(model, head, ids, mask, cache), config, seen, generator)
+            return screen(last_hidden(ids, mask))
+        if head is not None:
+            return sample_next(head(last_hidden(ids, mask)), config, seen, generator)
+        return sample_next(_last_logits(model, None, ids, mask, cache), config, seen, generator)
 
     def prefill() -> torch.Tensor:
         if cache is not None:
