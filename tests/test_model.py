@@ -228,10 +228,12 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(monkeypatch, chunk_
 
 
 @pytest.mark.parametrize("stored_elements", [11 * 8, 1 << 27])  # a weight-gradient product every 2 chunks; one
-def test_chunked_loss_under_bf16_autocast_equals_autocast_cross_entropy(monkeypatch, stored_elements):
+@pytest.mark.parametrize("block_rows", [4, 1024])  # the (C, V) bf16 head copied in blocks of 4, 4 and 3 rows; one
+def test_chunked_loss_under_bf16_autocast_equals_autocast_cross_entropy(monkeypatch, stored_elements, block_rows):
     import gptlab.model as model_module
 
     monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 11 * 4)  # chunks of 4 rows
+    monkeypatch.setattr(model_module, "TRANSPOSE_BLOCK_ROWS", block_rows)
     monkeypatch.setattr(model_module, "LOSS_STORED_GRAD_ELEMENTS", stored_elements)
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, requires_grad=True)
