@@ -145,6 +145,11 @@ def test_decoding_steps_skip_the_modules_of_a_plain_model_with_the_same_tokens(m
         assert hooked == plain and len(calls) == 11
         model.blocks[0]._forward_pre_hooks.clear()
         calls.clear()
+    expected = generate_ids(model, prompts, greedy(max_new_tokens=5))
+    calls.clear()
+    model.train()  # as when training prints samples: decoding switches to evaluation first
+    assert generate_ids(model, prompts, greedy(max_new_tokens=5)) == expected
+    assert len(calls) == 4 and model.training
 
 
 def _counted(function, calls):

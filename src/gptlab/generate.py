@@ -374,7 +374,7 @@ def decode_steps(
         max_length = min(context, longest + config.max_new_tokens - 1)
         cache = KVCache(model.config, len(rows), max_length, device=weight.device, dtype=weight.dtype)
 
-    one_position = DecodeStep(model) if cache is not None and DecodeStep.fits(model) else None
+    one_position = None  # set once the model is in evaluation mode
 
     def last_hidden(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if one_position is not None and mask is None and ids.shape[1] == 1:
@@ -396,6 +396,7 @@ def decode_steps(
     was_training = model.training
     model.eval()
     try:
+        one_position = DecodeStep(model) if cache is not None and DecodeStep.fits(model) else None
         tokens = prefill()  # (B,)
         for step in range(config.max_new_tokens):
             new = tokens.tolist()
