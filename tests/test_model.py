@@ -139,6 +139,19 @@ def test_decode_step_fits_only_a_plain_model_in_evaluation():
     adapted = apply_lora(GPT(CONFIGS[0]), LoRAConfig(rank=2)).eval()
     assert not DecodeStep.fits(adapted)
     assert not DecodeStep.fits(torch.nn.Linear(2, 2))
+    model.blocks[0].train()  # one module still training (its dropout would be skipped)
+    assert not DecodeStep.fits(model)
+    model.eval().blocks[1].mlp.forward = lambda x: x  # a forward patched onto one instance
+    assert not DecodeStep.fits(model)
+    del model.blocks[1].mlp.forward
+    model.blocks = model.blocks[:1]  # fewer blocks than the config (and the cache) has layers
+    assert not DecodeStep.fits(model)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:  # a global hook, as profilers and tracers install
+        assert not DecodeStep.fits(GPT(CONFIGS[0]).eval())
+    finally:
+        handle.remove()
+    assert DecodeStep.fits(GPT(CONFIGS[0]).eval())
 
 
 def test_a_cache_made_without_gradients_serves_a_forward_with_them():
@@ -225,6 +238,22 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(monkeypatch, chunk_
     assert torch.allclose(loss, expected, atol=1e-6)
     assert torch.allclose(hidden.grad, h2.grad, atol=1e-6)
     assert torch.allclose(weight.grad, w2.grad, atol=1e-6)
+
+
+def test_a_loss_under_inference_mode_does_not_break_the_next_training_step(monkeypatch):
+    """The chunked loss keeps its buffers; ones made under inference mode may not be written outside it."""
+    import gptlab.model as model_module
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 11 * 4)
+    model_module.release_loss_buffers()
+    hidden, weight = torch.randn(37, 16), torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 11, (37,))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        evaluated = model_module.linear_cross_entropy(hidden, weight, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model_module.linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    assert torch.equal(loss.detach(), evaluated) and weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("stored_elements", [11 * 8, 1 << 27])  # a weight-gradient product every 2 chunks; one

@@ -335,13 +335,6 @@ def _checked_screen(weight: torch.Tensor) -> GreedyScreen | None:
     return screen if screen.holds() else None
 
 
-def _last_logits(model, head, ids, attention_mask=None, cache=None) -> torch.Tensor:
-    """Logits (B, V) of the last position."""
-    if head is None:
-        return model(ids, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]
-    return head(model.hidden_states(ids, attention_mask, None, cache)[:, -1])
-
-
 @torch.inference_mode()
 def decode_steps(
     model: torch.nn.Module,
@@ -354,7 +347,17 @@ def decode_steps(
     Prompts must be non-empty and fit the context (see `prepare_prompt`). Stopping a row early is the
     caller's business: stop iterating when every row is done. With the cache, the prompts are
     prefilled once and each step runs one position; without, each step recomputes every window.
+    The model decodes in evaluation mode and gets its own mode back afterwards.
     """
+    was_training = model.training
+    model.eval()
+    try:
+        yield from _decode(model, prompt_ids, config, generator)
+    finally:
+        model.train(was_training)
+
+
+def _decode(model, prompt_ids, config, generator) -> Iterator[list[int]]:
     from gptlab.model import DecodeStep, KVCache
 
     context = model.config.context_length
@@ -373,8 +376,7 @@ def decode_steps(
         longest = max(len(r) for r in rows)
         max_length = min(context, longest + config.max_new_tokens - 1)
         cache = KVCache(model.config, len(rows), max_length, device=weight.device, dtype=weight.dtype)
-
-    one_position = None  # set once the model is in evaluation mode
+    one_position = DecodeStep(model) if cache is not None and DecodeStep.fits(model) else None
 
     def last_hidden(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if one_position is not None and mask is None and ids.shape[1] == 1:
@@ -385,34 +387,30 @@ def decode_steps(
         if screen is not None:
             return screen(last_hidden(ids, mask))
         if head is not None:
-            return sample_next(head(last_hidden(ids, mask)), config, seen, generator)
-        return sample_next(_last_logits(model, None, ids, mask, cache), config, seen, generator)
+            logits = head(last_hidden(ids, mask))
+        else:  # a head decoding may not call directly: the model's own forward
+            logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
+        return sample_next(logits, config, seen, generator)
 
     def prefill() -> torch.Tensor:
         if cache is not None:
             cache.reset()
         return next_tokens(*_left_padded([row[start:] for row, start in zip(rows, starts, strict=True)], weight.device))
 
-    was_training = model.training
-    model.eval()
-    try:
-        one_position = DecodeStep(model) if cache is not None and DecodeStep.fits(model) else None
-        tokens = prefill()  # (B,)
-        for step in range(config.max_new_tokens):
-            new = tokens.tolist()
-            yield new
-            if step == config.max_new_tokens - 1:
-                return
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            for row, token in zip(rows, new, strict=True):
-                row.append(token)
-            if _slide_windows(rows, starts, context) or cache is None:
-                tokens = prefill()
-            else:
-                tokens = next_tokens(tokens[:, None])
-    finally:
-        model.train(was_training)
+    tokens = prefill()  # (B,)
+    for step in range(config.max_new_tokens):
+        new = tokens.tolist()
+        yield new
+        if step == config.max_new_tokens - 1:
+            return
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        for row, token in zip(rows, new, strict=True):
+            row.append(token)
+        if _slide_windows(rows, starts, context) or cache is None:
+            tokens = prefill()
+        else:
+            tokens = next_tokens(tokens[:, None])
 
 
 def prepare_prompt(ids: Sequence[int], context_length: int, config: GenerationConfig, eot_id: int | None) -> list[int]:

@@ -281,7 +281,9 @@ def _loss_buffer(name: str, shape: tuple[int, int], dtype, device) -> torch.Tens
     buffers = _loss_buffers.__dict__
     key, numel = (name, dtype, device), shape[0] * shape[1]
     buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
+    # A buffer made under inference mode is an inference tensor, which may not be written outside it.
+    stale = buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled()
+    if buffer is None or buffer.numel() < numel or stale:
         buffers.pop(key, None)  # free the old one before the new one is made
         buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel].view(shape)
@@ -308,7 +310,8 @@ def _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, grads):
     d_logits = _loss_buffer("d_logits", (stored_rows, V), dtype, hidden.device)  # logits, then d loss / d logits
     scaled_hidden = hidden.new_empty((stored_rows, hidden.shape[1]), dtype=dtype) if grad_weight is not None else None
     block_rows = min(rows, LOGPROB_BLOCK_ROWS)
-    fp32_block = None if dtype == torch.float32 else _loss_buffer("fp32", (block_rows, V), torch.float32, hidden.device)
+    low_precision = dtype.itemsize < 4  # bf16, fp16: the softmax goes through fp32 blocks
+    fp32_block = _loss_buffer("fp32", (block_rows, V), torch.float32, hidden.device) if low_precision else None
     stored, first_product = 0, True
     for start in range(0, N, chunk_rows):
         h = hidden[start : start + chunk_rows].to(dtype)  # (n, C)
@@ -328,7 +331,7 @@ def _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, grads):
             _normalize_in_place(torch.log_softmax, chunk)
             target_logprobs = chunk.gather(1, safe_t).squeeze(1)
         else:
-            target_logprobs = _target_logprobs(chunk, safe_t, fp32_block, probabilities=grads is not None)
+            target_logprobs = _target_logprobs(chunk, safe_t, fp32_block, write_softmax=grads is not None)
         loss_sum -= (target_logprobs * keep).sum()
         if grads is None:
             continue
@@ -383,11 +386,11 @@ def _normalize_in_place(function, rows) -> None:
         rows.copy_(function(rows, dim=-1))
 
 
-def _target_logprobs(logits, safe_targets, fp32_block, probabilities: bool = False):
+def _target_logprobs(logits, safe_targets, fp32_block, write_softmax: bool = False):
     """The fp32 log-probability of each row's target, from low-precision logits (n, V), converted and
     normalised `fp32_block`'s rows at a time: 13 -> 9 ms for 333 rows of 50,257 on a CPU (docs/benchmarks.md).
-    With `probabilities`, each row of `logits` is then overwritten by its softmax, the exp of the fp32
-    block while it is still in the cache (22-23 -> 19-20 ms a chunk against a softmax of the chunk later)."""
+    With `write_softmax`, `logits` is overwritten by its softmax, each block's exp written back while the
+    block is still in the cache (22-23 -> 19-20 ms a chunk against a softmax of the chunk afterwards)."""
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     step = fp32_block.shape[0]
     for start in range(0, logits.shape[0], step):
@@ -395,7 +398,7 @@ def _target_logprobs(logits, safe_targets, fp32_block, probabilities: bool = Fal
         block = fp32_block[: rows.shape[0]].copy_(rows)
         _normalize_in_place(torch.log_softmax, block)
         out[start : start + step] = block.gather(1, safe_targets[start : start + step]).squeeze(1)
-        if probabilities:
+        if write_softmax:
             rows.copy_(block.exp_())
     return out
 
@@ -540,9 +543,9 @@ class DecodeStep:
     of (B, 1, C) ones. On a CPU a small model's decoding step is mostly such per-call work: 0.63 -> 0.33 ms
     a token for 6 layers 48 wide (docs/benchmarks.md).
 
-    Each layer's tensors are looked up once, when the step is made; they are the parameters themselves,
-    so in-place updates are seen. `DecodeStep.fits(model)` says whether a model is plain enough for it:
-    in evaluation mode, exactly GPT's modules (so not with LoRA adapters, nor compiled), no hooks.
+    It restates `Block`'s arithmetic, so a change there must be made here too (the bit-for-bit test
+    fails otherwise). Each layer's tensors are looked up when the step is made, once per generation:
+    in-place updates of the parameters are seen, parameters replaced by new tensors are not.
     """
 
     def __init__(self, model: GPT):
@@ -563,7 +566,12 @@ class DecodeStep:
 
     @staticmethod
     def fits(model: nn.Module) -> bool:
-        if not isinstance(model, GPT) or type(model).hidden_states is not GPT.hidden_states or model.training:
+        """Whether the step computes what `model.hidden_states` would: a GPT whose modules are exactly
+        GPT's (not LoRA adapters, not compiled or sharded ones), all in evaluation mode, none with a
+        forward of its own or a hook, and no global module hooks (profilers and tracers use them)."""
+        if not isinstance(model, GPT) or type(model).hidden_states is not GPT.hidden_states:
+            return False
+        if "hidden_states" in vars(model) or len(model.blocks) != model.config.n_layer:
             return False
         kinds = [(model.token_embedding, nn.Embedding), (model.position_embedding, nn.Embedding)]
         kinds.append((model.ln_f, nn.LayerNorm))
@@ -571,28 +579,27 @@ class DecodeStep:
             kinds += [(block, Block), (block.attn, CausalSelfAttention), (block.mlp, MLP)]
             kinds += [(block.ln_1, nn.LayerNorm), (block.ln_2, nn.LayerNorm)]
             kinds += [(linear, nn.Linear) for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)]
-        plain = all(type(module) is kind for module, kind in kinds)
-        return plain and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        if any(type(module) is not kind or "forward" in vars(module) for module, kind in kinds):
+            return False
+        hooks = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks)
+        if any(hooks) or any(m.training or m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+            return False
+        return True
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The final normalised hidden state (B, C) after `tokens` (B,), one new position per row."""
         model = self.model
         B, H, D = tokens.shape[0], self.n_head, self.head_dim
-        start = cache.length
         positions, mask, causal = cache.prepare(1, None, None, model.position_ids)
         x = F.embedding(tokens, model.token_embedding.weight) + F.embedding(
             positions.reshape(-1), model.position_embedding.weight
         )  # (B, C)
-        for (ln_1, qkv, proj, ln_2, fc, out), keys, values in zip(
-            self.layers, cache.layer_keys, cache.layer_values, strict=True
-        ):
+        for layer, (ln_1, qkv, attn_proj, ln_2, fc, mlp_proj) in enumerate(self.layers):
             q, k, v = F.linear(F.layer_norm(x, *ln_1), *qkv).view(B, 3, H, 1, D).unbind(1)  # 3 x (B, H, 1, D)
-            keys.narrow(2, start, 1).copy_(k)
-            values.narrow(2, start, 1).copy_(v)
-            keys, values = keys.narrow(2, 0, start + 1), values.narrow(2, 0, start + 1)  # (B, H, S, D)
+            keys, values = cache.update(layer, k, v)  # (B, H, S, D)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)  # (B, H, 1, D)
-            x = x + F.linear(y.reshape(B, H * D), *proj)
-            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, *ln_2), *fc), approximate="tanh"), *out)
+            x = x + F.linear(y.reshape(B, H * D), *attn_proj)
+            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, *ln_2), *fc), approximate="tanh"), *mlp_proj)
         cache.advance(1)
         return F.layer_norm(x, *self.ln_f)
 
