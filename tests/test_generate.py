@@ -1,3 +1,4 @@
+import dataclasses
 import re
 import warnings
 from itertools import pairwise
@@ -24,7 +25,7 @@ from gptlab.generate import (
     sample_next,
     stream,
 )
-from gptlab.model import GPT
+from gptlab.model import GPT, KVCache
 from gptlab.templates import format_instruction
 from gptlab.tokenizer import ByteTokenizer
 
@@ -115,6 +116,68 @@ def test_batched_rows_equal_generating_each_alone_stopping_on_their_own(model):
 def test_batch_size_splits_prompts_without_changing_results(model):
     prompts = [[i, i + 1] * (i % 4 + 1) for i in range(5)]
     assert generate_ids(model, prompts, greedy(batch_size=2)) == generate_ids(model, prompts, greedy())
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_rows_that_join_as_others_end_decode_as_they_would_alone(use_cache, monkeypatch):
+    """Continuous batching: 2 rows at a time, so each prompt joins when a row ends. They join caches
+    shorter and longer than their prompts (right-aligned or shifting the others), a 23-token prompt
+    outgrows the 24-token context and slides, the cache compacts its shared padding, and a row that
+    ends at end-of-text leaves early."""
+    torch.manual_seed(0)  # an untied head, scaled up: varied tokens, at least 1e-4 apart from the runner-up
+    model = GPT(GPTConfig(vocab_size=257, context_length=24, n_layer=2, n_head=2, n_embd=32, tie_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4), model.token_embedding.weight.mul_(4)
+    prompts = [[5, 6, 7], [9], list(range(30, 53)), list(range(60, 72)), [200, 201], [3] * 8, [17, 18, 19, 20]]
+    free = generate_ids(model, prompts[:1], greedy(max_new_tokens=30))
+    eot = free[0][4]  # the first row ends early, at this token
+    config = greedy(max_new_tokens=30, stop_at_eot=True, use_cache=use_cache)
+    alone = [generate_ids(model, [p], config, eot_id=eot)[0] for p in prompts]
+    events = []
+    join, compact = KVCache.join, KVCache.compact
+
+    def spied_join(cache, other):
+        events.append(("longer" if other.length > cache.length else "shorter", other.length != cache.length))
+        join(cache, other)
+
+    def spied_compact(cache):
+        length = cache.length
+        compact(cache)
+        events.append(("compact", cache.length < length))
+
+    monkeypatch.setattr(KVCache, "join", spied_join)
+    monkeypatch.setattr(KVCache, "compact", spied_compact)
+    joined = generate_ids(model, prompts, dataclasses.replace(config, batch_size=2), eot_id=eot)
+    assert joined == alone
+    assert alone[0] == free[0][:4] and len({len(row) for row in alone}) > 1
+    assert sum(len(set(row)) > 10 for row in alone) >= 4  # varied tokens, not one repeated
+    assert max(len(p) + len(row) for p, row in zip(prompts, alone, strict=True)) > 24  # a window slid
+    if use_cache:  # the cache's ways of taking rows in were all used
+        assert {"shorter", "longer"} <= {kind for kind, _ in events} and ("compact", True) in events
+
+
+def test_decode_rows_takes_rows_as_room_frees_and_ends_the_ones_it_is_told():
+    from gptlab.generate import decode_rows
+
+    gpt = tiny_gpt(embedding_scale=40)
+    waiting = [("a", [1, 2]), ("b", [3]), ("c", [4, 5, 6]), ("d", [7])]
+    asked, ended, seen = [], set(), {}
+
+    def take(room):
+        asked.append(room)
+        chosen, waiting[:] = waiting[:room], waiting[room:]
+        return chosen
+
+    for key, token, count in decode_rows(gpt, greedy(max_new_tokens=3, batch_size=2), take, ended):
+        seen.setdefault(key, []).append(token)
+        assert count == len(seen[key])
+        if key == "a":
+            ended.add(key)  # "a" ends at its first token, making room for "c" at the next step
+    assert [len(seen[key]) for key in "abcd"] == [1, 3, 3, 3]
+    assert asked[:3] == [2, 1, 1] and not ended
+    alone = {key: generate_ids(gpt, [ids], greedy(max_new_tokens=3))[0] for key, ids in
+             [("a", [1, 2]), ("b", [3]), ("c", [4, 5, 6]), ("d", [7])]}  # fmt: skip
+    assert seen["a"] == alone["a"][:1] and all(seen[key] == alone[key] for key in "bcd")
 
 
 def test_generation_past_the_context_slides_the_window(model):

@@ -345,7 +345,7 @@ def wait_for(condition, seconds=30):
         time.sleep(0.01)
 
 
-def test_concurrent_requests_with_the_same_settings_are_decoded_as_one_batch(tmp_path):
+def test_concurrent_requests_with_the_same_settings_join_the_running_batch(tmp_path):
     from gptlab.generate import generate
     from gptlab.serve import create_app
 
@@ -368,7 +368,7 @@ def test_concurrent_requests_with_the_same_settings_are_decoded_as_one_batch(tmp
         release.set()
         for thread in threads:
             thread.join(60)
-    assert batcher.batch_sizes == [1, 3]
+    assert batcher.batch_sizes == [1] and batcher.joined == [3]  # they joined the running batch
     assert [replies[p] for p in prompts] == generate(
         run.model, run.tokenizer, prompts, GenerationConfig(max_new_tokens=6, temperature=0.0)
     )

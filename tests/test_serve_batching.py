@@ -107,7 +107,9 @@ def test_rows_of_one_batch_stop_at_their_own_stop_string_and_the_others_go_on(tm
     requests.append(("stream", "/v1/completions", {**body, "prompt": "abc", "stream": True}))
     with serving(app) as url:
         replies = send_together(url, batcher, release, requests)
-    assert batcher.batch_sizes == [1, 3, 3, 3]
+    # The held request's settings differ, so the nine rows start a batch of 3, and the other six join it
+    # as its rows end.
+    assert batcher.batch_sizes == [1, 3] and sum(batcher.joined) == 6
     singles = [replies[i]["choices"][0] for i in range(len(prompts))]
     assert [c["text"] for c in singles] == [c["text"] for c in replies["multi"]["choices"]] == expected
     assert [c["finish_reason"] for c in singles] == ["length", "stop", "length", "stop"]
@@ -156,7 +158,8 @@ def test_a_batch_that_fails_fails_its_requests_and_the_decoder_goes_on(tmp_path)
             outcomes[key] = "cut off"
 
     with serving(app) as url:
-        holder = threading.Thread(target=ask, args=("held", {"prompt": "Hello", "max_tokens": 5}))
+        # (other settings than the next two, which would otherwise join its batch, and fail it with theirs)
+        holder = threading.Thread(target=ask, args=("held", {"prompt": "Hello", "max_tokens": 4}))
         holder.start()
         wait_for(lambda: batcher.batch_sizes == [1])
         threads = [threading.Thread(target=ask, args=(0, {"prompt": "Hello", "max_tokens": 5})),
@@ -237,7 +240,7 @@ def test_clients_sharing_a_batch_with_one_that_leaves_still_get_their_whole_repl
         release.set()
         for thread in [holder, leaver, *others]:
             thread.join(60)
-    assert batcher.batch_sizes == [1, 3]
+    assert batcher.batch_sizes == [1] and batcher.joined == [3]  # all three joined the held one's batch
     assert replies["plain"] == replies["stream"] == replies["held"] and len(replies["plain"]) >= 150
 
 

@@ -16,6 +16,8 @@ window slides: it keeps its most recent tokens and the cache is recomputed from 
 from __future__ import annotations
 
 import codecs
+import collections
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -23,7 +25,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -349,68 +351,196 @@ def decode_steps(
     prefilled once and each step runs one position; without, each step recomputes every window.
     The model decodes in evaluation mode and gets its own mode back afterwards.
     """
+    longest = max(len(p) for p in prompt_ids)
+    with _evaluating(model):
+        # The cache holds what these rows will need, no more: no row joins later.
+        batch = LiveBatch(model, config, generator, max_length=longest + config.max_new_tokens - 1)
+        tokens = batch.join(prompt_ids)
+        for step in range(config.max_new_tokens):
+            yield tokens
+            if step < config.max_new_tokens - 1:
+                tokens = batch.step()
+
+
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        yield from _decode(model, prompt_ids, config, generator)
+        yield
     finally:
         model.train(was_training)
 
 
-def _decode(model, prompt_ids, config, generator) -> Iterator[list[int]]:
-    from gptlab.model import DecodeStep, KVCache
+class LiveBatch:
+    """Rows decoded together, which may join and leave between steps (continuous batching).
 
-    context = model.config.context_length
-    weight = next(model.parameters())
-    screen = greedy_screen(model, config)
-    head = None if screen is not None else decoding_head(model)
-    rows = [list(p) for p in prompt_ids]
-    starts = [0] * len(rows)
-    seen = None
-    if config.repetition_penalty != 1.0:
-        seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=weight.device)
-        for i, row in enumerate(rows):
-            seen[i, row] = True
-    cache = None
-    if config.use_cache:
-        longest = max(len(r) for r in rows)
-        max_length = min(context, longest + config.max_new_tokens - 1)
-        cache = KVCache(model.config, len(rows), max_length, device=weight.device, dtype=weight.dtype)
-    one_position = DecodeStep(model) if cache is not None and DecodeStep.fits(model) else None
+    Rows that join are prefilled together, apart from the others; with the KV cache their keys and
+    values are then put beside the others', right-aligned at the longer length, so each row attends to
+    its own tokens only and counts its own positions: every row decodes as it would alone (the same
+    greedy tokens; sampled rows share one random generator). Rows that leave are dropped from the cache.
+    When the cache is full, the slots that are padding in every row are dropped first; when a row's
+    window outgrows the context it slides, and every row's window is prefilled again. Without the cache
+    each step recomputes every row's window. The model must be in evaluation mode, under inference mode.
+    """
 
-    def last_hidden(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if one_position is not None and mask is None and ids.shape[1] == 1:
-            return one_position(ids[:, 0], cache)
-        return model.hidden_states(ids, mask, None, cache)[:, -1]
+    def __init__(self, model, config: GenerationConfig, generator=None, max_length: int | None = None):
+        from gptlab.model import DecodeStep
 
-    def next_tokens(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if screen is not None:
-            return screen(last_hidden(ids, mask))
-        if head is not None:
-            logits = head(last_hidden(ids, mask))
+        self.model, self.config, self.generator = model, config, generator
+        self.context = model.config.context_length
+        self.max_length = min(self.context, max_length or self.context)
+        self.weight = next(model.parameters())
+        self.screen = greedy_screen(model, config)
+        self.head = None if self.screen is not None else decoding_head(model)
+        self.one_position = DecodeStep(model) if config.use_cache and DecodeStep.fits(model) else None
+        self.rows: list[list[int]] = []  # each row's tokens, prompt and generated, but the newest
+        self.starts: list[int] = []  # where each row's window begins
+        self.tokens: torch.Tensor | None = None  # (B,) each row's newest token
+        self.seen: torch.Tensor | None = None  # (B, V) the tokens each row has seen, for the repetition penalty
+        self.cache = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        """Add rows for these prompts; return the first token of each."""
+        from gptlab.model import KVCache
+
+        prompts = [list(p) for p in prompts]
+        seen = self._seen(prompts)
+        cache = None
+        if self.config.use_cache:  # the first rows get the batch's cache, later ones one of their own size
+            length = self.max_length if self.cache is None else max(len(p) for p in prompts)
+            cache = KVCache(self.model.config, len(prompts), length, self.weight.device, self.weight.dtype)
+        first = self._next_tokens(*_left_padded(prompts, self.weight.device), cache, seen)
+        if self.cache is None:
+            self.cache = cache
+        elif cache is not None:
+            self.cache.join(cache)
+        self.rows += prompts
+        self.starts += [0] * len(prompts)
+        self.tokens = first if self.tokens is None else torch.cat([self.tokens, first])
+        if seen is not None:
+            self.seen = seen if self.seen is None else torch.cat([self.seen, seen])
+        return first.tolist()
+
+    def step(self) -> list[int]:
+        """Every row's next token."""
+        if self.seen is not None:
+            self.seen.scatter_(1, self.tokens[:, None], True)
+        for row, token in zip(self.rows, self.tokens.tolist(), strict=True):
+            row.append(token)
+        if _slide_windows(self.rows, self.starts, self.context) or self.cache is None:
+            self.tokens = self._prefill()
+        else:
+            if self.cache.length == self.cache.max_length:
+                self.cache.compact()
+            self.tokens = self._next_tokens(self.tokens[:, None], None, self.cache, self.seen)
+        return self.tokens.tolist()
+
+    def leave(self, rows: Iterable[int]) -> None:
+        """Drop these rows (indices into the batch's current rows)."""
+        gone = set(rows)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.starts = [self.starts[i] for i in keep]
+        if not keep:
+            self.tokens = self.seen = self.cache = None
+            return
+        index = torch.tensor(keep, device=self.weight.device)
+        self.tokens = self.tokens[index]
+        if self.seen is not None:
+            self.seen = self.seen[index]
+        if self.cache is not None:
+            self.cache.keep_rows(index)
+
+    def _seen(self, prompts: list[list[int]]) -> torch.Tensor | None:
+        if self.config.repetition_penalty == 1.0:
+            return None
+        seen = torch.zeros(len(prompts), self.model.config.vocab_size, dtype=torch.bool, device=self.weight.device)
+        for i, prompt in enumerate(prompts):
+            seen[i, prompt] = True
+        return seen
+
+    def _prefill(self) -> torch.Tensor:
+        """Every row's next token from its whole window, the cache filled again."""
+        if self.cache is not None:
+            self.cache.reset()
+        windows = [row[start:] for row, start in zip(self.rows, self.starts, strict=True)]
+        return self._next_tokens(*_left_padded(windows, self.weight.device), self.cache, self.seen)
+
+    def _next_tokens(self, ids, mask, cache, seen) -> torch.Tensor:
+        model = self.model
+        if self.one_position is not None and mask is None and ids.shape[1] == 1:
+            hidden = self.one_position(ids[:, 0], cache)
+        elif self.screen is not None or self.head is not None:
+            hidden = model.hidden_states(ids, mask, None, cache)[:, -1]
+        if self.screen is not None:
+            return self.screen(hidden)
+        if self.head is not None:
+            logits = self.head(hidden)
         else:  # a head decoding may not call directly: the model's own forward
             logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
-        return sample_next(logits, config, seen, generator)
+        return sample_next(logits, self.config, seen, self.generator)
 
-    def prefill() -> torch.Tensor:
-        if cache is not None:
-            cache.reset()
-        return next_tokens(*_left_padded([row[start:] for row, start in zip(rows, starts, strict=True)], weight.device))
 
-    tokens = prefill()  # (B,)
-    for step in range(config.max_new_tokens):
-        new = tokens.tolist()
-        yield new
-        if step == config.max_new_tokens - 1:
-            return
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
-        for row, token in zip(rows, new, strict=True):
-            row.append(token)
-        if _slide_windows(rows, starts, context) or cache is None:
-            tokens = prefill()
-        else:
-            tokens = next_tokens(tokens[:, None])
+@torch.inference_mode()
+def decode_rows(
+    model: torch.nn.Module,
+    config: GenerationConfig,
+    take: Callable[[int], list[tuple[Hashable, list[int]]]],
+    ended: set,
+    generator: torch.Generator | None = None,
+    max_length: int | None = None,
+) -> Iterator[tuple[Hashable, int, int]]:
+    """Decode rows as they come, up to `config.batch_size` at a time (continuous batching).
+
+    `take(room)` gives up to `room` new rows as (key, prompt ids), an empty list when none wait; it is
+    asked whenever a row has ended and at the start. Yields (key, token, count) for each new token of
+    every row, count being the row's tokens so far. A row ends after `config.max_new_tokens` tokens, or
+    when the reader puts its key in `ended` while it reads the row's token. Ends when no row is left and
+    `take` gives none. `max_length` bounds the KV cache (the context by default; less is enough when no
+    row joins later).
+    """
+    with _evaluating(model):
+        batch = LiveBatch(model, config, generator, max_length)
+        keys: list[Hashable] = []
+        counts: list[int] = []
+        while True:
+            tokens = batch.step() if keys else []
+            new = take(config.batch_size - len(keys)) if len(keys) < config.batch_size else []
+            if new:
+                tokens += batch.join([ids for _, ids in new])
+                keys += [key for key, _ in new]
+                counts += [0] * len(new)
+            if not keys:
+                return
+            for i, (key, token) in enumerate(zip(keys, tokens, strict=True)):
+                counts[i] += 1
+                yield key, token, counts[i]
+            gone = {i for i, key in enumerate(keys) if key in ended or counts[i] >= config.max_new_tokens}
+            if gone:
+                batch.leave(gone)
+                ended.difference_update(keys[i] for i in gone)
+                keys = [key for i, key in enumerate(keys) if i not in gone]
+                counts = [count for i, count in enumerate(counts) if i not in gone]
+
+
+def _taking_from(prompts: list[list[int]]) -> Callable[[int], list[tuple[int, list[int]]]]:
+    """`take` for `decode_rows` that hands out the prompts in order, keyed by their index."""
+    waiting = collections.deque(enumerate(prompts))
+    return lambda room: [waiting.popleft() for _ in range(min(room, len(waiting)))]
+
+
+def _cache_length(prompts: list[list[int]], config: GenerationConfig) -> int | None:
+    """The KV cache a set of prompts needs: when they all decode at once, what the longest will reach; when
+    some wait for room, the context (a row that joins late may need all of it)."""
+    if len(prompts) > config.batch_size:
+        return None
+    return max(len(p) for p in prompts) + config.max_new_tokens - 1
 
 
 def prepare_prompt(ids: Sequence[int], context_length: int, config: GenerationConfig, eot_id: int | None) -> list[int]:
@@ -491,18 +621,14 @@ def _check_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]]) -> None
                 raise GptlabError(f"token id {i} is outside the model's vocabulary of {vocab}")
 
 
-def _batches(items: Sequence, size: int) -> Iterator[tuple[int, Sequence]]:
-    for start in range(0, len(items), size):
-        yield start, items[start : start + size]
-
-
 def generate_ids(
     model: torch.nn.Module,
     prompt_ids: Sequence[Sequence[int]],
     config: GenerationConfig | None = None,
     eot_id: int | None = None,
 ) -> list[list[int]]:
-    """The new token ids of each prompt, in batches of `config.batch_size`.
+    """The new token ids of each prompt, `config.batch_size` rows decoding at a time (a row that ends
+    makes room for the next prompt).
 
     A row ends at `max_new_tokens` or, when `eot_id` is given and `config.stop_at_eot`, at end-of-text
     (not included). Stop strings are checked on text: use `generate` or `stream` for them.
@@ -515,19 +641,15 @@ def generate_ids(
     prompts = [prepare_prompt(p, context, config, eot_id) for p in prompt_ids]
     stop_id = eot_id if config.stop_at_eot else None
     generator = make_generator(config, next(model.parameters()).device)
-    results: list[list[int]] = []
-    for _, batch in _batches(prompts, config.batch_size):
-        outputs: list[list[int]] = [[] for _ in batch]
-        active = set(range(len(batch)))
-        for tokens in decode_steps(model, batch, config, generator):
-            for i in list(active):
-                if tokens[i] == stop_id:
-                    active.discard(i)
-                else:
-                    outputs[i].append(tokens[i])
-            if not active:
-                break
-        results.extend(outputs)
+    results: list[list[int]] = [[] for _ in prompts]
+    ended: set[int] = set()
+    for index, token, _ in decode_rows(
+        model, config, _taking_from(prompts), ended, generator, _cache_length(prompts, config)
+    ):
+        if token == stop_id:
+            ended.add(index)
+        else:
+            results[index].append(token)
     return results
 
 
@@ -607,39 +729,44 @@ def stream_rows(
     _check_ids(model, prompt_ids)
     context = model.config.context_length
     prompts = [prepare_prompt(p, context, config, tokenizer.eot_id) for p in prompt_ids]
-    return _stream_batches(model, tokenizer, prompts, config, on_row_end or (lambda index, tokens, reason: None))
+    on_row_end = on_row_end or (lambda index, tokens, reason: None)
+    return stream_texts(model, tokenizer, config, _taking_from(prompts), on_row_end, _cache_length(prompts, config))
 
 
-def _stream_batches(
+def stream_texts(
     model: torch.nn.Module,
     tokenizer,
-    prompts: list[list[int]],
     config: GenerationConfig,
-    on_row_end: Callable[[int, int, str], None],
-) -> Iterator[tuple[int, str]]:
+    take: Callable[[int], list[tuple[Hashable, list[int]]]],
+    on_row_end: Callable[[Hashable, int, str], None],
+    max_length: int | None = None,
+    abandoned: Callable[[Hashable], bool] = lambda key: False,
+) -> Iterator[tuple[Hashable, str]]:
+    """(key, text piece) as rows decode, rows joining through `take` as others end (see `decode_rows`);
+    prompts must be prepared (`prepare_prompt`). `on_row_end(key, tokens generated, reason)` hears of each
+    row's end after its last piece. A row whose reader is gone (`abandoned(key)`) ends without a word."""
     stop_id = tokenizer.eot_id if config.stop_at_eot else None
     generator = make_generator(config, next(model.parameters()).device)
-    for offset, batch in _batches(prompts, config.batch_size):
-        texts = [_RowText(config.stop) for _ in batch]
-        counts = [0] * len(batch)
-        active = set(range(len(batch)))
-        for tokens in decode_steps(model, batch, config, generator):
-            for i in sorted(active):
-                text = texts[i]
-                counts[i] += 1
-                piece = text.finish() if tokens[i] == stop_id else text.add(tokenizer.decode_bytes([tokens[i]]))
-                if piece:
-                    yield offset + i, piece
-                if text.done:
-                    active.discard(i)
-                    on_row_end(offset + i, counts[i], "stop")
-            if not active:
-                break
-        for i in sorted(active):
-            piece = texts[i].finish()
-            if piece:
-                yield offset + i, piece
-            on_row_end(offset + i, counts[i], "length")
+    texts: dict[Hashable, _RowText] = {}
+    ended: set[Hashable] = set()
+    for key, token, count in decode_rows(model, config, take, ended, generator, max_length):
+        if abandoned(key):
+            ended.add(key)
+            texts.pop(key, None)
+            continue
+        text = texts.setdefault(key, _RowText(config.stop))
+        piece = text.finish() if token == stop_id else text.add(tokenizer.decode_bytes([token]))
+        if not text.done and count == config.max_new_tokens:
+            piece += text.finish()
+            reason = "length"
+        else:
+            reason = "stop"
+        if piece:
+            yield key, piece
+        if text.done:
+            ended.add(key)
+            del texts[key]
+            on_row_end(key, count, reason)
 
 
 def stream(model: torch.nn.Module, tokenizer, prompt: str, config: GenerationConfig | None = None) -> Iterator[str]:

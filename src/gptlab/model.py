@@ -481,19 +481,76 @@ class KVCache:
         if max_length > config.context_length:
             raise GptlabError(f"KV cache length {max_length} exceeds the context length {config.context_length}")
         shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        # Each layer's views made once: `narrow` on them is cheaper per step than indexing with a tuple.
-        # (Not `unbind`, and not under no_grad: such views may not be written in place when the cache is
-        # used with gradients.)
-        with torch.enable_grad():
-            self.layer_keys = [self.keys[layer] for layer in range(config.n_layer)]
-            self.layer_values = [self.values[layer] for layer in range(config.n_layer)]
+        self._store(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
         self.key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_length = max_length
         self.length = 0
         self.has_padding = False
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+        # Each layer's views made once: `narrow` on them is cheaper per step than indexing with a tuple.
+        # (Not `unbind`, and not under no_grad: such views may not be written in place when the cache is
+        # used with gradients.)
+        with torch.enable_grad():
+            self.layer_keys = [keys[layer] for layer in range(keys.shape[0])]
+            self.layer_values = [values[layer] for layer in range(values.shape[0])]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def join(self, other: KVCache) -> None:
+        """Put the rows of `other` (new rows, prefilled apart) after this cache's rows, for decoding on
+        together: both are right-aligned at the longer of the two lengths, the slots before each row's
+        positions become padding (masked out), and each row keeps counting its own positions."""
+        length = max(self.length, other.length)
+        if length > self.max_length:
+            raise GptlabError(f"KV cache is full: {length} positions to join, {self.max_length} allocated")
+        (keys, values, key_mask), (new_keys, new_values, new_key_mask) = (
+            cache._right_aligned(length, self.max_length) for cache in (self, other)
+        )
+        self._store(torch.cat([keys, new_keys], 1), torch.cat([values, new_values], 1))
+        self.key_mask = key_mask = torch.cat([key_mask, new_key_mask])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.length = length
+        self.has_padding = not bool(key_mask[:, :length].all())
+
+    def _right_aligned(self, length: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and key mask with this cache's positions moved to end at `length`, in `max_length` slots."""
+        shift = length - self.length
+        if shift == 0 and max_length == self.max_length:
+            return self.keys, self.values, self.key_mask
+        keys, values = (t.new_zeros(t.shape[:3] + (max_length, t.shape[4])) for t in (self.keys, self.values))
+        keys[:, :, :, shift:length] = self.keys[:, :, :, : self.length]
+        values[:, :, :, shift:length] = self.values[:, :, :, : self.length]
+        key_mask = torch.ones(self.batch_size, max_length, dtype=torch.bool, device=self.key_mask.device)
+        key_mask[:, :shift] = False
+        key_mask[:, shift:length] = self.key_mask[:, : self.length]
+        return keys, values, key_mask
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (indices, in this order): rows that ended leave the batch."""
+        self._store(self.keys.index_select(1, rows), self.values.index_select(1, rows))
+        self.key_mask = self.key_mask.index_select(0, rows)
+        self.next_position = self.next_position.index_select(0, rows)
+        self.has_padding = not bool(self.key_mask[:, : self.length].all())
+
+    def compact(self) -> None:
+        """Drop the leading slots that are padding in every row, which frees as many at the end (rows that
+        joined later, or left-padded ones that left, leave such slots); nothing when there are none."""
+        first_real = self.key_mask[:, : self.length].int().argmax(dim=1)  # (B,) each row's first real slot
+        drop = int(first_real.min()) if self.length else 0
+        if drop == 0:
+            return
+        kept = self.length - drop
+        for cached in (self.keys, self.values):
+            cached[:, :, :, :kept] = cached[:, :, :, drop : self.length].clone()
+        self.key_mask[:, :kept] = self.key_mask[:, drop : self.length].clone()
+        self.key_mask[:, kept:] = True
+        self.length = kept
+        self.has_padding = not bool(self.key_mask[:, :kept].all())
 
     def reset(self) -> None:
         self.length = 0

@@ -338,21 +338,24 @@ class _Job:
 
 
 class Batcher:
-    """The one thread that decodes: requests wait in order, and it takes the first with every waiting
-    request that has the same decoding settings (up to their `batch_size`) and decodes them as one batch,
-    sending each its pieces as they come. A batch of 8 decodes several times the tokens per second of one
-    row (docs/generation.md), so concurrent clients wait less. A seeded request runs alone: its samples must
+    """The one thread that decodes. Requests wait in order; it starts the first with every waiting request
+    that has the same decoding settings (up to their `batch_size`), sending each its pieces as they come.
+    While they decode, each row that ends makes room for the next waiting request with those settings
+    (continuous batching), until one with other settings is first in line: then the batch runs out and
+    that request starts the next. A batch of 8 decodes several times the tokens per second of one row
+    (docs/generation.md), so concurrent clients wait less. A seeded request runs alone: its samples must
     not depend on what it was batched with."""
 
     # How long the first request of a batch waits for others: clients that send at the same moment arrive
-    # a few milliseconds apart, and a batch cannot take a request in once it has started.
+    # a few milliseconds apart.
     GATHER_SECONDS = 0.02
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.waiting: collections.deque[_Job] = collections.deque()
         self.ready = threading.Condition()
-        self.batch_sizes: list[int] = []  # of each batch decoded, for tests and benchmarks
+        self.batch_sizes: list[int] = []  # the rows each batch started with, for tests and benchmarks
+        self.joined: list[int] = []  # the rows that joined running batches, a count per joining
         threading.Thread(target=self._work, name="gptlab-decoder", daemon=True).start()
 
     def submit(self, jobs: list[_Job]) -> None:
@@ -370,16 +373,30 @@ class Batcher:
             first = self.waiting.popleft()
             batch, deadline = [first], time.monotonic() + self.GATHER_SECONDS
             while first.config.seed is None and len(batch) < first.config.batch_size:
-                for job in [job for job in self.waiting if job.config == first.config and not job.abandoned]:
-                    if len(batch) == first.config.batch_size:
-                        break
-                    self.waiting.remove(job)
-                    batch.append(job)
+                batch += self._take_waiting(first.config, first.config.batch_size - len(batch), anywhere=True)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.ready.wait(left)
             return batch
+
+    def _take_waiting(self, config: GenerationConfig, room: int, anywhere: bool = False) -> list[_Job]:
+        """Up to `room` waiting requests with these settings: from anywhere in line for a new batch, from the
+        front of the line for a running one (so that a request with other settings is not passed over
+        for ever). Requests whose client left are answered and dropped. Called holding `self.ready`."""
+        taken, kept = [], collections.deque()
+        while self.waiting and len(taken) < room:
+            job = self.waiting.popleft()
+            if job.abandoned:
+                job.pieces.put(_END)
+            elif job.config == config and job.config.seed is None:
+                taken.append(job)
+            else:
+                kept.append(job)
+                if not anywhere:
+                    break
+        self.waiting.extendleft(reversed(kept))
+        return taken
 
     def _work(self) -> None:
         while True:
@@ -388,23 +405,41 @@ class Batcher:
             self._decode(batch)
 
     def _decode(self, batch: list[_Job]) -> None:
-        from gptlab.generate import stream_rows
+        from gptlab.generate import stream_texts
 
-        def ended(index: int, tokens: int, reason: str) -> None:
-            job = batch[index]
+        jobs = {id(job): job for job in batch}
+        config, starting = batch[0].config, list(batch)
+
+        def take(room: int) -> list[tuple[int, list[int]]]:
+            nonlocal starting
+            if starting:
+                chosen, starting = starting[:room], starting[room:]
+            elif config.seed is not None:
+                chosen = []
+            else:
+                with self.ready:
+                    chosen = self._take_waiting(config, room)
+                if chosen:
+                    self.joined.append(len(chosen))
+            jobs.update((id(job), job) for job in chosen)
+            return [(id(job), job.ids) for job in chosen]
+
+        def ended(key: int, tokens: int, reason: str) -> None:
+            job = jobs.pop(key)
             job.outcome.completion_tokens, job.outcome.finish_reason = tokens, reason
             job.pieces.put(_END)
 
+        def abandoned(key: int) -> bool:  # a client that left: its row stops, and its reader is woken
+            if jobs[key].abandoned:
+                jobs.pop(key).pieces.put(_END)
+                return True
+            return False
+
         try:
-            rows = stream_rows(self.model, self.tokenizer, [job.ids for job in batch], batch[0].config, ended)
-            for index, piece in rows:
-                batch[index].pieces.put(piece)
-                if all(job.abandoned for job in batch):  # every client left: stop decoding for nobody
-                    for job in batch:  # and wake any reader thread still waiting for a piece
-                        job.pieces.put(_END)
-                    return
+            for key, piece in stream_texts(self.model, self.tokenizer, config, take, ended, abandoned=abandoned):
+                jobs[key].pieces.put(piece)
         except Exception as exc:  # noqa: BLE001 - the batch's requests fail with it; the server goes on
-            for job in batch:
+            for job in jobs.values():
                 job.pieces.put(exc)
 
 
