@@ -38,7 +38,9 @@ def send_together(url, batcher, release, requests):
         response = httpx.post(f"{url}{path}", json=body, timeout=60)
         replies[key] = stream_events(response) if body.get("stream") else response.json()
 
-    holder = threading.Thread(target=ask, args=("held", "/v1/completions", {"prompt": "z", "max_tokens": 1}))
+    # The held request samples: settings the others do not share, so they wait for a batch of their own.
+    held = {"prompt": "z", "max_tokens": 1, "temperature": 0.5}
+    holder = threading.Thread(target=ask, args=("held", "/v1/completions", held))
     holder.start()
     wait_for(lambda: batcher.batch_sizes == [1])
     threads = [threading.Thread(target=ask, args=request) for request in requests]
@@ -119,6 +121,38 @@ def test_rows_of_one_batch_stop_at_their_own_stop_string_and_the_others_go_on(tm
     assert replies["stream"][-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_requests_arriving_during_a_batch_join_it_each_with_its_own_length_and_stop(tmp_path):
+    """Continuous batching: requests sent while a batch decodes join it as its rows end, though their
+    max_tokens and stop strings differ from it and from each other, and each gets what it gets alone."""
+    run = make_run(tmp_path / "run")
+    app, batcher, release = batched_app(run, batch_size=2)
+    bodies = [{"prompt": "Hello", "max_tokens": 30}, {"prompt": "abc", "max_tokens": 12, "stop": ["ee"]},
+              {"prompt": "Once upon", "max_tokens": 9}, {"prompt": "The quick brown fox", "max_tokens": 20},
+              {"prompt": "Once upon", "max_tokens": 25, "stop": ["SS"]}]  # fmt: skip
+    replies = {}
+
+    def ask(i):
+        replies[i] = httpx.post(f"{url}/v1/completions", json=bodies[i], timeout=60).json()
+
+    with serving(app) as url:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+        threads[0].start()
+        wait_for(lambda: batcher.batch_sizes == [1])  # the first is held: the others arrive while it runs
+        for i, thread in enumerate(threads[1:], 1):
+            thread.start()
+            wait_for(lambda i=i: len(batcher.waiting) == i)
+        release.set()
+        for thread in threads:
+            thread.join(60)
+        alone = [httpx.post(f"{url}/v1/completions", json=body, timeout=60).json() for body in bodies]
+    assert batcher.batch_sizes[0] == 1 and sum(batcher.joined[: len(bodies) - 1]) == len(bodies) - 1
+    texts = [replies[i]["choices"][0]["text"] for i in range(len(bodies))]
+    assert texts == [reply["choices"][0]["text"] for reply in alone]
+    assert [len(t) for t in texts] == [30, 2, 9, 20, 4]  # "abc" stops at "ee", the last "Once upon" at "SS"
+    assert [replies[i]["choices"][0]["finish_reason"] for i in range(len(bodies))] == [
+        "length", "stop", "length", "length", "stop"]  # fmt: skip
+
+
 def test_a_seeded_request_among_unseeded_ones_runs_alone_and_repeats(tmp_path):
     run = make_run(tmp_path / "run")
     app, batcher, release = batched_app(run)
@@ -159,7 +193,7 @@ def test_a_batch_that_fails_fails_its_requests_and_the_decoder_goes_on(tmp_path)
 
     with serving(app) as url:
         # (other settings than the next two, which would otherwise join its batch, and fail it with theirs)
-        holder = threading.Thread(target=ask, args=("held", {"prompt": "Hello", "max_tokens": 4}))
+        holder = threading.Thread(target=ask, args=("held", {"prompt": "Hello", "max_tokens": 5, "temperature": 0.5}))
         holder.start()
         wait_for(lambda: batcher.batch_sizes == [1])
         threads = [threading.Thread(target=ask, args=(0, {"prompt": "Hello", "max_tokens": 5})),

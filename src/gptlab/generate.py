@@ -26,6 +26,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -491,47 +492,48 @@ class LiveBatch:
 def decode_rows(
     model: torch.nn.Module,
     config: GenerationConfig,
-    take: Callable[[int], list[tuple[Hashable, list[int]]]],
+    take: Callable[[int], list[tuple[Hashable, list[int], int]]],
     ended: set,
     generator: torch.Generator | None = None,
     max_length: int | None = None,
 ) -> Iterator[tuple[Hashable, int, int]]:
     """Decode rows as they come, up to `config.batch_size` at a time (continuous batching).
 
-    `take(room)` gives up to `room` new rows as (key, prompt ids), an empty list when none wait; it is
-    asked whenever a row has ended and at the start. Yields (key, token, count) for each new token of
-    every row, count being the row's tokens so far. A row ends after `config.max_new_tokens` tokens, or
-    when the reader puts its key in `ended` while it reads the row's token. Ends when no row is left and
-    `take` gives none. `max_length` bounds the KV cache (the context by default; less is enough when no
-    row joins later).
+    `take(room)` gives up to `room` new rows as (key, prompt ids, the row's max new tokens), an empty
+    list when none wait; it is asked whenever a row has ended and at the start. The rows share the
+    sampling settings of `config`. Yields (key, token, count) for each new token of every row, count
+    being the row's tokens so far. A row ends after its max new tokens, or when the reader puts its key
+    in `ended` while it reads the row's token. Ends when no row is left and `take` gives none.
+    `max_length` bounds the KV cache (the context by default; less is enough when no row joins later).
     """
     with _evaluating(model):
         batch = LiveBatch(model, config, generator, max_length)
         keys: list[Hashable] = []
         counts: list[int] = []
+        limits: list[int] = []
         while True:
             tokens = batch.step() if keys else []
             new = take(config.batch_size - len(keys)) if len(keys) < config.batch_size else []
             if new:
-                tokens += batch.join([ids for _, ids in new])
-                keys += [key for key, _ in new]
+                tokens += batch.join([ids for _, ids, _ in new])
+                keys += [key for key, _, _ in new]
+                limits += [limit for _, _, limit in new]
                 counts += [0] * len(new)
             if not keys:
                 return
             for i, (key, token) in enumerate(zip(keys, tokens, strict=True)):
                 counts[i] += 1
                 yield key, token, counts[i]
-            gone = {i for i, key in enumerate(keys) if key in ended or counts[i] >= config.max_new_tokens}
+            gone = {i for i, key in enumerate(keys) if key in ended or counts[i] >= limits[i]}
             if gone:
                 batch.leave(gone)
                 ended.difference_update(keys[i] for i in gone)
-                keys = [key for i, key in enumerate(keys) if i not in gone]
-                counts = [count for i, count in enumerate(counts) if i not in gone]
+                keys, counts, limits = ([x for i, x in enumerate(xs) if i not in gone] for xs in (keys, counts, limits))
 
 
-def _taking_from(prompts: list[list[int]]) -> Callable[[int], list[tuple[int, list[int]]]]:
-    """`take` for `decode_rows` that hands out the prompts in order, keyed by their index."""
-    waiting = collections.deque(enumerate(prompts))
+def _taking_from(prompts: list[list[int]], each) -> Callable[[int], list[tuple[int, list[int], Any]]]:
+    """A `take` that hands out the prompts in order as (index, prompt, `each`)."""
+    waiting = collections.deque((i, prompt, each) for i, prompt in enumerate(prompts))
     return lambda room: [waiting.popleft() for _ in range(min(room, len(waiting)))]
 
 
@@ -644,7 +646,7 @@ def generate_ids(
     results: list[list[int]] = [[] for _ in prompts]
     ended: set[int] = set()
     for index, token, _ in decode_rows(
-        model, config, _taking_from(prompts), ended, generator, _cache_length(prompts, config)
+        model, config, _taking_from(prompts, config.max_new_tokens), ended, generator, _cache_length(prompts, config)
     ):
         if token == stop_id:
             ended.add(index)
@@ -730,42 +732,51 @@ def stream_rows(
     context = model.config.context_length
     prompts = [prepare_prompt(p, context, config, tokenizer.eot_id) for p in prompt_ids]
     on_row_end = on_row_end or (lambda index, tokens, reason: None)
-    return stream_texts(model, tokenizer, config, _taking_from(prompts), on_row_end, _cache_length(prompts, config))
+    take = _taking_from(prompts, config)
+    return stream_texts(model, tokenizer, config, take, on_row_end, _cache_length(prompts, config))
 
 
 def stream_texts(
     model: torch.nn.Module,
     tokenizer,
     config: GenerationConfig,
-    take: Callable[[int], list[tuple[Hashable, list[int]]]],
+    take: Callable[[int], list[tuple[Hashable, list[int], GenerationConfig]]],
     on_row_end: Callable[[Hashable, int, str], None],
     max_length: int | None = None,
     abandoned: Callable[[Hashable], bool] = lambda key: False,
 ) -> Iterator[tuple[Hashable, str]]:
-    """(key, text piece) as rows decode, rows joining through `take` as others end (see `decode_rows`);
-    prompts must be prepared (`prepare_prompt`). `on_row_end(key, tokens generated, reason)` hears of each
-    row's end after its last piece. A row whose reader is gone (`abandoned(key)`) ends without a word."""
+    """(key, text piece) as rows decode, rows joining through `take` as others end (see `decode_rows`).
+
+    `take(room)` gives (key, prompt ids, the row's settings): its prompt prepared (`prepare_prompt`), its
+    own `max_new_tokens` and `stop` strings, the sampling settings those of `config`, which all rows
+    share. `on_row_end(key, tokens generated, reason)` hears of each row's end after its last piece. A row
+    whose reader is gone (`abandoned(key)`) ends without a word."""
     stop_id = tokenizer.eot_id if config.stop_at_eot else None
     generator = make_generator(config, next(model.parameters()).device)
-    texts: dict[Hashable, _RowText] = {}
+    rows: dict[Hashable, tuple[GenerationConfig, _RowText]] = {}
     ended: set[Hashable] = set()
-    for key, token, count in decode_rows(model, config, take, ended, generator, max_length):
+
+    def take_rows(room: int) -> list[tuple[Hashable, list[int], int]]:
+        new = take(room)
+        rows.update((key, (settings, _RowText(settings.stop))) for key, _, settings in new)
+        return [(key, ids, settings.max_new_tokens) for key, ids, settings in new]
+
+    for key, token, count in decode_rows(model, config, take_rows, ended, generator, max_length):
+        settings, text = rows[key]
         if abandoned(key):
             ended.add(key)
-            texts.pop(key, None)
+            del rows[key]
             continue
-        text = texts.setdefault(key, _RowText(config.stop))
         piece = text.finish() if token == stop_id else text.add(tokenizer.decode_bytes([token]))
-        if not text.done and count == config.max_new_tokens:
+        reason = "stop"
+        if not text.done and count == settings.max_new_tokens:
             piece += text.finish()
             reason = "length"
-        else:
-            reason = "stop"
         if piece:
             yield key, piece
         if text.done:
             ended.add(key)
-            del texts[key]
+            del rows[key]
             on_row_end(key, count, reason)
 
 

@@ -337,12 +337,17 @@ class _Job:
             self.abandoned = True
 
 
+def batch_settings(config: GenerationConfig) -> GenerationConfig:
+    """What requests decoded in one batch must share: everything but each row's own length and stop strings."""
+    return dataclasses.replace(config, max_new_tokens=1, stop=[])
+
+
 class Batcher:
     """The one thread that decodes. Requests wait in order; it starts the first with every waiting request
-    that has the same decoding settings (up to their `batch_size`), sending each its pieces as they come.
-    While they decode, each row that ends makes room for the next waiting request with those settings
-    (continuous batching), until one with other settings is first in line: then the batch runs out and
-    that request starts the next. A batch of 8 decodes several times the tokens per second of one row
+    that has the same decoding settings (`batch_settings`: each keeps its own max_tokens and stop strings;
+    up to their `batch_size`), sending each its pieces as they come. While they decode, each row that ends
+    makes room for the next waiting request with those settings (continuous batching), until one with
+    other settings is first in line: then the batch runs out and that request starts the next. A batch of 8 decodes several times the tokens per second of one row
     (docs/generation.md), so concurrent clients wait less. A seeded request runs alone: its samples must
     not depend on what it was batched with."""
 
@@ -356,6 +361,7 @@ class Batcher:
         self.ready = threading.Condition()
         self.batch_sizes: list[int] = []  # the rows each batch started with, for tests and benchmarks
         self.joined: list[int] = []  # the rows that joined running batches, a count per joining
+        self.joining = True  # False: a batch keeps to the requests it started with (static batching, to compare)
         threading.Thread(target=self._work, name="gptlab-decoder", daemon=True).start()
 
     def submit(self, jobs: list[_Job]) -> None:
@@ -389,7 +395,7 @@ class Batcher:
             job = self.waiting.popleft()
             if job.abandoned:
                 job.pieces.put(_END)
-            elif job.config == config and job.config.seed is None:
+            elif batch_settings(job.config) == batch_settings(config) and job.config.seed is None:
                 taken.append(job)
             else:
                 kept.append(job)
@@ -414,7 +420,7 @@ class Batcher:
             nonlocal starting
             if starting:
                 chosen, starting = starting[:room], starting[room:]
-            elif config.seed is not None:
+            elif config.seed is not None or not self.joining:
                 chosen = []
             else:
                 with self.ready:
@@ -422,7 +428,7 @@ class Batcher:
                 if chosen:
                     self.joined.append(len(chosen))
             jobs.update((id(job), job) for job in chosen)
-            return [(id(job), job.ids) for job in chosen]
+            return [(id(job), job.ids, job.config) for job in chosen]
 
         def ended(key: int, tokens: int, reason: str) -> None:
             job = jobs.pop(key)
