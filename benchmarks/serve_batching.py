@@ -8,6 +8,8 @@ vocabulary) with random weights. Two scenarios:
 - "staggered": one request every 0.25 s, asking for 16 to 128 tokens. "continuous" (rows that end make
   room for requests that arrived meanwhile: the server's way) against "static" (the same server with
   `Batcher.joining` off: a batch keeps to the requests it started with, later ones wait for it to end).
+- "queue": twice the clients at once, asking for 16 to 128 tokens, 4 decoded at a time: continuous
+  against static batching.
 The settings alternate, each repeat in a fresh server, so that a busy machine slows all alike; each
 client's completion must be the same in every setting. Prints completion tokens per second over all
 clients and the clients' waits, and writes benchmarks/results/serve_batching.json.
@@ -129,23 +131,30 @@ def main() -> None:
     prompts = [torch.randint(0, 50_000, (16 - i % 8,), generator=generator).tolist() for i in range(n)]
     # Staggered: a request every `gap` seconds, asking for 16 to 128 tokens (a fixed mix), so that rows end
     # at different steps and later requests arrive while a batch runs.
-    lengths = [16 * (1 + (5 * i) % 8) for i in range(n)]
-    scenarios = {
-        "at once": ([args.new_tokens] * n, [0.0] * n, {"batched": (n, True), "one at a time": (1, True)}),
-        "staggered": (lengths, [i * args.gap for i in range(n)], {"continuous": (n, True), "static": (n, False)}),
+    lengths = [16 * (1 + (5 * i) % 8) for i in range(2 * n)]
+    scenarios = {  # prompts, new tokens, delays, {setting: (batch size, joining)}
+        "at once": (prompts, [args.new_tokens] * n, [0.0] * n, {"batched": (n, True), "one at a time": (1, True)}),
+        "staggered": (
+            prompts,
+            lengths[:n],
+            [i * args.gap for i in range(n)],
+            {"continuous": (n, True), "static": (n, False)},
+        ),
+        # Twice the clients at once, half of them at a time: a queue, which rows that end can make room in.
+        "queue": (2 * prompts, lengths, [0.0] * 2 * n, {"continuous": (n // 2, True), "static": (n // 2, False)}),
     }
     one_round(run, 1, prompts[:1], [4], [0.0])  # warm-up: kernels, lazy imports
-    rounds = {(scenario, name): [] for scenario, (_, _, settings) in scenarios.items() for name in settings}
+    rounds = {(scenario, name): [] for scenario, (*_, settings) in scenarios.items() for name in settings}
     for _ in range(args.repeats):
-        for scenario, (new_tokens, delays, settings) in scenarios.items():
+        for scenario, (asked, new_tokens, delays, settings) in scenarios.items():
             for name, (batch_size, joining) in settings.items():
-                rounds[scenario, name].append(one_round(run, batch_size, prompts, new_tokens, delays, joining))
+                rounds[scenario, name].append(one_round(run, batch_size, asked, new_tokens, delays, joining))
 
     summary: dict[str, dict] = {}
     for (scenario, name), results in rounds.items():
         wall = statistics.median(r["wall"] for r in results)
         summary.setdefault(scenario, {})[name] = {
-            "tokens_per_second": sum(scenarios[scenario][0]) / wall,
+            "tokens_per_second": sum(scenarios[scenario][1]) / wall,
             "median_wall_seconds": wall,
             "median_client_wait_seconds": statistics.median(statistics.median(r["waits"]) for r in results),
             "longest_client_wait_seconds": statistics.median(max(r["waits"]) for r in results),
@@ -153,7 +162,7 @@ def main() -> None:
             "joined": results[-1]["joined"],
         }
     texts = {
-        scenario: rounds[scenario, next(iter(settings))][0]["texts"] for scenario, (_, _, settings) in scenarios.items()
+        scenario: rounds[scenario, next(iter(settings))][0]["texts"] for scenario, (*_, settings) in scenarios.items()
     }
     same = all(r["texts"] == texts[scenario] for (scenario, _), rs in rounds.items() for r in rs)
     ratios = {
@@ -161,10 +170,13 @@ def main() -> None:
         / summary["at once"]["one at a time"]["tokens_per_second"],
         "staggered: continuous / static": summary["staggered"]["continuous"]["tokens_per_second"]
         / summary["staggered"]["static"]["tokens_per_second"],
+        "queue: continuous / static": summary["queue"]["continuous"]["tokens_per_second"]
+        / summary["queue"]["static"]["tokens_per_second"],
     }
 
     print(f"{args.preset}, {n} clients, greedy, {torch.get_num_threads()} threads, median of {args.repeats}; "
-          f"at once: {args.new_tokens} new tokens each; staggered: one every {args.gap} s, {lengths} new tokens")  # fmt: skip
+          f"at once: {args.new_tokens} new tokens each; staggered: one every {args.gap} s, {lengths[:n]} new tokens; "
+          f"queue: {2 * n} at once, {n // 2} at a time, {lengths} new tokens")  # fmt: skip
     print(f"{'':28} {'tok/s':>8} {'wall s':>7} {'median wait s':>14} {'longest wait s':>15}  batches (joined)")
     for scenario, rows in summary.items():
         for name, row in rows.items():
