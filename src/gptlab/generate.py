@@ -2,14 +2,17 @@
 
 Layers, lowest first:
     sample_next(logits, config)              one token per row from last-position logits (`draw` samples)
+    LiveBatch                                rows decoding together, joining and leaving between steps
     decode_steps(model, prompt_ids, config)  every row's next token, step after step
+    decode_rows(model, config, take, ended)  rows as they come, a row that ends making room (continuous batching)
     generate_ids(model, prompt_ids, config)  the new token ids of each prompt
     stream(model, tokenizer, prompt, config) the completion as text pieces, valid UTF-8 each
     generate(model, tokenizer, prompts, config) the completion of each prompt
     Chat                                     a conversation in a run's prompt template
 
-Rows of a batch are left-padded to a common length; the attention mask and per-row positions make
-each row's result the same as generating it alone. When a row outgrows the context length, its
+Rows of a batch are left-padded to a common length (rows that join later are right-aligned with the
+others in the KV cache); the attention mask and per-row positions make each row's result the same as
+generating it alone. When a row outgrows the context length, its
 window slides: it keeps its most recent tokens and the cache is recomputed from them.
 """
 
@@ -537,11 +540,9 @@ def _taking_from(prompts: list[list[int]], each) -> Callable[[int], list[tuple[i
     return lambda room: [waiting.popleft() for _ in range(min(room, len(waiting)))]
 
 
-def _cache_length(prompts: list[list[int]], config: GenerationConfig) -> int | None:
-    """The KV cache a set of prompts needs: when they all decode at once, what the longest will reach; when
-    some wait for room, the context (a row that joins late may need all of it)."""
-    if len(prompts) > config.batch_size:
-        return None
+def _cache_length(prompts: list[list[int]], config: GenerationConfig) -> int:
+    """The KV cache a set of prompts needs: what the longest will reach. Rows that join later fit too: when
+    the cache is full, every row that still needs a slot has leading padding that `KVCache.compact` drops."""
     return max(len(p) for p in prompts) + config.max_new_tokens - 1
 
 
