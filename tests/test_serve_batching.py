@@ -192,7 +192,7 @@ def test_a_batch_that_fails_fails_its_requests_and_the_decoder_goes_on(tmp_path)
             outcomes[key] = "cut off"
 
     with serving(app) as url:
-        # (other settings than the next two, which would otherwise join its batch, and fail it with theirs)
+        # (other settings than the next two, so that those two start a batch of their own, which fails)
         holder = threading.Thread(target=ask, args=("held", {"prompt": "Hello", "max_tokens": 5, "temperature": 0.5}))
         holder.start()
         wait_for(lambda: batcher.batch_sizes == [1])
@@ -212,6 +212,44 @@ def test_a_batch_that_fails_fails_its_requests_and_the_decoder_goes_on(tmp_path)
     last = [line for line in text.splitlines() if line.startswith("data: ")][-1]
     assert status == 200 and json.loads(last[6:])["error"]["type"] == "server_error" and "[DONE]" not in text
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 5
+
+
+def test_a_request_whose_prefill_fails_as_it_joins_fails_alone(tmp_path):
+    """A joining request's failure (here in its prefill) answers it with a server error; the request whose
+    batch it joined is decoded on to its whole reply, and the next requests are answered as before."""
+    run = make_run(tmp_path / "run")
+    app, batcher, release = batched_app(run)
+    real = run.model.hidden_states
+
+    def failing_on_hash(ids, *args, **kwargs):  # the prefill of a prompt holding "#"
+        if ids.shape[1] > 1 and bool((ids == ord("#")).any()):
+            raise RuntimeError("prefill failed")
+        return real(ids, *args, **kwargs)
+
+    run.model.hidden_states = failing_on_hash
+    outcomes = {}
+
+    def ask(key, body):
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        outcomes[key] = (response.status_code, response.json())
+
+    with serving(app) as url:
+        good = threading.Thread(target=ask, args=("good", {"prompt": "Hello", "max_tokens": 20}))
+        good.start()
+        wait_for(lambda: batcher.batch_sizes == [1])
+        bad = threading.Thread(target=ask, args=("bad", {"prompt": "#fail", "max_tokens": 20}))
+        bad.start()
+        wait_for(lambda: len(batcher.waiting) == 1)
+        release.set()
+        for thread in (good, bad):
+            thread.join(60)
+        after = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 20}, timeout=30)
+    assert batcher.joined == [1]  # the bad one did join the good one's batch
+    status, reply = outcomes["bad"]
+    assert status == 500 and reply["error"]["type"] == "server_error" and "prefill failed" in reply["error"]["message"]
+    status, reply = outcomes["good"]
+    assert status == 200 and reply["usage"]["completion_tokens"] == 20
+    assert reply["choices"][0]["text"] == after.json()["choices"][0]["text"]
 
 
 def slowed(run, seconds=0.002):

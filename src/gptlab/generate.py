@@ -477,18 +477,25 @@ class LiveBatch:
         return self._next_tokens(*_left_padded(windows, self.weight.device), self.cache, self.seen)
 
     def _next_tokens(self, ids, mask, cache, seen) -> torch.Tensor:
-        model = self.model
+        if self.screen is None and self.head is None:  # a head decoding may not call directly: the whole forward
+            logits = self.model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
+            return sample_next(logits, self.config, seen, self.generator)
         if self.one_position is not None and mask is None and ids.shape[1] == 1:
             hidden = self.one_position(ids[:, 0], cache)
-        elif self.screen is not None or self.head is not None:
-            hidden = model.hidden_states(ids, mask, None, cache)[:, -1]
+        else:
+            hidden = self.model.hidden_states(ids, mask, None, cache)[:, -1]
         if self.screen is not None:
             return self.screen(hidden)
-        if self.head is not None:
-            logits = self.head(hidden)
-        else:  # a head decoding may not call directly: the model's own forward
-            logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
-        return sample_next(logits, self.config, seen, self.generator)
+        return sample_next(self.head(hidden), self.config, seen, self.generator)
+
+
+@dataclasses.dataclass
+class _Row:
+    """A row of `decode_rows`: its key, its max new tokens and how many it has had."""
+
+    key: Hashable
+    limit: int
+    count: int = 0
 
 
 @torch.inference_mode()
@@ -499,44 +506,50 @@ def decode_rows(
     ended: set,
     generator: torch.Generator | None = None,
     max_length: int | None = None,
+    join_failed: Callable[[list[Hashable], Exception], None] | None = None,
 ) -> Iterator[tuple[Hashable, int, int]]:
     """Decode rows as they come, up to `config.batch_size` at a time (continuous batching).
 
     `take(room)` gives up to `room` new rows as (key, prompt ids, the row's max new tokens), an empty
-    list when none wait; it is asked whenever a row has ended and at the start. The rows share the
+    list when none wait; it is asked before every step while the batch has room. The rows share the
     sampling settings of `config`. Yields (key, token, count) for each new token of every row, count
     being the row's tokens so far. A row ends after its max new tokens, or when the reader puts its key
     in `ended` while it reads the row's token. Ends when no row is left and `take` gives none.
-    `max_length` bounds the KV cache (the context by default; less is enough when no row joins later).
+    `max_length` bounds the KV cache (the context by default; see `_cache_length`). With `join_failed`,
+    an error while rows join (their prefill) goes to `join_failed(their keys, error)` and the others
+    decode on; without it, the error is raised.
     """
     with _evaluating(model):
         batch = LiveBatch(model, config, generator, max_length)
-        keys: list[Hashable] = []
-        counts: list[int] = []
-        limits: list[int] = []
+        rows: list[_Row] = []
         while True:
-            tokens = batch.step() if keys else []
-            new = take(config.batch_size - len(keys)) if len(keys) < config.batch_size else []
+            tokens = batch.step() if rows else []
+            new = take(config.batch_size - len(rows)) if len(rows) < config.batch_size else []
             if new:
-                tokens += batch.join([ids for _, ids, _ in new])
-                keys += [key for key, _, _ in new]
-                limits += [limit for _, _, limit in new]
-                counts += [0] * len(new)
-            if not keys:
+                try:
+                    tokens += batch.join([ids for _, ids, _ in new])  # the batch is unchanged if this fails
+                    rows += [_Row(key, limit) for key, _, limit in new]
+                except Exception as error:
+                    if join_failed is None:
+                        raise
+                    join_failed([key for key, _, _ in new], error)
+            if not rows:
+                if new:  # they failed: others may be waiting
+                    continue
                 return
-            for i, (key, token) in enumerate(zip(keys, tokens, strict=True)):
-                counts[i] += 1
-                yield key, token, counts[i]
-            gone = {i for i, key in enumerate(keys) if key in ended or counts[i] >= limits[i]}
+            for row, token in zip(rows, tokens, strict=True):
+                row.count += 1
+                yield row.key, token, row.count
+            gone = {i for i, row in enumerate(rows) if row.key in ended or row.count >= row.limit}
             if gone:
                 batch.leave(gone)
-                ended.difference_update(keys[i] for i in gone)
-                keys, counts, limits = ([x for i, x in enumerate(xs) if i not in gone] for xs in (keys, counts, limits))
+                ended.difference_update(rows[i].key for i in gone)
+                rows = [row for i, row in enumerate(rows) if i not in gone]
 
 
-def _taking_from(prompts: list[list[int]], each) -> Callable[[int], list[tuple[int, list[int], Any]]]:
-    """A `take` that hands out the prompts in order as (index, prompt, `each`)."""
-    waiting = collections.deque((i, prompt, each) for i, prompt in enumerate(prompts))
+def _taking_from(prompts: list[list[int]], row_settings) -> Callable[[int], list[tuple[int, list[int], Any]]]:
+    """A `take` that hands out the prompts in order as (index, prompt, `row_settings`)."""
+    waiting = collections.deque((i, prompt, row_settings) for i, prompt in enumerate(prompts))
     return lambda room: [waiting.popleft() for _ in range(min(room, len(waiting)))]
 
 
@@ -745,13 +758,14 @@ def stream_texts(
     on_row_end: Callable[[Hashable, int, str], None],
     max_length: int | None = None,
     abandoned: Callable[[Hashable], bool] = lambda key: False,
+    join_failed: Callable[[list[Hashable], Exception], None] | None = None,
 ) -> Iterator[tuple[Hashable, str]]:
     """(key, text piece) as rows decode, rows joining through `take` as others end (see `decode_rows`).
 
     `take(room)` gives (key, prompt ids, the row's settings): its prompt prepared (`prepare_prompt`), its
     own `max_new_tokens` and `stop` strings, the sampling settings those of `config`, which all rows
     share. `on_row_end(key, tokens generated, reason)` hears of each row's end after its last piece. A row
-    whose reader is gone (`abandoned(key)`) ends without a word."""
+    whose reader is gone (`abandoned(key)`) ends without a word. `join_failed`: as in `decode_rows`."""
     stop_id = tokenizer.eot_id if config.stop_at_eot else None
     generator = make_generator(config, next(model.parameters()).device)
     rows: dict[Hashable, tuple[GenerationConfig, _RowText]] = {}
@@ -762,7 +776,13 @@ def stream_texts(
         rows.update((key, (settings, _RowText(settings.stop))) for key, _, settings in new)
         return [(key, ids, settings.max_new_tokens) for key, ids, settings in new]
 
-    for key, token, count in decode_rows(model, config, take_rows, ended, generator, max_length):
+    def failed(keys: list[Hashable], error: Exception) -> None:
+        for key in keys:
+            del rows[key]
+        join_failed(keys, error)
+
+    failures = failed if join_failed is not None else None
+    for key, token, count in decode_rows(model, config, take_rows, ended, generator, max_length, failures):
         settings, text = rows[key]
         if abandoned(key):
             ended.add(key)

@@ -508,9 +508,8 @@ class KVCache:
         length = max(self.length, other.length)
         if length > self.max_length:
             raise GptlabError(f"KV cache is full: {length} positions to join, {self.max_length} allocated")
-        (keys, values, key_mask), (new_keys, new_values, new_key_mask) = (
-            cache._right_aligned(length, self.max_length) for cache in (self, other)
-        )
+        keys, values, key_mask = self._right_aligned(length, self.max_length)
+        new_keys, new_values, new_key_mask = other._right_aligned(length, self.max_length)
         self._store(torch.cat([keys, new_keys], 1), torch.cat([values, new_values], 1))
         self.key_mask = key_mask = torch.cat([key_mask, new_key_mask])
         self.next_position = torch.cat([self.next_position, other.next_position])

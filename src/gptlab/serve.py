@@ -316,7 +316,7 @@ def _sse(payloads: Iterator[dict[str, Any]]) -> Iterator[str]:
 _END = object()  # a job's last item: its row has ended
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a job is its own key in a batch
 class _Job:
     """One prompt's generation: its prepared ids and settings, and the queue its pieces arrive on."""
 
@@ -347,9 +347,10 @@ class Batcher:
     that has the same decoding settings (`batch_settings`: each keeps its own max_tokens and stop strings;
     up to their `batch_size`), sending each its pieces as they come. While they decode, each row that ends
     makes room for the next waiting request with those settings (continuous batching), until one with
-    other settings is first in line: then the batch runs out and that request starts the next. A batch of 8 decodes several times the tokens per second of one row
-    (docs/generation.md), so concurrent clients wait less. A seeded request runs alone: its samples must
-    not depend on what it was batched with."""
+    other settings is first in line: then the batch runs out and that request starts the next. A batch
+    of 8 decodes several times the tokens per second of one row (docs/generation.md), so concurrent
+    clients wait less. A seeded request runs alone: its samples must not depend on what it was batched
+    with. A request whose prefill fails as it joins fails alone; a failure of a step fails the batch."""
 
     # How long the first request of a batch waits for others: clients that send at the same moment arrive
     # a few milliseconds apart.
@@ -413,10 +414,10 @@ class Batcher:
     def _decode(self, batch: list[_Job]) -> None:
         from gptlab.generate import stream_texts
 
-        jobs = {id(job): job for job in batch}
+        jobs = set(batch)  # the requests still decoding
         config, starting = batch[0].config, list(batch)
 
-        def take(room: int) -> list[tuple[int, list[int]]]:
+        def take(room: int) -> list[tuple[_Job, list[int], GenerationConfig]]:
             nonlocal starting
             if starting:
                 chosen, starting = starting[:room], starting[room:]
@@ -427,25 +428,31 @@ class Batcher:
                     chosen = self._take_waiting(config, room)
                 if chosen:
                     self.joined.append(len(chosen))
-            jobs.update((id(job), job) for job in chosen)
-            return [(id(job), job.ids, job.config) for job in chosen]
+            jobs.update(chosen)
+            return [(job, job.ids, job.config) for job in chosen]
 
-        def ended(key: int, tokens: int, reason: str) -> None:
-            job = jobs.pop(key)
+        def ended(job: _Job, tokens: int, reason: str) -> None:
+            jobs.discard(job)
             job.outcome.completion_tokens, job.outcome.finish_reason = tokens, reason
             job.pieces.put(_END)
 
-        def abandoned(key: int) -> bool:  # a client that left: its row stops, and its reader is woken
-            if jobs[key].abandoned:
-                jobs.pop(key).pieces.put(_END)
-                return True
-            return False
+        def abandoned(job: _Job) -> bool:  # a client that left: its row stops, and its reader is woken
+            if job.abandoned:
+                jobs.discard(job)
+                job.pieces.put(_END)
+            return job.abandoned
+
+        def join_failed(failed: list[_Job], error: Exception) -> None:  # only they fail, the batch goes on
+            for job in failed:
+                jobs.discard(job)
+                job.pieces.put(error)
 
         try:
-            for key, piece in stream_texts(self.model, self.tokenizer, config, take, ended, abandoned=abandoned):
-                jobs[key].pieces.put(piece)
+            rows = stream_texts(self.model, self.tokenizer, config, take, ended, None, abandoned, join_failed)
+            for job, piece in rows:
+                job.pieces.put(piece)
         except Exception as exc:  # noqa: BLE001 - the batch's requests fail with it; the server goes on
-            for job in jobs.values():
+            for job in jobs:
                 job.pieces.put(exc)
 
 
