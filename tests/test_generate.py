@@ -50,6 +50,16 @@ def tiny_gpt(embedding_scale: float = 1.0) -> GPT:
     return gpt
 
 
+def varied_gpt() -> GPT:
+    """A tiny random GPT with an untied head, scaled up: greedy decoding gives varied tokens (the tied
+    models here repeat the last token), each at least 1e-4 above the runner-up on the paths tested."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=257, context_length=24, n_layer=2, n_head=2, n_embd=32, tie_embeddings=False))
+    with torch.no_grad():
+        gpt.lm_head.weight.mul_(4), gpt.token_embedding.weight.mul_(4)
+    return gpt.eval()
+
+
 @pytest.fixture
 def model():
     """A tiny random GPT whose (tied) embeddings are scaled up so greedy choices are far from ties."""
@@ -124,10 +134,7 @@ def test_rows_that_join_as_others_end_decode_as_they_would_alone(use_cache, monk
     shorter and longer than their prompts (right-aligned or shifting the others), a 23-token prompt
     outgrows the 24-token context and slides, the cache compacts its shared padding, and a row that
     ends at end-of-text leaves early."""
-    torch.manual_seed(0)  # an untied head, scaled up: varied tokens, at least 1e-4 apart from the runner-up
-    model = GPT(GPTConfig(vocab_size=257, context_length=24, n_layer=2, n_head=2, n_embd=32, tie_embeddings=False))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(4), model.token_embedding.weight.mul_(4)
+    model = varied_gpt()
     prompts = [[5, 6, 7], [9], list(range(30, 53)), list(range(60, 72)), [200, 201], [3] * 8, [17, 18, 19, 20]]
     free = generate_ids(model, prompts[:1], greedy(max_new_tokens=30))
     eot = free[0][4]  # the first row ends early, at this token
@@ -160,7 +167,8 @@ def test_decode_rows_takes_rows_as_room_frees_and_ends_the_ones_it_is_told():
     from gptlab.generate import decode_rows
 
     gpt = tiny_gpt(embedding_scale=40)
-    waiting = [("a", [1, 2], 3), ("b", [3], 3), ("c", [4, 5, 6], 2), ("d", [7], 3)]  # (key, prompt, max tokens)
+    waiting = [("a", [1, 2], greedy(max_new_tokens=3)), ("b", [3], greedy(max_new_tokens=3)),
+               ("c", [4, 5, 6], greedy(max_new_tokens=2)), ("d", [7], greedy(max_new_tokens=3))]  # fmt: skip
     asked, ended, seen = [], set(), {}
 
     def take(room):
@@ -179,6 +187,49 @@ def test_decode_rows_takes_rows_as_room_frees_and_ends_the_ones_it_is_told():
              [("a", [1, 2]), ("b", [3]), ("c", [4, 5, 6]), ("d", [7])]}  # fmt: skip
     assert seen["a"] == alone["a"][:1] and seen["c"] == alone["c"][:2] and seen["b"] == alone["b"]
     assert seen["d"] == alone["d"]
+
+
+def test_rows_with_their_own_sampling_settings_decode_as_they_would_alone():
+    """Rows of one batch with different settings, the ones that need no randomness compared with their
+    runs alone: greedy, greedy with a repetition penalty (which joins a batch that kept no record of
+    seen tokens), top-k 1 at temperature 1 (greedy by another road); a sampled row among them."""
+    from gptlab.generate import decode_rows
+
+    model = varied_gpt()
+    plain, penalized = greedy(max_new_tokens=12), greedy(max_new_tokens=12, repetition_penalty=1.5)
+    top1 = greedy(max_new_tokens=12, temperature=1.0, top_k=1)
+    sampled = greedy(max_new_tokens=12, temperature=1.0)
+    prompts = {"plain": ([1, 2, 3], plain), "sampled": ([9, 8], sampled), "penalized": ([50, 51, 50], penalized),
+               "top1": ([7, 7], top1), "late": ([4, 5, 6, 7], penalized)}  # fmt: skip
+    waiting = list(prompts.items())
+    out: dict[str, list[int]] = {}
+
+    def take(room):  # the plain row first, alone, then the others as room frees (batch of 3)
+        chosen = waiting[: min(room, 1 if not out else room)]
+        del waiting[: len(chosen)]
+        return [(key, ids, settings) for key, (ids, settings) in chosen]
+
+    for key, token, _ in decode_rows(model, greedy(batch_size=3), take, set()):
+        out.setdefault(key, []).append(token)
+    for key in ("plain", "penalized", "top1", "late"):
+        ids, settings = prompts[key]
+        assert out[key] == generate_ids(model, [ids], settings)[0], key
+    assert len(out["sampled"]) == 12
+    assert out["late"] != generate_ids(model, [prompts["late"][0]], plain)[0]  # its penalty mattered
+
+
+def test_sample_rows_samples_each_group_of_settings_by_its_own():
+    from gptlab.generate import sample_rows
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.9], [0.0, 3.0, 1.0], [5.0, 0.0, 4.0]])
+    seen = torch.tensor([[False] * 3, [True, False, False], [False] * 3, [True, False, False]])
+    settings = [
+        greedy(),
+        greedy(repetition_penalty=3.0),
+        greedy(temperature=2.0, top_k=1),
+        greedy(repetition_penalty=3.0),
+    ]
+    assert sample_rows(logits, settings, seen).tolist() == [1, 2, 1, 2]  # 2.0 / 3 < 1.9 and 5.0 / 3 < 4.0
 
 
 def test_generation_past_the_context_slides_the_window(model):

@@ -374,7 +374,7 @@ def test_concurrent_requests_with_the_same_settings_join_the_running_batch(tmp_p
     )
 
 
-def test_only_requests_with_equal_unseeded_settings_share_a_batch(tmp_path):
+def test_unseeded_requests_share_a_batch_and_seeded_ones_run_alone(tmp_path):
     from gptlab.serve import _Job, _Outcome, create_app
 
     app = create_app(make_run(tmp_path / "run"), "tiny")
@@ -388,7 +388,8 @@ def test_only_requests_with_equal_unseeded_settings_share_a_batch(tmp_path):
     batcher.submit(jobs[1:])
     release.set()
     texts = ["".join(job.read()) for job in jobs]
-    # In order: the held first; the seeded one alone; the two other greedy ones together; the sampled
-    # one; the second seeded one alone, though its settings equal the first seeded one's.
-    assert batcher.batch_sizes == [1, 1, 2, 1, 1]
+    # In order: the held first; the seeded one alone; the two other greedy ones and the sampled one
+    # together (rows keep their own sampling settings); the second seeded one alone, though its settings
+    # equal the first seeded one's.
+    assert batcher.batch_sizes == [1, 1, 3, 1]
     assert texts[0] == texts[2] == texts[4] and texts[1] == texts[5]

@@ -38,8 +38,8 @@ def send_together(url, batcher, release, requests):
         response = httpx.post(f"{url}{path}", json=body, timeout=60)
         replies[key] = stream_events(response) if body.get("stream") else response.json()
 
-    # The held request samples: settings the others do not share, so they wait for a batch of their own.
-    held = {"prompt": "z", "max_tokens": 1, "temperature": 0.5}
+    # The held request is seeded, so it runs alone: the others wait for a batch of their own.
+    held = {"prompt": "z", "max_tokens": 1, "seed": 1}
     holder = threading.Thread(target=ask, args=("held", "/v1/completions", held))
     holder.start()
     wait_for(lambda: batcher.batch_sizes == [1])
@@ -153,6 +153,25 @@ def test_requests_arriving_during_a_batch_join_it_each_with_its_own_length_and_s
         "length", "stop", "length", "length", "stop"]  # fmt: skip
 
 
+def test_requests_with_different_sampling_settings_share_a_batch(tmp_path):
+    """Greedy, a repetition penalty, top-k 1 and plain sampling in one batch: each row is sampled by its own
+    settings, so the ones without randomness answer what they answer alone."""
+    run = make_run(tmp_path / "run")
+    app, batcher, release = batched_app(run)
+    base = {"prompt": "Hello", "max_tokens": 12}
+    bodies = {"greedy": {**base, "temperature": 0}, "penalty": {**base, "temperature": 0, "repetition_penalty": 1.3},
+              "top1": {**base, "temperature": 1.0, "top_k": 1}, "sampled": {**base, "temperature": 1.0}}  # fmt: skip
+    requests = [(key, "/v1/completions", body) for key, body in bodies.items()]
+    with serving(app) as url:
+        replies = send_together(url, batcher, release, requests)
+        alone = {key: httpx.post(f"{url}/v1/completions", json=body, timeout=60).json() for key, body in bodies.items()}
+    assert batcher.batch_sizes[:2] == [1, 4]  # the four together, after the held one
+    text = {key: reply["choices"][0]["text"] for key, reply in replies.items()}
+    for key in ("greedy", "penalty", "top1"):
+        assert text[key] == alone[key]["choices"][0]["text"], key
+    assert text["top1"] == text["greedy"] and replies["sampled"]["usage"]["completion_tokens"] == 12
+
+
 def test_a_seeded_request_among_unseeded_ones_runs_alone_and_repeats(tmp_path):
     run = make_run(tmp_path / "run")
     app, batcher, release = batched_app(run)
@@ -192,8 +211,8 @@ def test_a_batch_that_fails_fails_its_requests_and_the_decoder_goes_on(tmp_path)
             outcomes[key] = "cut off"
 
     with serving(app) as url:
-        # (other settings than the next two, so that those two start a batch of their own, which fails)
-        holder = threading.Thread(target=ask, args=("held", {"prompt": "Hello", "max_tokens": 5, "temperature": 0.5}))
+        # (seeded, so it runs alone and the next two start a batch of their own, which fails)
+        holder = threading.Thread(target=ask, args=("held", {"prompt": "Hello", "max_tokens": 5, "seed": 1}))
         holder.start()
         wait_for(lambda: batcher.batch_sizes == [1])
         threads = [threading.Thread(target=ask, args=(0, {"prompt": "Hello", "max_tokens": 5})),

@@ -29,7 +29,6 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from typing import Any
 
 import torch
 
@@ -116,6 +115,32 @@ def sample_next(
     if config.min_p > 0:
         logits = keep_min_p(logits, config.min_p)
     return draw(logits.softmax(dim=-1), generator)
+
+
+def sampling_settings(config: GenerationConfig) -> tuple:
+    """The fields of a config that `sample_next` reads: rows that agree on them are sampled together."""
+    return config.temperature, config.top_k, config.top_p, config.min_p, config.repetition_penalty
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    settings: Sequence[GenerationConfig],
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`sample_next` for rows with settings of their own (`settings[i]` for row i): each group of rows
+    that share their sampling settings is sampled as one batch, in the order the groups first appear."""
+    groups: dict[tuple, list[int]] = {}
+    for i, config in enumerate(settings):
+        groups.setdefault(sampling_settings(config), []).append(i)
+    if len(groups) == 1:
+        return sample_next(logits, settings[0], seen, generator)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for rows in groups.values():
+        index = torch.tensor(rows, device=logits.device)
+        group_seen = seen[index] if seen is not None else None
+        tokens[index] = sample_next(logits[index], settings[rows[0]], group_seen, generator)
+    return tokens
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -323,6 +348,11 @@ class GreedyScreen:
         return True
 
 
+def _screened(config: GenerationConfig) -> bool:
+    """Whether rows with these settings may take the greedy screen: greedy, without a repetition penalty."""
+    return is_greedy(config) and config.repetition_penalty == 1.0
+
+
 def greedy_screen(model: torch.nn.Module, config: GenerationConfig) -> GreedyScreen | None:
     """The model's `GreedyScreen` when `config` is plain greedy decoding of an fp32 head on a CPU with
     bf16 units (elsewhere bf16 is emulated and slower than fp32); None to compute the logits."""
@@ -330,8 +360,7 @@ def greedy_screen(model: torch.nn.Module, config: GenerationConfig) -> GreedyScr
 
     head = _plain_head(model)
     weight = _plain_cpu_weight(head)
-    plain_greedy = is_greedy(config) and config.repetition_penalty == 1.0
-    if weight is None or weight.dtype != torch.float32 or not plain_greedy or not cpu_has_bf16():
+    if weight is None or weight.dtype != torch.float32 or not _screened(config) or not cpu_has_bf16():
         return None
     return _derived(_SCREENS, head, _checked_screen)
 
@@ -399,6 +428,7 @@ class LiveBatch:
         self.head = None if self.screen is not None else decoding_head(model)
         self.one_position = DecodeStep(model) if config.use_cache and DecodeStep.fits(model) else None
         self.rows: list[list[int]] = []  # each row's tokens, prompt and generated, but the newest
+        self.settings: list[GenerationConfig] = []  # each row's sampling settings
         self.starts: list[int] = []  # where each row's window begins
         self.tokens: torch.Tensor | None = None  # (B,) each row's newest token
         self.seen: torch.Tensor | None = None  # (B, V) the tokens each row has seen, for the repetition penalty
@@ -407,26 +437,33 @@ class LiveBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def join(self, prompts: Sequence[Sequence[int]]) -> list[int]:
-        """Add rows for these prompts; return the first token of each."""
+    def join(self, prompts: Sequence[Sequence[int]], settings: Sequence[GenerationConfig] | None = None) -> list[int]:
+        """Add rows for these prompts, sampled by `settings` (one config a row; the batch's by default);
+        return the first token of each."""
         from gptlab.model import KVCache
 
         prompts = [list(p) for p in prompts]
-        seen = self._seen(prompts)
+        settings = list(settings) if settings is not None else [self.config] * len(prompts)
+        if self.screen is not None and not all(_screened(config) for config in settings):
+            self.screen, self.head = None, decoding_head(self.model)  # the screen picks greedy rows only
+        if self.seen is None and any(config.repetition_penalty != 1.0 for config in settings):
+            self.seen = self._seen(self.rows)  # the rows so far start keeping track too
+        seen = self._seen(prompts) if self.seen is not None else None
         cache = None
         if self.config.use_cache:  # the first rows get the batch's cache, later ones one of their own size
             length = self.max_length if self.cache is None else max(len(p) for p in prompts)
             cache = KVCache(self.model.config, len(prompts), length, self.weight.device, self.weight.dtype)
-        first = self._next_tokens(*_left_padded(prompts, self.weight.device), cache, seen)
+        first = self._next_tokens(*_left_padded(prompts, self.weight.device), cache, seen, settings)
         if self.cache is None:
             self.cache = cache
         elif cache is not None:
             self.cache.join(cache)
         self.rows += prompts
+        self.settings += settings
         self.starts += [0] * len(prompts)
         self.tokens = first if self.tokens is None else torch.cat([self.tokens, first])
         if seen is not None:
-            self.seen = seen if self.seen is None else torch.cat([self.seen, seen])
+            self.seen = torch.cat([self.seen, seen])
         return first.tolist()
 
     def step(self) -> list[int]:
@@ -440,7 +477,7 @@ class LiveBatch:
         else:
             if self.cache.length == self.cache.max_length:
                 self.cache.compact()
-            self.tokens = self._next_tokens(self.tokens[:, None], None, self.cache, self.seen)
+            self.tokens = self._next_tokens(self.tokens[:, None], None, self.cache, self.seen, self.settings)
         return self.tokens.tolist()
 
     def leave(self, rows: Iterable[int]) -> None:
@@ -450,6 +487,7 @@ class LiveBatch:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
+        self.settings = [self.settings[i] for i in keep]
         self.starts = [self.starts[i] for i in keep]
         if not keep:
             self.tokens = self.seen = self.cache = None
@@ -461,12 +499,11 @@ class LiveBatch:
         if self.cache is not None:
             self.cache.keep_rows(index)
 
-    def _seen(self, prompts: list[list[int]]) -> torch.Tensor | None:
-        if self.config.repetition_penalty == 1.0:
-            return None
-        seen = torch.zeros(len(prompts), self.model.config.vocab_size, dtype=torch.bool, device=self.weight.device)
-        for i, prompt in enumerate(prompts):
-            seen[i, prompt] = True
+    def _seen(self, rows: list[list[int]]) -> torch.Tensor:
+        """(len(rows), V) which tokens each row holds, for the repetition penalty."""
+        seen = torch.zeros(len(rows), self.model.config.vocab_size, dtype=torch.bool, device=self.weight.device)
+        for i, row in enumerate(rows):
+            seen[i, row] = True
         return seen
 
     def _prefill(self) -> torch.Tensor:
@@ -474,19 +511,19 @@ class LiveBatch:
         if self.cache is not None:
             self.cache.reset()
         windows = [row[start:] for row, start in zip(self.rows, self.starts, strict=True)]
-        return self._next_tokens(*_left_padded(windows, self.weight.device), self.cache, self.seen)
+        return self._next_tokens(*_left_padded(windows, self.weight.device), self.cache, self.seen, self.settings)
 
-    def _next_tokens(self, ids, mask, cache, seen) -> torch.Tensor:
+    def _next_tokens(self, ids, mask, cache, seen, settings) -> torch.Tensor:
         if self.screen is None and self.head is None:  # a head decoding may not call directly: the whole forward
             logits = self.model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]
-            return sample_next(logits, self.config, seen, self.generator)
+            return sample_rows(logits, settings, seen, self.generator)
         if self.one_position is not None and mask is None and ids.shape[1] == 1:
             hidden = self.one_position(ids[:, 0], cache)
         else:
             hidden = self.model.hidden_states(ids, mask, None, cache)[:, -1]
         if self.screen is not None:
             return self.screen(hidden)
-        return sample_next(self.head(hidden), self.config, seen, self.generator)
+        return sample_rows(self.head(hidden), settings, seen, self.generator)
 
 
 @dataclasses.dataclass
@@ -502,7 +539,7 @@ class _Row:
 def decode_rows(
     model: torch.nn.Module,
     config: GenerationConfig,
-    take: Callable[[int], list[tuple[Hashable, list[int], int]]],
+    take: Callable[[int], list[tuple[Hashable, list[int], GenerationConfig]]],
     ended: set,
     generator: torch.Generator | None = None,
     max_length: int | None = None,
@@ -510,11 +547,12 @@ def decode_rows(
 ) -> Iterator[tuple[Hashable, int, int]]:
     """Decode rows as they come, up to `config.batch_size` at a time (continuous batching).
 
-    `take(room)` gives up to `room` new rows as (key, prompt ids, the row's max new tokens), an empty
-    list when none wait; it is asked before every step while the batch has room. The rows share the
-    sampling settings of `config`. Yields (key, token, count) for each new token of every row, count
-    being the row's tokens so far. A row ends after its max new tokens, or when the reader puts its key
-    in `ended` while it reads the row's token. Ends when no row is left and `take` gives none.
+    `take(room)` gives up to `room` new rows as (key, prompt ids, the row's settings), an empty list when
+    none wait; it is asked before every step while the batch has room. Each row is sampled by its own
+    settings (`sample_rows`) and ends after their `max_new_tokens`; the batch's `config` says how it
+    decodes (cache, batch size) and where its first rows' screen applies. Yields (key, token, count) for each new token of every row, count
+    being the row's tokens so far. A row also ends when the reader puts its key in `ended` while it
+    reads the row's token. Ends when no row is left and `take` gives none.
     `max_length` bounds the KV cache (the context by default; see `_cache_length`). With `join_failed`,
     an error while rows join (their prefill) goes to `join_failed(their keys, error)` and the others
     decode on; without it, the error is raised.
@@ -527,8 +565,9 @@ def decode_rows(
             new = take(config.batch_size - len(rows)) if len(rows) < config.batch_size else []
             if new:
                 try:
-                    tokens += batch.join([ids for _, ids, _ in new])  # the batch is unchanged if this fails
-                    rows += [_Row(key, limit) for key, _, limit in new]
+                    # (the batch is unchanged if this fails)
+                    tokens += batch.join([ids for _, ids, _ in new], [settings for _, _, settings in new])
+                    rows += [_Row(key, settings.max_new_tokens) for key, _, settings in new]
                 except Exception as error:
                     if join_failed is None:
                         raise
@@ -547,9 +586,9 @@ def decode_rows(
                 rows = [row for i, row in enumerate(rows) if i not in gone]
 
 
-def _taking_from(prompts: list[list[int]], row_settings) -> Callable[[int], list[tuple[int, list[int], Any]]]:
-    """A `take` that hands out the prompts in order as (index, prompt, `row_settings`)."""
-    waiting = collections.deque((i, prompt, row_settings) for i, prompt in enumerate(prompts))
+def _taking_from(prompts: list[list[int]], settings: GenerationConfig) -> Callable[[int], list[tuple]]:
+    """A `take` that hands out the prompts in order as (index, prompt, `settings`)."""
+    waiting = collections.deque((i, prompt, settings) for i, prompt in enumerate(prompts))
     return lambda room: [waiting.popleft() for _ in range(min(room, len(waiting)))]
 
 
@@ -660,7 +699,7 @@ def generate_ids(
     results: list[list[int]] = [[] for _ in prompts]
     ended: set[int] = set()
     for index, token, _ in decode_rows(
-        model, config, _taking_from(prompts, config.max_new_tokens), ended, generator, _cache_length(prompts, config)
+        model, config, _taking_from(prompts, config), ended, generator, _cache_length(prompts, config)
     ):
         if token == stop_id:
             ended.add(index)
@@ -762,19 +801,19 @@ def stream_texts(
 ) -> Iterator[tuple[Hashable, str]]:
     """(key, text piece) as rows decode, rows joining through `take` as others end (see `decode_rows`).
 
-    `take(room)` gives (key, prompt ids, the row's settings): its prompt prepared (`prepare_prompt`), its
-    own `max_new_tokens` and `stop` strings, the sampling settings those of `config`, which all rows
-    share. `on_row_end(key, tokens generated, reason)` hears of each row's end after its last piece. A row
+    `take(room)` gives (key, prompt ids, the row's settings): its prompt prepared (`prepare_prompt`), and
+    its own sampling settings, `max_new_tokens` and `stop` strings; `config` gives the rest (the cache,
+    the batch size, whether end-of-text ends a row). `on_row_end(key, tokens generated, reason)` hears of each row's end after its last piece. A row
     whose reader is gone (`abandoned(key)`) ends without a word. `join_failed`: as in `decode_rows`."""
     stop_id = tokenizer.eot_id if config.stop_at_eot else None
     generator = make_generator(config, next(model.parameters()).device)
     rows: dict[Hashable, tuple[GenerationConfig, _RowText]] = {}
     ended: set[Hashable] = set()
 
-    def take_rows(room: int) -> list[tuple[Hashable, list[int], int]]:
+    def take_rows(room: int) -> list[tuple[Hashable, list[int], GenerationConfig]]:
         new = take(room)
         rows.update((key, (settings, _RowText(settings.stop))) for key, _, settings in new)
-        return [(key, ids, settings.max_new_tokens) for key, ids, settings in new]
+        return new
 
     def failed(keys: list[Hashable], error: Exception) -> None:
         for key in keys:

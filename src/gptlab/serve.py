@@ -338,14 +338,17 @@ class _Job:
 
 
 def batch_settings(config: GenerationConfig) -> GenerationConfig:
-    """What requests decoded in one batch must share: everything but each row's own length and stop strings."""
-    return dataclasses.replace(config, max_new_tokens=1, stop=[])
+    """What requests decoded in one batch must share: everything but each row's own sampling settings
+    (temperature, top-k, top-p, min-p, repetition penalty), length and stop strings."""
+    default = GenerationConfig()
+    own = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "stop")
+    return dataclasses.replace(config, **{name: getattr(default, name) for name in own})
 
 
 class Batcher:
     """The one thread that decodes. Requests wait in order; it starts the first with every waiting request
-    that has the same decoding settings (`batch_settings`: each keeps its own max_tokens and stop strings;
-    up to their `batch_size`), sending each its pieces as they come. While they decode, each row that ends
+    that may share its batch (`batch_settings`: each keeps its own sampling settings, max_tokens and stop
+    strings; up to their `batch_size`), sending each its pieces as they come. While they decode, each row that ends
     makes room for the next waiting request with those settings (continuous batching), until one with
     other settings is first in line: then the batch runs out and that request starts the next. A batch
     of 8 decodes several times the tokens per second of one row (docs/generation.md), so concurrent
