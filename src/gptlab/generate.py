@@ -117,9 +117,13 @@ def sample_next(
     return draw(logits.softmax(dim=-1), generator)
 
 
+# The fields of a config that `sample_next` reads: each row of a batch may have its own (`sample_rows`).
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
 def sampling_settings(config: GenerationConfig) -> tuple:
-    """The fields of a config that `sample_next` reads: rows that agree on them are sampled together."""
-    return config.temperature, config.top_k, config.top_p, config.min_p, config.repetition_penalty
+    """A config's sampling fields' values: rows that agree on them are sampled together."""
+    return tuple(getattr(config, name) for name in SAMPLING_FIELDS)
 
 
 def sample_rows(
@@ -384,10 +388,8 @@ def decode_steps(
     prefilled once and each step runs one position; without, each step recomputes every window.
     The model decodes in evaluation mode and gets its own mode back afterwards.
     """
-    longest = max(len(p) for p in prompt_ids)
     with _evaluating(model):
-        # The cache holds what these rows will need, no more: no row joins later.
-        batch = LiveBatch(model, config, generator, max_length=longest + config.max_new_tokens - 1)
+        batch = LiveBatch(model, config, generator, max_length=_cache_length(prompt_ids, config))
         tokens = batch.join(prompt_ids)
         for step in range(config.max_new_tokens):
             yield tokens
@@ -433,9 +435,6 @@ class LiveBatch:
         self.tokens: torch.Tensor | None = None  # (B,) each row's newest token
         self.seen: torch.Tensor | None = None  # (B, V) the tokens each row has seen, for the repetition penalty
         self.cache = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def join(self, prompts: Sequence[Sequence[int]], settings: Sequence[GenerationConfig] | None = None) -> list[int]:
         """Add rows for these prompts, sampled by `settings` (one config a row; the batch's by default);
@@ -550,9 +549,10 @@ def decode_rows(
     `take(room)` gives up to `room` new rows as (key, prompt ids, the row's settings), an empty list when
     none wait; it is asked before every step while the batch has room. Each row is sampled by its own
     settings (`sample_rows`) and ends after their `max_new_tokens`; the batch's `config` says how it
-    decodes (cache, batch size) and where its first rows' screen applies. Yields (key, token, count) for each new token of every row, count
-    being the row's tokens so far. A row also ends when the reader puts its key in `ended` while it
-    reads the row's token. Ends when no row is left and `take` gives none.
+    decodes (cache, batch size) and where its first rows' screen applies. Yields (key, token, count)
+    for each new token of every row, count being the row's tokens so far. A row also ends when the
+    reader puts its key in `ended` while it reads the row's token. Ends when no row is left and `take`
+    gives none.
     `max_length` bounds the KV cache (the context by default; see `_cache_length`). With `join_failed`,
     an error while rows join (their prefill) goes to `join_failed(their keys, error)` and the others
     decode on; without it, the error is raised.
@@ -592,7 +592,7 @@ def _taking_from(prompts: list[list[int]], settings: GenerationConfig) -> Callab
     return lambda room: [waiting.popleft() for _ in range(min(room, len(waiting)))]
 
 
-def _cache_length(prompts: list[list[int]], config: GenerationConfig) -> int:
+def _cache_length(prompts: Sequence[Sequence[int]], config: GenerationConfig) -> int:
     """The KV cache a set of prompts needs: what the longest will reach. Rows that join later fit too: when
     the cache is full, every row that still needs a slot has leading padding that `KVCache.compact` drops."""
     return max(len(p) for p in prompts) + config.max_new_tokens - 1
@@ -803,8 +803,9 @@ def stream_texts(
 
     `take(room)` gives (key, prompt ids, the row's settings): its prompt prepared (`prepare_prompt`), and
     its own sampling settings, `max_new_tokens` and `stop` strings; `config` gives the rest (the cache,
-    the batch size, whether end-of-text ends a row). `on_row_end(key, tokens generated, reason)` hears of each row's end after its last piece. A row
-    whose reader is gone (`abandoned(key)`) ends without a word. `join_failed`: as in `decode_rows`."""
+    the batch size, whether end-of-text ends a row). `on_row_end(key, tokens generated, reason)` hears of
+    each row's end after its last piece. A row whose reader is gone (`abandoned(key)`) ends without a
+    word. `join_failed`: as in `decode_rows`."""
     stop_id = tokenizer.eot_id if config.stop_at_eot else None
     generator = make_generator(config, next(model.parameters()).device)
     rows: dict[Hashable, tuple[GenerationConfig, _RowText]] = {}

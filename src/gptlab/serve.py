@@ -339,20 +339,22 @@ class _Job:
 
 def batch_settings(config: GenerationConfig) -> GenerationConfig:
     """What requests decoded in one batch must share: everything but each row's own sampling settings
-    (temperature, top-k, top-p, min-p, repetition penalty), length and stop strings."""
+    (`generate.SAMPLING_FIELDS`), length and stop strings."""
+    from gptlab.generate import SAMPLING_FIELDS
+
     default = GenerationConfig()
-    own = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "stop")
+    own = (*SAMPLING_FIELDS, "max_new_tokens", "stop")
     return dataclasses.replace(config, **{name: getattr(default, name) for name in own})
 
 
 class Batcher:
     """The one thread that decodes. Requests wait in order; it starts the first with every waiting request
-    that may share its batch (`batch_settings`: each keeps its own sampling settings, max_tokens and stop
-    strings; up to their `batch_size`), sending each its pieces as they come. While they decode, each row that ends
-    makes room for the next waiting request with those settings (continuous batching), until one with
-    other settings is first in line: then the batch runs out and that request starts the next. A batch
-    of 8 decodes several times the tokens per second of one row (docs/generation.md), so concurrent
-    clients wait less. A seeded request runs alone: its samples must not depend on what it was batched
+    that may share its batch (`batch_settings`: each keeps its own sampling settings, max_tokens and
+    stop strings; up to their `batch_size`), sending each its pieces as they come. While they decode,
+    each row that ends makes room for the next waiting request with those settings (continuous
+    batching), until one with other settings is first in line: then the batch runs out and that
+    request starts the next. A batch of 8 decodes several times the tokens per second of one row
+    (docs/generation.md), so concurrent clients wait less. A seeded request runs alone: its samples must not depend on what it was batched
     with. A request whose prefill fails as it joins fails alone; a failure of a step fails the batch."""
 
     # How long the first request of a batch waits for others: clients that send at the same moment arrive
@@ -394,12 +396,12 @@ class Batcher:
         """Up to `room` waiting requests with these settings: from anywhere in line for a new batch, from the
         front of the line for a running one (so that a request with other settings is not passed over
         for ever). Requests whose client left are answered and dropped. Called holding `self.ready`."""
-        taken, kept = [], collections.deque()
+        taken, kept, shared = [], collections.deque(), batch_settings(config)
         while self.waiting and len(taken) < room:
             job = self.waiting.popleft()
             if job.abandoned:
                 job.pieces.put(_END)
-            elif batch_settings(job.config) == batch_settings(config) and job.config.seed is None:
+            elif job.config.seed is None and batch_settings(job.config) == shared:
                 taken.append(job)
             else:
                 kept.append(job)
