@@ -380,3 +380,47 @@ def test_forward_with_targets_equals_cross_entropy_of_logits():
     expected = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
     assert torch.allclose(model(idx, targets), expected, atol=1e-6)
     assert model(idx, last_only=True).shape == (2, 1, config.vocab_size)
+
+
+def test_cache_joins_into_allocated_rows_and_moves_only_what_it_must():
+    """Rows that join fill rows allocated beforehand (the keys' storage stays), growth doubles up to
+    max_rows, and rows kept in any order hold what they held: each row's real keys, checked against a
+    cache of that row's prompt alone."""
+    config = CONFIGS[0]
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    prompts = [torch.randint(0, config.vocab_size, (1, n)) for n in (5, 3, 7, 2, 4)]
+
+    def prefilled(prompt, length=None):
+        cache = KVCache(config, 1, length or prompt.shape[1])
+        model.hidden_states(prompt, None, None, cache)
+        return cache
+
+    def real_keys(cache, row):  # (L, H, n, D): the row's unmasked slots
+        return cache.keys[:, row, :, : cache.length][:, :, cache.key_mask[row, : cache.length]]
+
+    def check(cache, held):
+        for row, prompt in enumerate(held):
+            assert torch.equal(real_keys(cache, row), alone[prompt]), (row, prompt)
+            assert int(cache.next_position[row]) == prompts[prompt].shape[1]
+        assert int(cache.key_mask[:, : cache.length].sum()) == sum(prompts[p].shape[1] for p in held)
+
+    with torch.inference_mode():
+        alone = [prefilled(p).keys[:, 0] for p in prompts]
+        cache = prefilled(prompts[0], 16)
+        cache.max_rows = 3
+        for i in (1, 2):  # 1 -> 2 rows, then 4 would be the double: bounded by max_rows
+            cache.join(prefilled(prompts[i]))
+        assert cache.capacity == 3 and cache.length == 7
+        check(cache, [0, 1, 2])
+        storage = cache.keys.untyped_storage().data_ptr()
+        cache.keep_rows(torch.tensor([0, 2]))  # the middle row leaves: the last moves down
+        check(cache, [0, 2])
+        cache.join(prefilled(prompts[3]))  # shorter: into the free row, nothing else moves
+        assert cache.keys.untyped_storage().data_ptr() == storage and cache.batch_size == 3
+        check(cache, [0, 2, 3])
+        cache.keep_rows(torch.tensor([2, 0]))  # any order
+        check(cache, [3, 0])
+        cache.join(prefilled(prompts[4]))
+        assert cache.keys.untyped_storage().data_ptr() == storage and cache.has_padding
+        check(cache, [3, 0, 4])

@@ -451,7 +451,8 @@ class LiveBatch:
         cache = None
         if self.config.use_cache:  # the first rows get the batch's cache, later ones one of their own size
             length = self.max_length if self.cache is None else max(len(p) for p in prompts)
-            cache = KVCache(self.model.config, len(prompts), length, self.weight.device, self.weight.dtype)
+            cache = KVCache(self.model.config, len(prompts), length, self.weight.device, self.weight.dtype,
+                            max_rows=max(self.config.batch_size, len(prompts)))  # fmt: skip
         first = self._next_tokens(*_left_padded(prompts, self.weight.device), cache, seen, settings)
         if self.cache is None:
             self.cache = cache
