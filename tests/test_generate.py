@@ -350,9 +350,9 @@ def test_greedy_screen_bound_covers_the_bf16_error():
     screen = GreedyScreen(weight)
     hidden = torch.randn(64, 24) * torch.logspace(-2, 2, 64)[:, None]
     approx, bound = screen.approximate(hidden)
-    error = (approx.double() - weight.double() @ hidden.double().t()).abs().amax(dim=0)
+    error = (approx.double() - hidden.double() @ weight.double().t()).abs().amax(dim=1)
     assert bool((error <= bound).all())
-    candidates = (approx >= approx.amax(dim=0) - 2 * bound).sum(dim=0)
+    candidates = (approx >= (approx.amax(dim=1) - 2 * bound)[:, None]).sum(dim=1)
     assert candidates.max() <= 30  # and it is not vacuous: at most a tenth of the 300 tokens stay
 
 
@@ -384,7 +384,7 @@ def test_greedy_screen_refuses_a_cpu_whose_bf16_products_exceed_the_bound():
     class Coarse(GreedyScreen):  # results rounded like a kernel that sums in bf16 would leave them
         def approximate(self, hidden):
             logits, bound = super().approximate(hidden)
-            return logits + 3 * bound, bound
+            return logits + 3 * bound[:, None], bound
 
     assert GreedyScreen(near_tie_head()).holds()
     assert not Coarse(near_tie_head()).holds()
