@@ -12,6 +12,7 @@ from gptlab.generate import (
     Chat,
     GenerationWarning,
     GreedyScreen,
+    LiveBatch,
     decode_steps,
     decoding_head,
     draw,
@@ -216,6 +217,29 @@ def test_rows_with_their_own_sampling_settings_decode_as_they_would_alone():
         assert out[key] == generate_ids(model, [ids], settings)[0], key
     assert len(out["sampled"]) == 12
     assert out["late"] != generate_ids(model, [prompts["late"][0]], plain)[0]  # its penalty mattered
+
+
+def test_the_screen_returns_when_the_rows_that_needed_logits_leave(monkeypatch):
+    """A sampled row switches a greedy batch to the full logits; once it has left, the bf16 screen is
+    used again, and the greedy rows decode as they would alone throughout."""
+    import gptlab.train
+
+    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+    model = varied_gpt().eval()
+    plain, sampled = greedy(max_new_tokens=12), greedy(max_new_tokens=12, temperature=1.0)
+    alone = generate_ids(model, [[1, 2, 3]], plain)[0]
+    with torch.inference_mode():
+        batch = LiveBatch(model, greedy(batch_size=2))
+        tokens = [batch.join([[1, 2, 3]])[0]]
+        assert batch.screen is not None
+        batch.join([[9, 8]], [sampled])
+        assert batch.screen is None and batch.head is not None
+        for step in range(11):
+            if step == 4:
+                batch.leave([1])
+                assert batch.screen is not None and batch.head is None
+            tokens.append(batch.step()[0])
+    assert tokens == alone
 
 
 def test_sample_rows_samples_each_group_of_settings_by_its_own():

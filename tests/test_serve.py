@@ -361,14 +361,14 @@ def test_concurrent_requests_with_the_same_settings_join_the_running_batch(tmp_p
     with serving(app) as url:
         threads = [threading.Thread(target=ask, args=(prompt,)) for prompt in prompts]
         threads[0].start()
-        wait_for(lambda: batcher.batch_sizes == [1])  # the first request is being decoded (held)
+        wait_for(lambda: list(batcher.batch_sizes) == [1])  # the first request is being decoded (held)
         for thread in threads[1:]:
             thread.start()
         wait_for(lambda: len(batcher.waiting) == 3)
         release.set()
         for thread in threads:
             thread.join(60)
-    assert batcher.batch_sizes == [1] and batcher.joined == [3]  # they joined the running batch
+    assert list(batcher.batch_sizes) == [1] and list(batcher.joined) == [3]  # they joined the running batch
     assert [replies[p] for p in prompts] == generate(
         run.model, run.tokenizer, prompts, GenerationConfig(max_new_tokens=6, temperature=0.0)
     )
@@ -384,12 +384,12 @@ def test_unseeded_requests_share_a_batch_and_seeded_ones_run_alone(tmp_path):
                 greedy, dataclasses.replace(greedy, seed=1)]  # fmt: skip
     jobs = [_Job([65], config, _Outcome(1)) for config in settings]
     batcher.submit(jobs[:1])
-    wait_for(lambda: batcher.batch_sizes == [1])
+    wait_for(lambda: list(batcher.batch_sizes) == [1])
     batcher.submit(jobs[1:])
     release.set()
     texts = ["".join(job.read()) for job in jobs]
     # In order: the held first; the seeded one alone; the two other greedy ones and the sampled one
     # together (rows keep their own sampling settings); the second seeded one alone, though its settings
     # equal the first seeded one's.
-    assert batcher.batch_sizes == [1, 1, 3, 1]
+    assert list(batcher.batch_sizes) == [1, 1, 3, 1]
     assert texts[0] == texts[2] == texts[4] and texts[1] == texts[5]

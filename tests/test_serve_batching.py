@@ -42,7 +42,7 @@ def send_together(url, batcher, release, requests):
     held = {"prompt": "z", "max_tokens": 1, "seed": 1}
     holder = threading.Thread(target=ask, args=("held", "/v1/completions", held))
     holder.start()
-    wait_for(lambda: batcher.batch_sizes == [1])
+    wait_for(lambda: list(batcher.batch_sizes) == [1])
     threads = [threading.Thread(target=ask, args=request) for request in requests]
     expected = 0
     for thread, (_, _, body) in zip(threads, requests, strict=True):
@@ -77,12 +77,12 @@ def test_batched_replies_and_usage_equal_the_replies_decoded_alone(tmp_path):
         warnings.simplefilter("ignore", GenerationWarning)  # the 300-byte prompt is truncated
         with serving(app) as url:
             replies = send_together(url, batcher, release, requests)
-            assert batcher.batch_sizes == [1, len(requests)]
+            assert list(batcher.batch_sizes) == [1, len(requests)]
             alone = [
                 httpx.post(f"{url}/v1/completions", json={"prompt": p, "max_tokens": 40}, timeout=60).json()
                 for p in prompts
             ]
-    assert batcher.batch_sizes[2:] == [1] * len(prompts)
+    assert list(batcher.batch_sizes)[2:] == [1] * len(prompts)
     for i, reply in enumerate(alone):
         plain, events = replies[("plain", i)], replies[("stream", i)]
         assert plain["choices"][0]["text"] == streamed_text(events) == reply["choices"][0]["text"], i
@@ -111,7 +111,7 @@ def test_rows_of_one_batch_stop_at_their_own_stop_string_and_the_others_go_on(tm
         replies = send_together(url, batcher, release, requests)
     # The held request's settings differ, so the nine rows start a batch of 3, and the other six join it
     # as its rows end.
-    assert batcher.batch_sizes == [1, 3] and sum(batcher.joined) == 6
+    assert list(batcher.batch_sizes) == [1, 3] and sum(batcher.joined) == 6
     singles = [replies[i]["choices"][0] for i in range(len(prompts))]
     assert [c["text"] for c in singles] == [c["text"] for c in replies["multi"]["choices"]] == expected
     assert [c["finish_reason"] for c in singles] == ["length", "stop", "length", "stop"]
@@ -137,7 +137,7 @@ def test_requests_arriving_during_a_batch_join_it_each_with_its_own_length_and_s
     with serving(app) as url:
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
         threads[0].start()
-        wait_for(lambda: batcher.batch_sizes == [1])  # the first is held: the others arrive while it runs
+        wait_for(lambda: list(batcher.batch_sizes) == [1])  # the first is held: the others arrive while it runs
         for i, thread in enumerate(threads[1:], 1):
             thread.start()
             wait_for(lambda i=i: len(batcher.waiting) == i)
@@ -145,7 +145,7 @@ def test_requests_arriving_during_a_batch_join_it_each_with_its_own_length_and_s
         for thread in threads:
             thread.join(60)
         alone = [httpx.post(f"{url}/v1/completions", json=body, timeout=60).json() for body in bodies]
-    assert batcher.batch_sizes[0] == 1 and sum(batcher.joined[: len(bodies) - 1]) == len(bodies) - 1
+    assert list(batcher.batch_sizes)[0] == 1 and sum(list(batcher.joined)[: len(bodies) - 1]) == len(bodies) - 1
     texts = [replies[i]["choices"][0]["text"] for i in range(len(bodies))]
     assert texts == [reply["choices"][0]["text"] for reply in alone]
     assert [len(t) for t in texts] == [30, 2, 9, 20, 4]  # "abc" stops at "ee", the last "Once upon" at "SS"
@@ -165,7 +165,7 @@ def test_requests_with_different_sampling_settings_share_a_batch(tmp_path):
     with serving(app) as url:
         replies = send_together(url, batcher, release, requests)
         alone = {key: httpx.post(f"{url}/v1/completions", json=body, timeout=60).json() for key, body in bodies.items()}
-    assert batcher.batch_sizes[:2] == [1, 4]  # the four together, after the held one
+    assert list(batcher.batch_sizes)[:2] == [1, 4]  # the four together, after the held one
     text = {key: reply["choices"][0]["text"] for key, reply in replies.items()}
     for key in ("greedy", "penalty", "top1"):
         assert text[key] == alone[key]["choices"][0]["text"], key
@@ -181,7 +181,7 @@ def test_a_seeded_request_among_unseeded_ones_runs_alone_and_repeats(tmp_path):
     with serving(app) as url:
         replies = send_together(url, batcher, release, requests)
         again = httpx.post(f"{url}/v1/completions", json={**sampled, "seed": 3}, timeout=60).json()
-    assert batcher.batch_sizes == [1, 3, 1, 1]  # the three unseeded together; the seeded alone, twice
+    assert list(batcher.batch_sizes) == [1, 3, 1, 1]  # the three unseeded together; the seeded alone, twice
     assert replies["seeded"]["choices"][0]["text"] == again["choices"][0]["text"]
     assert len({replies[i]["choices"][0]["text"] for i in range(3)}) > 1  # sampled rows differ
 
@@ -214,7 +214,7 @@ def test_a_batch_that_fails_fails_its_requests_and_the_decoder_goes_on(tmp_path)
         # (seeded, so it runs alone and the next two start a batch of their own, which fails)
         holder = threading.Thread(target=ask, args=("held", {"prompt": "Hello", "max_tokens": 5, "seed": 1}))
         holder.start()
-        wait_for(lambda: batcher.batch_sizes == [1])
+        wait_for(lambda: list(batcher.batch_sizes) == [1])
         threads = [threading.Thread(target=ask, args=(0, {"prompt": "Hello", "max_tokens": 5})),
                    threading.Thread(target=ask, args=(1, {"prompt": "Hello", "max_tokens": 5, "stream": True}))]  # fmt: skip
         for thread in threads:
@@ -223,7 +223,7 @@ def test_a_batch_that_fails_fails_its_requests_and_the_decoder_goes_on(tmp_path)
         release.set()
         wait_for(lambda: len(outcomes) == 3)
         after = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 5}, timeout=30)
-    assert batcher.batch_sizes == [1, 2, 1] and not failures  # both requests were in the failed batch
+    assert list(batcher.batch_sizes) == [1, 2, 1] and not failures  # both requests were in the failed batch
     assert outcomes["held"][0] == 200
     status, text = outcomes[0]
     assert status == 500 and json.loads(text)["error"]["type"] == "server_error" and "decoding failed" in text
@@ -255,7 +255,7 @@ def test_a_request_whose_prefill_fails_as_it_joins_fails_alone(tmp_path):
     with serving(app) as url:
         good = threading.Thread(target=ask, args=("good", {"prompt": "Hello", "max_tokens": 20}))
         good.start()
-        wait_for(lambda: batcher.batch_sizes == [1])
+        wait_for(lambda: list(batcher.batch_sizes) == [1])
         bad = threading.Thread(target=ask, args=("bad", {"prompt": "#fail", "max_tokens": 20}))
         bad.start()
         wait_for(lambda: len(batcher.waiting) == 1)
@@ -263,7 +263,7 @@ def test_a_request_whose_prefill_fails_as_it_joins_fails_alone(tmp_path):
         for thread in (good, bad):
             thread.join(60)
         after = httpx.post(f"{url}/v1/completions", json={"prompt": "Hello", "max_tokens": 20}, timeout=30)
-    assert batcher.joined == [1]  # the bad one did join the good one's batch
+    assert list(batcher.joined) == [1]  # the bad one did join the good one's batch
     status, reply = outcomes["bad"]
     assert status == 500 and reply["error"]["type"] == "server_error" and "prefill failed" in reply["error"]["message"]
     status, reply = outcomes["good"]
@@ -322,7 +322,7 @@ def test_clients_sharing_a_batch_with_one_that_leaves_still_get_their_whole_repl
     with serving(app) as url:
         holder = threading.Thread(target=read_all, args=("held", False))
         holder.start()
-        wait_for(lambda: batcher.batch_sizes == [1])
+        wait_for(lambda: list(batcher.batch_sizes) == [1])
         leaver = threading.Thread(target=leave_stream, args=(url, body, 2))
         others = [threading.Thread(target=read_all, args=(key, key == "stream")) for key in ("plain", "stream")]
         for thread in [leaver, *others]:
@@ -331,7 +331,7 @@ def test_clients_sharing_a_batch_with_one_that_leaves_still_get_their_whole_repl
         release.set()
         for thread in [holder, leaver, *others]:
             thread.join(60)
-    assert batcher.batch_sizes == [1] and batcher.joined == [3]  # all three joined the held one's batch
+    assert list(batcher.batch_sizes) == [1] and list(batcher.joined) == [3]  # all three joined the held one's batch
     assert replies["plain"] == replies["stream"] == replies["held"] and len(replies["plain"]) >= 150
 
 
@@ -404,7 +404,7 @@ def test_a_client_that_leaves_before_its_stream_starts_is_not_decoded_for(tmp_pa
                 target=httpx.post, args=(f"{url}/v1/completions",), kwargs={"json": {"prompt": "z"}, "timeout": 60}
             )
             holder.start()
-            wait_for(lambda: batcher.batch_sizes == [1])
+            wait_for(lambda: list(batcher.batch_sizes) == [1])
             leave_stream(url, {"prompt": "Hello", "max_tokens": 4000}, events=0)  # the headers only, then gone
             release.set()
             holder.join(60)

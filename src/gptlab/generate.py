@@ -498,6 +498,9 @@ class LiveBatch:
         if not keep:
             self.tokens = self.seen = self.cache = None
             return
+        if self.screen is None and self.head is not None and all(_screened(config) for config in self.settings):
+            self.screen = greedy_screen(self.model, self.settings[0])  # the rows that needed logits left
+            self.head = None if self.screen is not None else self.head
         index = torch.tensor(keep, device=self.weight.device)
         self.tokens = self.tokens[index]
         if self.seen is not None:

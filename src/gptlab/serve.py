@@ -360,13 +360,15 @@ class Batcher:
     # How long the first request of a batch waits for others: clients that send at the same moment arrive
     # a few milliseconds apart.
     GATHER_SECONDS = 0.02
+    HISTORY = 4096
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
         self.waiting: collections.deque[_Job] = collections.deque()
         self.ready = threading.Condition()
-        self.batch_sizes: list[int] = []  # the rows each batch started with, for tests and benchmarks
-        self.joined: list[int] = []  # the rows that joined running batches, a count per joining
+        # For tests and benchmarks, the latest few thousand only (a long-lived server would grow them):
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=self.HISTORY)  # each batch's first rows
+        self.joined: collections.deque[int] = collections.deque(maxlen=self.HISTORY)  # rows joining running batches
         self.joining = True  # False: a batch keeps to the requests it started with (static batching, to compare)
         threading.Thread(target=self._work, name="gptlab-decoder", daemon=True).start()
 
