@@ -150,12 +150,20 @@ def train_config(**overrides) -> TrainConfig:
 
 
 def train_ranked(run_dir: Path, config: TrainConfig, resume_from: Path | None = None) -> dict[str, torch.Tensor]:
-    """Train on this process's rank (torchrun's environment, or one process); the final weights."""
+    """Train on this process's rank (torchrun's environment, or one process); the final weights. The loss
+    goes in chunks of 8 rows, as a large vocabulary's would, so the tied head's gradient passes through
+    the token embedding's backward (`_TiedEmbedding`) under DDP and FSDP too."""
+    import gptlab.model
+
     runtime = make_runtime(config)
     torch.manual_seed(0)
     model = GPT(CONFIG)
     objective = GlobalBatches(config.batch_size, runtime.rank, runtime.world_size)
-    train(model, objective, config, run_dir, runtime, resume_from=resume_from)
+    chunk_elements, gptlab.model.LOSS_CHUNK_ELEMENTS = gptlab.model.LOSS_CHUNK_ELEMENTS, CONFIG.vocab_size * 8
+    try:
+        train(model, objective, config, run_dir, runtime, resume_from=resume_from)
+    finally:
+        gptlab.model.LOSS_CHUNK_ELEMENTS = chunk_elements
     return ckpt.load_weights(ckpt.find_checkpoint(run_dir) / ckpt.WEIGHTS_FILE)
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptlab.config import GPTConfig, get_preset
 from gptlab.errors import GptlabError
@@ -238,6 +239,48 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(monkeypatch, chunk_
     assert torch.allclose(loss, expected, atol=1e-6)
     assert torch.allclose(hidden.grad, h2.grad, atol=1e-6)
     assert torch.allclose(weight.grad, w2.grad, atol=1e-6)
+
+
+def test_a_tied_heads_gradient_takes_the_embeddings_rows_in_place(monkeypatch):
+    """With a tied head, the token embedding's backward adds its rows into the chunked loss's (V, C)
+    gradient: every gradient equals plain autograd's, for one loss, two summed (two forwards, one
+    backward), and a backward that reaches the embedding but not the loss (it then makes its own)."""
+    import gptlab.model as model_module
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 50 * 8)  # chunks of 8 rows: the chunked loss
+    torch.manual_seed(0)
+    model = GPT(CONFIGS[2]).train()
+    idx, targets = torch.randint(0, 50, (3, 2, 9)), torch.randint(0, 50, (3, 2, 9))
+    targets[0, 0, :3] = -100
+
+    def gradients(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+    def reference(i):  # the full logits through autograd, the embedding by F.embedding
+        logits = model(idx[i])
+        return F.cross_entropy(logits.flatten(0, 1), targets[i].flatten(), ignore_index=-100)
+
+    linked, calls = model._links_tied_gradient, []
+    monkeypatch.setattr(model, "_links_tied_gradient", lambda *args: calls.append(linked(*args)) or calls[-1])
+    for ours, plain in (
+        (lambda: model(idx[0], targets[0]), lambda: reference(0)),
+        (
+            lambda: model(idx[1], targets[1]) + 0.5 * model(idx[2], targets[2]),
+            lambda: reference(1) + 0.5 * reference(2),
+        ),
+    ):
+        got, expected = gradients(ours()), gradients(plain())
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert sum(calls) == 3  # the link was used by each forward with targets
+    inner = {}
+    model.blocks[0].register_forward_hook(lambda module, args, out: inner.update(out=out))
+    model(idx[0], targets[0])  # the loss's backward never runs
+    got = gradients(inner["out"].square().sum())["token_embedding.weight"]
+    model(idx[0])
+    assert torch.equal(got, gradients(inner["out"].square().sum())["token_embedding.weight"]) and got.any()
 
 
 def test_a_loss_under_inference_mode_does_not_break_the_next_training_step(monkeypatch):

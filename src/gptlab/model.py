@@ -113,7 +113,9 @@ class GPT(nn.Module):
             total -= self.token_embedding.weight.numel() + self.position_embedding.weight.numel()
         return total
 
-    def hidden_states(self, idx, attention_mask=None, positions=None, cache: KVCache | None = None):
+    def hidden_states(
+        self, idx, attention_mask=None, positions=None, cache: KVCache | None = None, tied: _TiedGradient | None = None
+    ):
         """The final normalised hidden states (B, T, C), before the LM head.
 
         attention_mask (B, T) marks real tokens (1) and padding (0); positions (B, T) override the
@@ -141,7 +143,11 @@ class GPT(nn.Module):
                 positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         if positions is None:
             positions = self.position_ids[past : past + T]
-        x = self.token_embedding(idx) + self.position_embedding(positions)  # (B, T, C)
+        if tied is None:
+            tokens = self.token_embedding(idx)
+        else:  # the lookup's gradient joins the tied head's (training with the chunked loss)
+            tokens = _TiedEmbedding.apply(idx, self.token_embedding.weight, tied)
+        x = tokens + self.position_embedding(positions)  # (B, T, C)
         x = _dropped(self.embedding_dropout, x)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, causal, cache, layer)
@@ -166,7 +172,8 @@ class GPT(nn.Module):
         torch.compile see the whole computation; it is computed in chunks so the (B*T, V) logits
         are never held at once (IGNORE_INDEX, -100, marks positions without a target).
         """
-        hidden = self.hidden_states(idx, attention_mask, positions, cache)
+        tied = _TiedGradient() if self._links_tied_gradient(targets, reduction) else None
+        hidden = self.hidden_states(idx, attention_mask, positions, cache, tied)
         if targets is not None:
             hidden, weight = hidden.flatten(0, 1), self.lm_head.weight
             if hasattr(self.lm_head, "matmul_operands"):  # a head with LoRA adapters (gptlab.lora)
@@ -175,10 +182,64 @@ class GPT(nn.Module):
                 raise GptlabError(f"reduction must be 'mean' or 'none', got {reduction!r}")
             if reduction == "none":
                 return token_losses(hidden, weight, targets.flatten()).view(targets.shape)
-            return linear_cross_entropy(hidden, weight, targets.flatten())
+            return linear_cross_entropy(hidden, weight, targets.flatten(), tied=tied)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)
+
+    def _links_tied_gradient(self, targets, reduction: str) -> bool:
+        """Whether this forward's token embedding adds its gradient into the chunked loss's gradient of
+        the tied head (`_TiedEmbedding`): training a plain tied GPT on a CPU, not compiled. (A GPU fills
+        and adds a (V, C) gradient in a fraction of a millisecond, and its `index_add_` is not
+        deterministic.)"""
+        if targets is None or reduction != "mean" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        embedding, weight = self.token_embedding, self.token_embedding.weight
+        if weight.device.type != "cpu" or self.lm_head.weight is not weight or not weight.requires_grad:
+            return False
+        if not weight.is_leaf or type(embedding) is not nn.Embedding or type(self.lm_head) is not nn.Linear:
+            return False
+        options = (embedding.padding_idx, embedding.max_norm, embedding.scale_grad_by_freq, embedding.sparse)
+        modules = torch.nn.modules.module  # global hooks, as profilers and tracers install, see module calls
+        hooks = embedding._forward_hooks or embedding._forward_pre_hooks or "forward" in vars(embedding)
+        hooks = hooks or modules._global_forward_hooks or modules._global_forward_pre_hooks
+        return options == (None, None, False, False) and not hooks
+
+
+class _TiedGradient:
+    """The chunked loss's gradient of a tied head, passed by the loss's backward (which gives autograd
+    none for the weight) to the token embedding's backward of the same forward, which adds its rows into
+    it and gives autograd the sum: no zero-filled (V, C) gradient of its own and no (V, C) sum of the two
+    a step (docs/benchmarks.md). (Adding into a gradient already given to autograd would be lost when
+    autograd has summed it with another, as for two losses of one backward.)"""
+
+    __slots__ = ("weight_grad",)
+
+    def __init__(self):
+        self.weight_grad: torch.Tensor | None = None
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    """The token embedding's lookup, its weight gradient added into the tied head's (`_TiedGradient`).
+
+    When the loss's backward has passed no gradient over in this backward pass (a backward from the
+    hidden states only), it makes its own, as `F.embedding` would."""
+
+    @staticmethod
+    def forward(ctx, idx, weight, tied):
+        ctx.save_for_backward(idx)
+        ctx.tied, ctx.weight_shape = tied, weight.shape
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (idx,) = ctx.saved_tensors
+        grad_weight, ctx.tied.weight_grad = ctx.tied.weight_grad, None
+        rows = grad_output.reshape(-1, grad_output.shape[-1])
+        if grad_weight is None:
+            own = rows.new_zeros(ctx.weight_shape).index_add_(0, idx.reshape(-1), rows)
+            return None, own, None
+        return None, grad_weight.index_add_(0, idx.reshape(-1), rows.to(grad_weight.dtype)), None
 
 
 # Target id of positions without a target: the losses skip them (PyTorch's cross-entropy default).
@@ -188,7 +249,7 @@ IGNORE_INDEX = -100
 LOSS_CHUNK_ELEMENTS = 1 << 24
 
 
-def linear_cross_entropy(hidden, weight, targets, ignore_index: int = IGNORE_INDEX):
+def linear_cross_entropy(hidden, weight, targets, ignore_index: int = IGNORE_INDEX, tied: _TiedGradient | None = None):
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, without materialising all logits.
 
     hidden (N, C), weight (V, C), targets (N,). In training the gradients are computed chunk by chunk
@@ -205,7 +266,7 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = IGNORE_IND
         count = (targets != ignore_index).sum().clamp(min=1)  # all ignored: 0, not NaN, as in chunks
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / count
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows, tied)
     return _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, None)[0]
 
 
@@ -427,12 +488,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     runs once per forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, tied=None):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.empty_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         loss, _ = _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, (grad_hidden, grad_weight))
         ctx.grads = (grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.tied = weight.dtype, tied
         return loss
 
     @staticmethod
@@ -454,7 +515,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if scale:
                 grad_weight.mul_(grad_output)
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+            if ctx.tied is not None:  # the token embedding's backward adds its rows and hands it on
+                ctx.tied.weight_grad, grad_weight = grad_weight, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def padding_causal_mask(key_mask, T: int, past: int):
