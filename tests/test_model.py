@@ -317,6 +317,11 @@ def test_chunked_loss_under_bf16_autocast_equals_autocast_cross_entropy(monkeypa
         hidden[1, 0] = 10.0
         weight[:, 0] = 0.0
         weight[targets[1], 0] = 0.9
+        # row 2's target has p = e^-400, 0 in fp32: its log-probability must still be exact, not -inf
+        hidden[2] = 0.0
+        hidden[2, 1] = 200.0
+        weight[:, 1] = 0.0
+        weight[(targets[2] + 1) % 11, 1], weight[targets[2], 1] = 1.0, -1.0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model_module.linear_cross_entropy(hidden, weight, targets)
     loss.backward()

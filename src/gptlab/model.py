@@ -450,18 +450,34 @@ def _normalize_in_place(function, rows) -> None:
 def _target_logprobs(logits, safe_targets, fp32_block, write_softmax: bool = False):
     """The fp32 log-probability of each row's target, from low-precision logits (n, V), converted and
     normalised `fp32_block`'s rows at a time: 13 -> 9 ms for 333 rows of 50,257 on a CPU (docs/benchmarks.md).
-    With `write_softmax`, `logits` is overwritten by its softmax, each block's exp written back while the
-    block is still in the cache (22-23 -> 19-20 ms a chunk against a softmax of the chunk afterwards)."""
+    With `write_softmax`, `logits` is overwritten by its softmax, each block's softmax written back while
+    the block is still in the cache; the log-probability is then the log of the target's fp32 softmax,
+    one exp an entry instead of two (log_softmax, then exp): 24.4 -> 22.3 ms a chunk."""
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     step = fp32_block.shape[0]
     for start in range(0, logits.shape[0], step):
-        rows = logits[start : start + step]
+        rows, targets = logits[start : start + step], safe_targets[start : start + step]
         block = fp32_block[: rows.shape[0]].copy_(rows)
-        _normalize_in_place(torch.log_softmax, block)
-        out[start : start + step] = block.gather(1, safe_targets[start : start + step]).squeeze(1)
         if write_softmax:
-            rows.copy_(block.exp_())
+            _normalize_in_place(torch.softmax, block)
+            target_probs = block.gather(1, targets).squeeze(1)
+            if bool((target_probs < SOFTMAX_LOG_FLOOR).any()):  # far below fp32's precision: recomputed
+                block.copy_(rows)
+                _normalize_in_place(torch.log_softmax, block)
+                out[start : start + step] = block.gather(1, targets).squeeze(1)
+                block.exp_()
+            else:
+                out[start : start + step] = target_probs.log()
+            rows.copy_(block)
+        else:
+            _normalize_in_place(torch.log_softmax, block)
+            out[start : start + step] = block.gather(1, targets).squeeze(1)
     return out
+
+
+# Below this an fp32 softmax entry has lost relative precision (subnormal below 1.2e-38) or is 0, and its
+# log would be inexact or -inf: such a block's log-probabilities come from log_softmax instead.
+SOFTMAX_LOG_FLOOR = 1e-30
 
 
 def _add_weight_gradient(grad_weight, d_logits, scaled_hidden, first: bool) -> None:
