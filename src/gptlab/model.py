@@ -114,12 +114,19 @@ class GPT(nn.Module):
         return total
 
     def hidden_states(
-        self, idx, attention_mask=None, positions=None, cache: KVCache | None = None, tied: _TiedGradient | None = None
+        self,
+        idx,
+        attention_mask=None,
+        positions=None,
+        cache: KVCache | None = None,
+        *,
+        tied: _TiedGradient | None = None,
     ):
         """The final normalised hidden states (B, T, C), before the LM head.
 
         attention_mask (B, T) marks real tokens (1) and padding (0); positions (B, T) override the
         position ids (by default counted over real tokens only, so left padding does not shift them).
+        `tied` is `forward`'s link from the token embedding's gradient to the tied head's loss.
         """
         if idx.dim() != 2 or idx.is_floating_point():
             hint = "; one sequence is idx[None]" if idx.dim() == 1 else ""
@@ -173,7 +180,10 @@ class GPT(nn.Module):
         are never held at once (IGNORE_INDEX, -100, marks positions without a target).
         """
         tied = _TiedGradient() if self._links_tied_gradient(targets, reduction) else None
-        hidden = self.hidden_states(idx, attention_mask, positions, cache, tied)
+        if tied is None:
+            hidden = self.hidden_states(idx, attention_mask, positions, cache)
+        else:
+            hidden = self.hidden_states(idx, attention_mask, positions, cache, tied=tied)
         if targets is not None:
             hidden, weight = hidden.flatten(0, 1), self.lm_head.weight
             if hasattr(self.lm_head, "matmul_operands"):  # a head with LoRA adapters (gptlab.lora)
@@ -198,6 +208,8 @@ class GPT(nn.Module):
         if weight.device.type != "cpu" or self.lm_head.weight is not weight or not weight.requires_grad:
             return False
         if not weight.is_leaf or type(embedding) is not nn.Embedding or type(self.lm_head) is not nn.Linear:
+            return False
+        if type(self).hidden_states is not GPT.hidden_states:  # a subclass's own may not take `tied`
             return False
         options = (embedding.padding_idx, embedding.max_norm, embedding.scale_grad_by_freq, embedding.sparse)
         modules = torch.nn.modules.module  # global hooks, as profilers and tracers install, see module calls
