@@ -283,6 +283,40 @@ def test_a_tied_heads_gradient_takes_the_embeddings_rows_in_place(monkeypatch):
     assert torch.equal(got, gradients(inner["out"].square().sum())["token_embedding.weight"]) and got.any()
 
 
+def test_the_head_gradient_reuses_its_buffer_only_when_nothing_holds_it(monkeypatch):
+    """The chunked loss writes the head's gradient into a kept buffer when the last one was let go, and
+    into a new one while a gradient still holds it: accumulation and zero-filled gradients stay right."""
+    import gptlab.model as model_module
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 50 * 8)
+    torch.manual_seed(0)
+    model = GPT(CONFIGS[2]).train()
+    weight = model.lm_head.weight
+    batches = [(torch.randint(0, 50, (2, 9)), torch.randint(0, 50, (2, 9))) for _ in range(2)]
+
+    def expected(*which):  # plain autograd over the full logits
+        model.zero_grad(set_to_none=True)
+        for i in which:
+            F.cross_entropy(model(batches[i][0]).flatten(0, 1), batches[i][1].flatten()).backward()
+        return weight.grad.clone()
+
+    first, both = expected(0), expected(0, 1)
+    model.zero_grad(set_to_none=True)
+    pointers = []
+    for _ in range(2):
+        model(*batches[0]).backward()
+        torch.testing.assert_close(weight.grad, first)
+        pointers.append(weight.grad.data_ptr())
+        model.zero_grad(set_to_none=True)
+    assert pointers[0] == pointers[1]  # the buffer came back
+    model(*batches[0]).backward()
+    model(*batches[1]).backward()  # accumulated: the first gradient holds the buffer
+    torch.testing.assert_close(weight.grad, both)
+    model.zero_grad(set_to_none=False)
+    model(*batches[0]).backward()
+    torch.testing.assert_close(weight.grad, first)
+
+
 def test_a_loss_under_inference_mode_does_not_break_the_next_training_step(monkeypatch):
     """The chunked loss keeps its buffers; ones made under inference mode may not be written outside it."""
     import gptlab.model as model_module

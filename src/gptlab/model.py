@@ -362,6 +362,27 @@ def _loss_buffer(name: str, shape: tuple[int, int], dtype, device) -> torch.Tens
     return buffer[:numel].view(shape)
 
 
+def _head_gradient(weight) -> torch.Tensor:
+    """An fp32 tensor for the head's (V, C) gradient. On a CPU it lies in a kept buffer whenever nothing
+    holds that buffer any more (the last step's gradient was set to None, or autograd added it into the
+    parameter's own): a fresh 77 MB tensor is pages that the first product's write faults in, 12-19 ms a
+    bpe-mini step (docs/benchmarks.md). A buffer still held (a gradient kept by `zero_grad(set_to_none=
+    False)` or accumulated over micro-steps) is left alone and a new one is kept instead."""
+    if weight.device.type != "cpu" or torch.compiler.is_compiling() or not hasattr(torch._C, "_storage_Use_Count"):
+        return torch.empty_like(weight, dtype=torch.float32)
+    buffers = _loss_buffers.__dict__
+    kept = buffers.get("head gradient")
+    if kept is None or kept[0].shape != weight.shape or _storage_users(kept[0]) != kept[1]:
+        buffer = torch.empty_like(weight, dtype=torch.float32, memory_format=torch.contiguous_format)
+        buffers["head gradient"] = kept = (buffer, _storage_users(buffer))  # the count while only kept here
+    return kept[0].view(kept[0].shape)  # a tensor of its own over the buffer: autograd may keep it as .grad
+
+
+def _storage_users(tensor: torch.Tensor) -> int:
+    """How many tensors (and storage objects) hold `tensor`'s memory (what torch's CUDA-graph trees ask too)."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
 def release_loss_buffers() -> None:
     """Free this thread's kept loss buffers (about 290 MiB after training bpe-mini under bf16, 67 MB in
     fp32); the next loss makes them again. Training calls it when it ends."""
@@ -518,7 +539,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, tied=None):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.empty_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_weight = _head_gradient(weight) if ctx.needs_input_grad[1] else None
         loss, _ = _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, (grad_hidden, grad_weight))
         ctx.grads = (grad_hidden, grad_weight)
         ctx.weight_dtype, ctx.tied = weight.dtype, tied
