@@ -281,6 +281,29 @@ def test_a_tied_heads_gradient_takes_the_embeddings_rows_in_place(monkeypatch):
     got = gradients(inner["out"].square().sum())["token_embedding.weight"]
     model(idx[0])
     assert torch.equal(got, gradients(inner["out"].square().sum())["token_embedding.weight"]) and got.any()
+    # A pass that runs the loss's backward but asks only for another gradient passes a head gradient
+    # that must not reach a later pass through the embedding.
+    loss = model(idx[0], targets[0])
+    torch.autograd.grad(loss, [model.ln_f.weight], retain_graph=True)
+    assert torch.equal(gradients(inner["out"].square().sum())["token_embedding.weight"], got)
+    # Second-order gradients (the kept gradient buffer is written in place under create_graph=True)
+    first = torch.autograd.grad(model(idx[0], targets[0]), model.lm_head.weight, create_graph=True)[0]
+    torch.testing.assert_close(first, gradients(reference(0))["token_embedding.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_torch_func_transforms_take_the_training_loss_of_a_tied_model():
+    """`torch.func.grad` of the mean loss (logits in one chunk: the plain cross-entropy) gives autograd's
+    gradients: the tied embedding's link stays out of functorch's way."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    model = GPT(CONFIGS[2]).train()
+    idx, targets = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    params = dict(model.named_parameters())
+    got = grad(lambda p: functional_call(model, p, (idx,), {"targets": targets}))(params)
+    model(idx, targets).backward()
+    for name, param in params.items():
+        torch.testing.assert_close(got[name], param.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_the_head_gradient_reuses_its_buffer_only_when_nothing_holds_it(monkeypatch):
@@ -506,3 +529,5 @@ def test_cache_joins_into_allocated_rows_and_moves_only_what_it_must():
         cache.join(prefilled(prompts[4]))
         assert cache.keys.untyped_storage().data_ptr() == storage and cache.has_padding
         check(cache, [3, 0, 4])
+        cache.keep_rows(torch.tensor([2, 2, 0, 1, 2]))  # rows repeated, more than are allocated
+        check(cache, [4, 4, 3, 0, 4])

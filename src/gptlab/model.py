@@ -205,6 +205,10 @@ class GPT(nn.Module):
         if targets is None or reduction != "mean" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
         embedding, weight = self.token_embedding, self.token_embedding.weight
+        if targets.numel() <= max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0]):  # plain cross-entropy, not chunks
+            return False
+        if torch._C._are_functorch_transforms_active():  # torch.func's transforms take no such Functions
+            return False
         if weight.device.type != "cpu" or self.lm_head.weight is not weight or not weight.requires_grad:
             return False
         if not weight.is_leaf or type(embedding) is not nn.Embedding or type(self.lm_head) is not nn.Linear:
@@ -225,10 +229,20 @@ class _TiedGradient:
     a step (docs/benchmarks.md). (Adding into a gradient already given to autograd would be lost when
     autograd has summed it with another, as for two losses of one backward.)"""
 
-    __slots__ = ("weight_grad",)
+    __slots__ = ("weight_grad", "task")
 
     def __init__(self):
         self.weight_grad: torch.Tensor | None = None
+        self.task = -1  # the backward pass (autograd's graph task) that passed it
+
+    def hand_over(self, weight_grad: torch.Tensor) -> None:
+        self.weight_grad, self.task = weight_grad, torch._C._current_graph_task_id()
+
+    def take(self) -> torch.Tensor | None:
+        """The loss's gradient if this backward pass passed it (one that asked for other gradients only
+        may have passed one and never reached the embedding: it is not for a later pass)."""
+        weight_grad, self.weight_grad = self.weight_grad, None
+        return weight_grad if self.task == torch._C._current_graph_task_id() else None
 
 
 class _TiedEmbedding(torch.autograd.Function):
@@ -246,7 +260,7 @@ class _TiedEmbedding(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (idx,) = ctx.saved_tensors
-        grad_weight, ctx.tied.weight_grad = ctx.tied.weight_grad, None
+        grad_weight = ctx.tied.take()
         rows = grad_output.reshape(-1, grad_output.shape[-1])
         if grad_weight is None:
             own = rows.new_zeros(ctx.weight_shape).index_add_(0, idx.reshape(-1), rows)
@@ -375,7 +389,9 @@ def _head_gradient(weight) -> torch.Tensor:
     if kept is None or kept[0].shape != weight.shape or _storage_users(kept[0]) != kept[1]:
         buffer = torch.empty_like(weight, dtype=torch.float32, memory_format=torch.contiguous_format)
         buffers["head gradient"] = kept = (buffer, _storage_users(buffer))  # the count while only kept here
-    return kept[0].view(kept[0].shape)  # a tensor of its own over the buffer: autograd may keep it as .grad
+    # A tensor of its own over the buffer, which autograd may keep as .grad; not a view (made here without
+    # gradients, a view could not be written in place under create_graph=True).
+    return kept[0].detach()
 
 
 def _storage_users(tensor: torch.Tensor) -> int:
@@ -565,7 +581,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight.mul_(grad_output)
             grad_weight = grad_weight.to(ctx.weight_dtype)
             if ctx.tied is not None:  # the token embedding's backward adds its rows and hands it on
-                ctx.tied.weight_grad, grad_weight = grad_weight, None
+                ctx.tied.hand_over(grad_weight)
+                grad_weight = None
         return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -685,6 +702,8 @@ class KVCache:
                     if row != source:
                         slots[:, row, :, : self.length] = slots[:, source, :, : self.length]
         else:
+            if len(kept) > self.capacity:  # rows repeated
+                self._grow(len(kept))
             for slots in self._slots:
                 slots[:, : len(kept)] = slots[:, : self.batch_size].index_select(1, rows)
         self._use_rows(len(kept))
