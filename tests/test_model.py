@@ -531,3 +531,8 @@ def test_cache_joins_into_allocated_rows_and_moves_only_what_it_must():
         check(cache, [3, 0, 4])
         cache.keep_rows(torch.tensor([2, 2, 0, 1, 2]))  # rows repeated, more than are allocated
         check(cache, [4, 4, 3, 0, 4])
+        cache.keep_rows(torch.tensor([], dtype=torch.long))
+        cache.compact()  # no rows: nothing to drop
+        cache.reset()
+        cache.compact()  # no positions
+        assert cache.batch_size == 0 and cache.length == 0

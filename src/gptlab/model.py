@@ -714,8 +714,10 @@ class KVCache:
     def compact(self) -> None:
         """Drop the leading slots that are padding in every row, which frees as many at the end (rows that
         joined later, or left-padded ones that left, leave such slots); nothing when there are none."""
+        if not self.length or not self.batch_size:
+            return
         first_real = self.key_mask[:, : self.length].int().argmax(dim=1)  # (B,) each row's first real slot
-        drop = int(first_real.min()) if self.length else 0
+        drop = int(first_real.min())
         if drop == 0:
             return
         kept = self.length - drop
