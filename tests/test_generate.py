@@ -338,6 +338,18 @@ def test_decoding_follows_a_fused_optimizer_step_which_leaves_the_version_unchan
     assert torch.equal(greedy_screen(model, greedy())(hidden), model.lm_head(hidden).argmax(dim=-1))
 
 
+def test_decoding_follows_an_edit_of_one_entry_through_data():
+    """`.data` edits bump no version: the head's checksum of every entry still sees one changed entry
+    (a sparse grid of entries, the check before, missed most of them)."""
+    model = GPT(GPTConfig(vocab_size=300, context_length=16, n_layer=1, n_head=2, n_embd=32)).eval()
+    hidden = torch.randn(3, 32)
+    decoding_head(model)(hidden)  # the transposed copy made and kept
+    version = model.lm_head.weight._version
+    model.lm_head.weight.data[201, 7] += 5.0  # a row and a column a stride-4 grid never reads
+    assert model.lm_head.weight._version == version
+    torch.testing.assert_close(decoding_head(model)(hidden), model.lm_head(hidden), atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_model_generates(model):
     rows = generate_ids(model.to(torch.bfloat16), [[1, 2], [3]], greedy(max_new_tokens=30))
     assert [len(r) for r in rows] == [30, 30]

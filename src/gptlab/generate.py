@@ -22,6 +22,7 @@ import codecs
 import collections
 import contextlib
 import dataclasses
+import functools
 import math
 import numbers
 import os
@@ -230,30 +231,38 @@ def _plain_cpu_weight(head: torch.nn.Module | None) -> torch.Tensor | None:
     return head.weight
 
 
-# Weight entries compared to tell whether a head changed in place: fused optimizers (AdamW's fused
-# kernel) update weights without bumping their version counter, and an optimizer step changes every
-# row of a head (the softmax's gradient reaches all of them). Up to 64 x 64 of them.
-FINGERPRINT_SIDE = 64
-
-
 def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
-    rows, columns = weight.shape
-    return weight.detach()[:: max(1, rows // FINGERPRINT_SIDE), :: max(1, columns // FINGERPRINT_SIDE)]
+    """A checksum of every entry, r_rows . (W r_columns) in float64 for fixed random vectors r: a changed
+    entry, row or column changes it, however it was changed. Fused optimizers (AdamW's fused kernel)
+    update weights in place without bumping their version counter, and `.data` edits never bump it.
+    One pass over the weight, about the cost of one decoding step's head, once per generation."""
+    probe_rows, probe_columns = _probes(*weight.shape, weight.device)
+    weight = weight.detach()
+    if weight.dtype not in (torch.float32, torch.float64):  # summed in fp32, not in a coarser dtype
+        weight = weight.float()
+    return torch.dot(torch.mv(weight, probe_columns.to(weight.dtype)).double(), probe_rows)
+
+
+@functools.lru_cache(maxsize=8)
+def _probes(rows: int, columns: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed random weights in [1, 2) for `_fingerprint`: float64 (rows,) and fp32 (columns,)."""
+    generator = torch.Generator().manual_seed(rows * 100_003 + columns)
+    probe_rows = torch.rand(rows, generator=generator, dtype=torch.float64).add_(1)
+    return probe_rows.to(device), torch.rand(columns, generator=generator).add_(1).to(device)
 
 
 def _derived(cache: weakref.WeakKeyDictionary, head: torch.nn.Module, make: Callable):
     """`make(weight)` for the head's current weight, made again when the weight changed and kept while it lives.
 
     A change is a new tensor, a new version (in-place updates bump it) or, for updates that do not
-    (fused optimizers), different values at a grid of entries spread over the weight. An edit through
-    `.data` that misses every entry of the grid goes unseen, as it does for autograd."""
+    (fused optimizers, `.data` edits), a different checksum of every entry (`_fingerprint`)."""
     weight = head.weight
     key = (weight.data_ptr(), weight.dtype, weight.shape, 0 if weight.is_inference() else weight._version)
     cached = cache.get(head)  # (key, fingerprint, derived copy)
-    if cached is None or cached[0] != key or not torch.equal(cached[1], _fingerprint(weight)):
-        with torch.no_grad():
-            cached = (key, _fingerprint(weight).clone(), make(weight.detach()))
-        cache[head] = cached
+    with torch.no_grad():
+        fingerprint = _fingerprint(weight)
+        if cached is None or cached[0] != key or not torch.equal(cached[1], fingerprint):
+            cached = cache[head] = (key, fingerprint, make(weight.detach()))
     return cached[2]
 
 
