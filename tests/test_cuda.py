@@ -1,5 +1,6 @@
 """The paths that only a GPU takes: bf16 autocast, torch.compile, the fused AdamW kernel, Muon's bf16
-Newton-Schulz iterations and its step counts, the KV cache and the chunked loss, all on CUDA.
+Newton-Schulz iterations and its step counts, the KV cache (with rows joining and leaving) and the
+chunked loss, all on CUDA.
 
 Skipped without CUDA. GPTLAB_TEST_DEVICE=cpu runs them on the CPU instead (bf16 falls back to fp32
 there, compile is left out), which checks the tests themselves on a machine without a GPU:
@@ -115,6 +116,29 @@ def test_cached_greedy_decoding_on_the_device_equals_the_uncached_loop():
         model, prompts, GenerationConfig(temperature=0.0, max_new_tokens=20, batch_size=2, use_cache=False)
     )
     assert cached == uncached
+
+
+def test_rows_joining_and_leaving_on_the_device_decode_as_they_would_alone():
+    """Continuous batching on the device: the KV cache's allocated rows, joins (shorter and longer
+    newcomers), leaves and compaction, and the module-free decoding step, against each prompt alone."""
+    from gptlab.generate import decode_rows
+
+    torch.manual_seed(0)
+    model = GPT(CONFIG).to(DEVICE).eval()
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    settings = [GenerationConfig(temperature=0.0, max_new_tokens=n) for n in (3, 9, 5, 8, 4)]
+    alone = [generate_ids(model, [p], config)[0] for p, config in zip(prompts, settings, strict=True)]
+    waiting = list(zip(range(len(prompts)), prompts, settings, strict=True))
+    out: dict[int, list[int]] = {}
+
+    def take(room):
+        chosen = waiting[:room]
+        del waiting[:room]
+        return chosen
+
+    for key, token, _ in decode_rows(model, GenerationConfig(temperature=0.0, batch_size=2), take, set()):
+        out.setdefault(key, []).append(token)
+    assert [out[i] for i in range(len(prompts))] == alone
 
 
 def test_the_chunked_loss_on_the_device_equals_cross_entropy(monkeypatch):
