@@ -441,8 +441,7 @@ class LiveBatch:
         self.context = model.config.context_length
         self.max_length = min(self.context, max_length or self.context)
         self.weight = next(model.parameters())
-        self.screen = greedy_screen(model, config)
-        self.head = None if self.screen is not None else decoding_head(model)
+        self._choose_head([config])
         self.one_position = DecodeStep(model) if config.use_cache and DecodeStep.fits(model) else None
         self.rows: list[list[int]] = []  # each row's tokens, prompt and generated, but the newest
         self.settings: list[GenerationConfig] = []  # each row's sampling settings
@@ -459,7 +458,7 @@ class LiveBatch:
         prompts = [list(p) for p in prompts]
         settings = list(settings) if settings is not None else [self.config] * len(prompts)
         if self.screen is not None and not all(_screened(config) for config in settings):
-            self.screen, self.head = None, decoding_head(self.model)  # the screen picks greedy rows only
+            self._choose_head(settings)  # the screen picks greedy rows only
         if self.seen is None and any(config.repetition_penalty != 1.0 for config in settings):
             self.seen = self._seen(self.rows)  # the rows so far start keeping track too
         seen = self._seen(prompts) if self.seen is not None else None
@@ -508,14 +507,20 @@ class LiveBatch:
             self.tokens = self.seen = self.cache = None
             return
         if self.screen is None and self.head is not None and all(_screened(config) for config in self.settings):
-            self.screen = greedy_screen(self.model, self.settings[0])  # the rows that needed logits left
-            self.head = None if self.screen is not None else self.head
+            self._choose_head(self.settings)  # the rows that needed every logit left
         index = torch.tensor(keep, device=self.weight.device)
         self.tokens = self.tokens[index]
         if self.seen is not None:
             self.seen = self.seen[index]
         if self.cache is not None:
             self.cache.keep_rows(index)
+
+    def _choose_head(self, settings: Sequence[GenerationConfig]) -> None:
+        """The bf16 screen when every row may take it (`greedy_screen`), else the head's logits (no head:
+        through `forward`). Each choice checks the head for changes, a pass over it: made when it may change."""
+        screened = all(_screened(config) for config in settings)
+        self.screen = greedy_screen(self.model, settings[0]) if screened else None
+        self.head = None if self.screen is not None else decoding_head(self.model)
 
     def _seen(self, rows: list[list[int]]) -> torch.Tensor:
         """(len(rows), V) which tokens each row holds, for the repetition penalty."""

@@ -205,7 +205,7 @@ class GPT(nn.Module):
         if targets is None or reduction != "mean" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
         embedding, weight = self.token_embedding, self.token_embedding.weight
-        if targets.numel() <= max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0]):  # plain cross-entropy, not chunks
+        if targets.numel() <= loss_chunk_rows(weight):  # plain cross-entropy, not chunks
             return False
         if torch._C._are_functorch_transforms_active():  # torch.func's transforms take no such Functions
             return False
@@ -216,10 +216,15 @@ class GPT(nn.Module):
         if type(self).hidden_states is not GPT.hidden_states:  # a subclass's own may not take `tied`
             return False
         options = (embedding.padding_idx, embedding.max_norm, embedding.scale_grad_by_freq, embedding.sparse)
-        modules = torch.nn.modules.module  # global hooks, as profilers and tracers install, see module calls
-        hooks = embedding._forward_hooks or embedding._forward_pre_hooks or "forward" in vars(embedding)
-        hooks = hooks or modules._global_forward_hooks or modules._global_forward_pre_hooks
-        return options == (None, None, False, False) and not hooks
+        return options == (None, None, False, False) and not ("forward" in vars(embedding) or _hooked(embedding))
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs forward hooks: its own, or global ones (profilers and tracers install
+    those), which code that skips the module call would skip too."""
+    modules = torch.nn.modules.module
+    own = module._forward_hooks or module._forward_pre_hooks
+    return bool(own or modules._global_forward_hooks or modules._global_forward_pre_hooks)
 
 
 class _TiedGradient:
@@ -275,6 +280,11 @@ IGNORE_INDEX = -100
 LOSS_CHUNK_ELEMENTS = 1 << 24
 
 
+def loss_chunk_rows(weight) -> int:
+    """Rows of logits a chunk of the loss holds for this head (V, C)."""
+    return max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+
+
 def linear_cross_entropy(hidden, weight, targets, ignore_index: int = IGNORE_INDEX, tied: _TiedGradient | None = None):
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, without materialising all logits.
 
@@ -285,7 +295,7 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = IGNORE_IND
     chunk take plain cross-entropy, which has fewer small kernels (docs/benchmarks.md).
     """
     hidden, targets = targeted_rows(hidden, targets, ignore_index)
-    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    chunk_rows = loss_chunk_rows(weight)
     if hidden.shape[0] <= chunk_rows:
         dtype = _compute_dtype(hidden)
         logits = (hidden.to(dtype) @ weight.to(dtype).t()).float()
@@ -320,7 +330,7 @@ def token_losses(hidden, weight, targets, ignore_index: int = IGNORE_INDEX):
 
     losses = hidden.new_zeros(targets.shape, dtype=torch.float32)
     rows = (targets != ignore_index).nonzero().squeeze(1)
-    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    chunk_rows = loss_chunk_rows(weight)
     keep_graph = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     pieces = []
     for start in range(0, rows.numel(), chunk_rows):
@@ -510,17 +520,15 @@ def _target_logprobs(logits, safe_targets, fp32_block, write_softmax: bool = Fal
         if write_softmax:
             _normalize_in_place(torch.softmax, block)
             target_probs = block.gather(1, targets).squeeze(1)
-            if bool((target_probs < SOFTMAX_LOG_FLOOR).any()):  # far below fp32's precision: recomputed
-                block.copy_(rows)
-                _normalize_in_place(torch.log_softmax, block)
-                out[start : start + step] = block.gather(1, targets).squeeze(1)
-                block.exp_()
-            else:
+            if not bool((target_probs < SOFTMAX_LOG_FLOOR).any()):
                 out[start : start + step] = target_probs.log()
-            rows.copy_(block)
-        else:
-            _normalize_in_place(torch.log_softmax, block)
-            out[start : start + step] = block.gather(1, targets).squeeze(1)
+                rows.copy_(block)
+                continue
+            block.copy_(rows)  # a target far below fp32's precision: its log from log_softmax
+        _normalize_in_place(torch.log_softmax, block)
+        out[start : start + step] = block.gather(1, targets).squeeze(1)
+        if write_softmax:
+            rows.copy_(block.exp_())
     return out
 
 
@@ -684,13 +692,11 @@ class KVCache:
         """Move the cache's positions `shift` slots later, the slots before them becoming padding."""
         if shift == 0:
             return
-        end = self.length + shift
+        self._move_positions(0, shift)
         for cached in (self.keys, self.values):
-            cached[:, :, :, shift:end] = cached[:, :, :, : self.length].clone()
             cached[:, :, :, :shift] = 0
-        self.key_mask[:, shift:end] = self.key_mask[:, : self.length].clone()
         self.key_mask[:, :shift] = False
-        self.length = end
+        self.length += shift
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these rows (indices, in this order): rows that ended leave the batch. Rows listed in
@@ -720,13 +726,18 @@ class KVCache:
         drop = int(first_real.min())
         if drop == 0:
             return
-        kept = self.length - drop
+        self._move_positions(drop, 0)
+        self.length -= drop
+        self.key_mask[:, self.length :] = True
+        self.has_padding = not bool(self.key_mask[:, : self.length].all())
+
+    def _move_positions(self, start: int, to: int) -> None:
+        """Move every row's slots from `start` to the cache's length so that they begin at `to` (keys,
+        values and the padding mask; through a copy, as the two ranges overlap)."""
+        end = to + self.length - start
         for cached in (self.keys, self.values):
-            cached[:, :, :, :kept] = cached[:, :, :, drop : self.length].clone()
-        self.key_mask[:, :kept] = self.key_mask[:, drop : self.length].clone()
-        self.key_mask[:, kept:] = True
-        self.length = kept
-        self.has_padding = not bool(self.key_mask[:, :kept].all())
+            cached[:, :, :, to:end] = cached[:, :, :, start : self.length].clone()
+        self.key_mask[:, to:end] = self.key_mask[:, start : self.length].clone()
 
     def reset(self) -> None:
         self.length = 0
@@ -814,10 +825,7 @@ class DecodeStep:
             kinds += [(linear, nn.Linear) for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)]
         if any(type(module) is not kind or "forward" in vars(module) for module, kind in kinds):
             return False
-        hooks = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks)
-        if any(hooks) or any(m.training or m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-            return False
-        return True
+        return not any(m.training or _hooked(m) for m in model.modules())
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The final normalised hidden state (B, C) after `tokens` (B,), one new position per row."""

@@ -354,8 +354,9 @@ class Batcher:
     each row that ends makes room for the next waiting request with those settings (continuous
     batching), until one with other settings is first in line: then the batch runs out and that
     request starts the next. A batch of 8 decodes several times the tokens per second of one row
-    (docs/generation.md), so concurrent clients wait less. A seeded request runs alone: its samples must not depend on what it was batched
-    with. A request whose prefill fails as it joins fails alone; a failure of a step fails the batch."""
+    (docs/generation.md), so concurrent clients wait less. A seeded request runs alone: its samples
+    must not depend on what it was batched with. A request whose prefill fails as it joins fails
+    alone; a failure of a step fails the batch."""
 
     # How long the first request of a batch waits for others: clients that send at the same moment arrive
     # a few milliseconds apart.
