@@ -3,9 +3,9 @@
 Batch 1, a 16-token prompt, 200 new tokens, greedy, the `bpe-mini` preset (6 layers, 384 wide, GPT-2's
 50,257-token vocabulary) with random weights that both libraries share, so their greedy tokens must
 agree. Also gptlab with 8 prompts of different lengths in one batch, and gptlab with its fp32 head
-instead of the bf16 screen of greedy decoding (on CPUs with bf16 units; elsewhere the two are the
-same). And sampling at temperature 0.8 from all tokens, gptlab's default, in both libraries (no token
-check there: their random numbers differ). The runs of each repeat are interleaved, gptlab's and
+instead of the bf16 screen (`HeadScreen`, on CPUs with bf16 units; elsewhere the two are the same).
+And sampling at temperature 0.8 from all tokens, gptlab's default, in both libraries (no token check
+there: their random numbers differ), gptlab's also with its fp32 head. The runs of each repeat are interleaved, gptlab's and
 transformers' back to back, so that a busy machine slows them alike; besides the ratio of the
 medians, the median of the repeats' own ratios is reported, which a machine whose speed drifts
 between repeats moves less. Prints a table (median new tokens per second, ratios) and writes
@@ -66,18 +66,18 @@ def gptlab_cached(model, prompts: list[list[int]], new_tokens: int, temperature:
 
 @contextlib.contextmanager
 def fp32_head():
-    """Greedy decoding through the fp32 head, as on CPUs without bf16 units (the screen switched off)."""
-    screen = gptlab.generate.greedy_screen
-    gptlab.generate.greedy_screen = lambda model, config: None
+    """Decoding through the fp32 head, as on CPUs without bf16 units (the screen switched off)."""
+    screen = gptlab.generate.head_screen
+    gptlab.generate.head_screen = lambda model, config: None
     try:
         yield
     finally:
-        gptlab.generate.greedy_screen = screen
+        gptlab.generate.head_screen = screen
 
 
-def gptlab_fp32_head(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+def gptlab_fp32_head(model, prompts: list[list[int]], new_tokens: int, temperature: float = 0.0) -> list[list[int]]:
     with fp32_head():
-        return gptlab_cached(model, prompts, new_tokens)
+        return gptlab_cached(model, prompts, new_tokens, temperature)
 
 
 def transformers_generate(model, prompt: list[int], new_tokens: int, temperature: float = 0.0) -> list[int]:
@@ -133,6 +133,7 @@ def main() -> None:
         # gptlab's default: sampling at temperature 0.8 from all tokens (no top-k); the same for transformers
         "gptlab sampled": (lambda n: gptlab_cached(ours, [prompt], n, temperature=0.8)[0], n),
         "transformers sampled": (lambda n: transformers_generate(theirs, prompt, n, temperature=0.8), n),
+        "gptlab sampled, fp32 head": (lambda n: gptlab_fp32_head(ours, [prompt], n, temperature=0.8)[0], n),
         "no-cache loop": (lambda n: no_cache_loop(ours, prompt, n), n),
     }
     if args.skip_no_cache:
@@ -157,6 +158,7 @@ def main() -> None:
     ]
     ratios["vs_transformers_paired"] = statistics.median(paired)
     ratios["sampled_vs_transformers_sampled"] = rates["gptlab sampled"] / rates["transformers sampled"]
+    ratios["sampled_screen_vs_fp32_head"] = rates["gptlab sampled"] / rates["gptlab sampled, fp32 head"]
     same = {
         "transformers": outputs["gptlab cached"] == outputs["transformers generate (cache)"],
         "fp32 head": outputs["gptlab cached"] == outputs["gptlab cached, fp32 head"],

@@ -11,14 +11,14 @@ from gptlab.errors import GptlabError
 from gptlab.generate import (
     Chat,
     GenerationWarning,
-    GreedyScreen,
+    HeadScreen,
     LiveBatch,
     decode_steps,
     decoding_head,
     draw,
     generate,
     generate_ids,
-    greedy_screen,
+    head_screen,
     keep_min_p,
     keep_top_k,
     keep_top_p,
@@ -226,7 +226,7 @@ def test_the_screen_returns_when_the_rows_that_needed_logits_leave(monkeypatch):
 
     monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
     model = varied_gpt().eval()
-    plain, sampled = greedy(max_new_tokens=12), greedy(max_new_tokens=12, temperature=1.0)
+    plain, sampled = greedy(max_new_tokens=12), greedy(max_new_tokens=12, temperature=1.0, top_p=0.9)
     alone = generate_ids(model, [[1, 2, 3]], plain)[0]
     with torch.inference_mode():
         batch = LiveBatch(model, greedy(batch_size=2))
@@ -328,14 +328,14 @@ def test_decoding_follows_a_fused_optimizer_step_which_leaves_the_version_unchan
     monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)  # the screen too, wherever this runs
     model.train()
     hidden = torch.randn(3, 32)
-    decoding_head(model)(hidden), greedy_screen(model, greedy())(hidden)  # both copies made and kept
+    decoding_head(model)(hidden), head_screen(model, greedy()).greedy(hidden)  # both copies made and kept
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     model(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[2, 3, 4, 5]])).backward()
     version = model.lm_head.weight._version
     optimizer.step()
     assert model.lm_head.weight._version == version  # what makes the version alone not enough
     assert torch.allclose(decoding_head(model)(hidden), model.lm_head(hidden), atol=1e-4)
-    assert torch.equal(greedy_screen(model, greedy())(hidden), model.lm_head(hidden).argmax(dim=-1))
+    assert torch.equal(head_screen(model, greedy()).greedy(hidden), model.lm_head(hidden).argmax(dim=-1))
 
 
 def test_decoding_follows_an_edit_of_one_entry_through_data():
@@ -355,7 +355,7 @@ def test_bf16_model_generates(model):
     assert [len(r) for r in rows] == [30, 30]
 
 
-# ---------------------------------------------------------------- the bf16 screen of greedy decoding
+# ---------------------------------------------------------------- the bf16 screen of the head
 
 
 def near_tie_head() -> torch.Tensor:
@@ -368,22 +368,22 @@ def near_tie_head() -> torch.Tensor:
     return weight
 
 
-def test_greedy_screen_picks_fp32_argmax_even_where_bf16_ties():
+def test_head_screen_picks_fp32_argmax_even_where_bf16_ties():
     weight = near_tie_head()
-    screen = GreedyScreen(weight)
+    screen = HeadScreen(weight)
     toward_3 = weight[3] / weight[3].norm() * 5
     hidden = torch.cat([toward_3[None], torch.randn(40, 24) * 3])
     bf16_logits = hidden.bfloat16() @ weight.bfloat16().t()
     assert bf16_logits[0, 3] == bf16_logits[0, 7]  # the case bf16 alone gets wrong
     expected = (hidden @ weight.t()).argmax(dim=-1)
     assert expected[0] == 7
-    assert torch.equal(screen(hidden), expected)  # all rows at once
-    assert [screen(row[None]).item() for row in hidden] == expected.tolist()  # and one at a time
+    assert torch.equal(screen.greedy(hidden), expected)  # all rows at once
+    assert [screen.greedy(row[None]).item() for row in hidden] == expected.tolist()  # and one at a time
 
 
-def test_greedy_screen_bound_covers_the_bf16_error():
+def test_head_screen_bound_covers_the_bf16_error():
     weight = near_tie_head()
-    screen = GreedyScreen(weight)
+    screen = HeadScreen(weight)
     hidden = torch.randn(64, 24) * torch.logspace(-2, 2, 64)[:, None]
     approx, bound = screen.approximate(hidden)
     error = (approx.double() - hidden.double() @ weight.double().t()).abs().amax(dim=1)
@@ -392,38 +392,126 @@ def test_greedy_screen_bound_covers_the_bf16_error():
     assert candidates.max() <= 30  # and it is not vacuous: at most a tenth of the 300 tokens stay
 
 
-def test_greedy_screen_holds_for_tiny_and_subnormal_hidden_states():
+def test_head_screen_holds_for_tiny_and_subnormal_hidden_states():
     generator = torch.Generator().manual_seed(0)
     nearly_equal = torch.randn(1, 64, generator=generator) * 0.02 + torch.randn(512, 64, generator=generator) * 1e-4
-    screen = GreedyScreen(nearly_equal)
+    screen = HeadScreen(nearly_equal)
     hidden = torch.randn(20, 64, generator=generator) * 1e-24  # |h|^2 underflows in fp32
     expected = (hidden.double() @ nearly_equal.double().t()).argmax(dim=-1)
-    assert torch.equal(screen(hidden), expected)
-    assert [screen(row[None]).item() for row in hidden] == expected.tolist()
+    assert torch.equal(screen.greedy(hidden), expected)
+    assert [screen.greedy(row[None]).item() for row in hidden] == expected.tolist()
     # Subnormal entries round by an absolute amount in bf16 (here the first by a third of itself).
     head = torch.tensor([[1e15, 0.0], [0.0, 0.7e15]])
     subnormal = torch.tensor([[1.49 * 2.0**-133, 2.0**-132]])
     assert (subnormal @ head.t()).argmax().item() == 0 != (subnormal.bfloat16().float() @ head.t()).argmax().item()
-    assert GreedyScreen(head)(subnormal).item() == 0
+    assert HeadScreen(head).greedy(subnormal).item() == 0
 
 
-def test_greedy_screen_falls_back_where_every_token_ties_or_the_state_is_not_finite():
-    screen = GreedyScreen(torch.zeros(3000, 16))  # every logit 0: all 3,000 tokens are candidates
-    assert screen(torch.randn(2, 16)).tolist() == [0, 0]
-    screen = GreedyScreen(near_tie_head())
+def test_head_screen_falls_back_where_every_token_ties_or_the_state_is_not_finite():
+    screen = HeadScreen(torch.zeros(3000, 16))  # every logit 0: all 3,000 tokens are candidates
+    assert screen.greedy(torch.randn(2, 16)).tolist() == [0, 0]
+    screen = HeadScreen(near_tie_head())
     hidden = torch.randn(2, 24)
     hidden[1, 0] = float("nan")
-    assert torch.equal(screen(hidden), (hidden @ screen.weight.t()).argmax(dim=-1))
+    assert torch.equal(screen.greedy(hidden), (hidden @ screen.weight.t()).argmax(dim=-1))
 
 
-def test_greedy_screen_refuses_a_cpu_whose_bf16_products_exceed_the_bound():
-    class Coarse(GreedyScreen):  # results rounded like a kernel that sums in bf16 would leave them
+def test_head_screen_refuses_a_cpu_whose_bf16_products_exceed_the_bound():
+    class Coarse(HeadScreen):  # results rounded like a kernel that sums in bf16 would leave them
         def approximate(self, hidden):
             logits, bound = super().approximate(hidden)
             return logits + 3 * bound[:, None], bound
 
-    assert GreedyScreen(near_tie_head()).holds()
+    assert HeadScreen(near_tie_head()).holds()
     assert not Coarse(near_tie_head()).holds()
+
+
+def test_screened_plain_sampling_follows_the_fp32_distribution_even_from_a_wrong_proposal(monkeypatch):
+    """Plain sampling draws from the bf16 logits l' and keeps a draw with probability exp((l - l' - E) / T):
+    kept tokens follow softmax(l / T) wherever l' lies within E. Here l' is pushed E up and down on
+    purpose, so that the proposal alone is far off (a screen that kept every draw fails)."""
+    import gptlab.generate
+
+    monkeypatch.setattr(gptlab.generate, "SCREEN_SAMPLING_ROUNDS", 200)  # no row left for the fp32 fallback
+
+    class Off(HeadScreen):
+        def approximate(self, hidden):
+            push = torch.tensor([0.5, -0.5, 0.5, -0.5, 0.5, -0.5])
+            return hidden @ self.weight.t() + push, torch.full((len(hidden),), 0.5)
+
+    weight = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.5, 0.5], [-1.0, 0.0], [0.3, 0.9]])
+    hidden = torch.tensor([[0.7, 0.4]]).expand(40_000, 2)
+    config = GenerationConfig(temperature=0.8)
+    target = ((hidden[0] @ weight.t()) / 0.8).softmax(dim=0)
+    proposal = ((Off(weight).approximate(hidden[:1])[0][0]) / 0.8).softmax(dim=0)
+    assert (proposal - target).abs().max() > 0.08
+    tokens = Off(weight).next_tokens(hidden, [config] * len(hidden), torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(tokens, minlength=6) / len(tokens)
+    assert (frequencies - target).abs().max() < 0.008  # about 3 standard deviations at 40,000 draws
+
+
+def test_screened_sampling_falls_back_to_fp32_when_draws_are_rarely_kept():
+    screen = HeadScreen(near_tie_head())
+    hidden = torch.randn(6, 24) * 10
+    cold = GenerationConfig(temperature=1e-4)  # keeps a draw with probability exp(-2E / T) at worst: nearly never
+    tokens = screen.next_tokens(hidden, [cold] * 6, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, (hidden @ screen.weight.t()).argmax(dim=-1))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GenerationConfig(temperature=0.9, top_k=5),
+        GenerationConfig(temperature=1.3, min_p=0.05),
+        GenerationConfig(temperature=0.7, top_k=40, min_p=0.1),
+        GenerationConfig(temperature=1.0, top_k=1000),  # more than the vocabulary
+    ],
+)
+@pytest.mark.parametrize("jitter", [0.0, 0.3])
+def test_screened_top_k_and_min_p_draw_what_fp32_logits_draw(config, jitter):
+    """Every token top-k or min-p may keep gets its fp32 logit, so the draw is fp32's, number for number:
+    also when the approximate logits are anywhere within their bound (here jittered by up to E = 0.3,
+    which reorders the tokens near the k-th)."""
+
+    class Jittered(HeadScreen):
+        def approximate(self, hidden):
+            noise = torch.rand(len(hidden), len(self.weight), generator=torch.Generator().manual_seed(2)) * 2 - 1
+            return hidden @ self.weight.t() + jitter * noise, torch.full((len(hidden),), max(jitter, 1e-3))
+
+    screen = Jittered(near_tie_head())
+    hidden = torch.randn(64, 24, generator=torch.Generator().manual_seed(3)) * 6
+    fp32 = sample_next(hidden @ screen.weight.t(), config, None, torch.Generator().manual_seed(5))
+    screened = screen.next_tokens(hidden, [config] * 64, torch.Generator().manual_seed(5))
+    assert torch.equal(screened, fp32)
+    assert len(set(fp32.tolist())) > 10  # varied draws, not one token everywhere
+
+
+def test_screen_serves_rows_with_settings_of_their_own():
+    screen = HeadScreen(near_tie_head())
+    hidden = torch.randn(6, 24, generator=torch.Generator().manual_seed(4)) * 6
+    top_k, plain = GenerationConfig(temperature=0.9, top_k=5), GenerationConfig(temperature=0.9)
+    settings = [greedy(), top_k, plain, greedy(), top_k, plain]
+    tokens = screen.next_tokens(hidden, settings, torch.Generator().manual_seed(0))
+    argmax = (hidden @ screen.weight.t()).argmax(dim=-1)
+    assert tokens[[0, 3]].tolist() == argmax[[0, 3]].tolist()
+    top5 = (hidden @ screen.weight.t()).topk(5, dim=-1).indices
+    assert all(tokens[i] in top5[i] for i in (1, 4))
+
+
+def test_sampled_decoding_takes_the_screen_and_draws_as_fp32_with_top_k(monkeypatch):
+    import gptlab.train
+
+    model = varied_gpt()
+    prompts = [[1, 2, 3], [9], [40, 41, 42, 43]]
+    config = GenerationConfig(temperature=3.0, top_k=8, max_new_tokens=25, stop_at_eot=False, seed=11)
+    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: False)
+    plain = generate_ids(model, prompts, config)
+    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+    with torch.inference_mode():
+        assert LiveBatch(model.eval(), GenerationConfig(temperature=0.8)).screen is not None
+        assert LiveBatch(model.eval(), GenerationConfig(temperature=0.8, top_p=0.95)).screen is None
+    assert generate_ids(model, prompts, config) == plain
+    assert len({token for row in plain for token in row}) > 5
 
 
 def test_greedy_decoding_through_the_screen_equals_fp32(model, monkeypatch):
@@ -431,18 +519,18 @@ def test_greedy_decoding_through_the_screen_equals_fp32(model, monkeypatch):
 
     prompts = [[1, 2, 3], [9], [40, 41, 42, 43]]
     monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: False)
-    assert greedy_screen(model, greedy()) is None
+    assert head_screen(model, greedy()) is None
     plain = generate_ids(model, prompts, greedy(max_new_tokens=30))
     monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
-    assert isinstance(greedy_screen(model, greedy()), GreedyScreen)
-    for sampled in (GenerationConfig(temperature=0.7), greedy(repetition_penalty=1.3)):
-        assert greedy_screen(model, sampled) is None  # these need every logit
+    assert isinstance(head_screen(model, greedy()), HeadScreen)
+    for needs_logits in (GenerationConfig(temperature=0.7, top_p=0.9), greedy(repetition_penalty=1.3)):
+        assert head_screen(model, needs_logits) is None
     assert generate_ids(model, prompts, greedy(max_new_tokens=30)) == plain
     assert generate_ids(model, prompts, greedy(max_new_tokens=30, batch_size=1)) == plain
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)  # an in-place update makes a new screen
     hidden = torch.randn(5, 32)
-    assert torch.equal(greedy_screen(model, greedy())(hidden), model.lm_head(hidden).argmax(dim=-1))
+    assert torch.equal(head_screen(model, greedy()).greedy(hidden), model.lm_head(hidden).argmax(dim=-1))
 
 
 # ---------------------------------------------------------------- decoding strategies

@@ -135,17 +135,24 @@ def sample_rows(
 ) -> torch.Tensor:
     """`sample_next` for rows with settings of their own (`settings[i]` for row i): each group of rows
     that share their sampling settings is sampled as one batch, in the order the groups first appear."""
-    groups: dict[tuple, list[int]] = {}
-    for i, config in enumerate(settings):
-        groups.setdefault(sampling_settings(config), []).append(i)
+    groups = setting_groups(settings)
     if len(groups) == 1:
         return sample_next(logits, settings[0], seen, generator)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for rows in groups.values():
+    for config, rows in groups:
         index = torch.tensor(rows, device=logits.device)
         group_seen = seen[index] if seen is not None else None
-        tokens[index] = sample_next(logits[index], settings[rows[0]], group_seen, generator)
+        tokens[index] = sample_next(logits[index], config, group_seen, generator)
     return tokens
+
+
+def setting_groups(settings: Sequence[GenerationConfig]) -> list[tuple[GenerationConfig, list[int]]]:
+    """The rows (indices) that share their sampling settings, with the first such row's config, in the
+    order the groups first appear."""
+    groups: dict[tuple, tuple[GenerationConfig, list[int]]] = {}
+    for i, config in enumerate(settings):
+        groups.setdefault(sampling_settings(config), (config, []))[1].append(i)
+    return list(groups.values())
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -284,18 +291,31 @@ def decoding_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tens
 # A screen leaving more candidates than this per row computes the whole head in fp32 instead (a head of
 # nearly equal rows, such as a freshly zeroed one, would otherwise gather most of its weight).
 SCREEN_MAX_CANDIDATES = 1024
+# Rounds of draws a row of plain sampling gets from the screen's proposal before its logits are computed
+# in fp32 (each round accepts with a probability of at least exp(-2E / temperature); see `HeadScreen`).
+SCREEN_SAMPLING_ROUNDS = 8
 
 
-class GreedyScreen:
-    """The greedy next token through a bf16 copy of an fp32 head: always a token with fp32's largest logit.
+class HeadScreen:
+    """The next token through a bf16 copy of an fp32 head, chosen exactly as from fp32's logits.
 
     Decoding a small model is bound by reading its weights from memory, and the head is the largest of
-    them (GPT-2's 50,257 x 384 is 77 MB in fp32, two thirds of bpe-mini's weights). Greedy decoding
-    needs only the largest logit, so on a CPU with bf16 units the head is read in bf16, half the bytes.
-    Each bf16 logit is within a bound E of the fp32 one, E following from how far the weights, the
-    hidden state and the result move when rounded to bf16; a token whose bf16 logit is more than 2E
-    below the row's largest cannot have the largest fp32 logit. The few that remain are computed again
-    in fp32 from the fp32 weight rows, and the first of the largest wins, as in `argmax`.
+    them (GPT-2's 50,257 x 384 is 77 MB in fp32, two thirds of bpe-mini's weights). On a CPU with bf16
+    units the head is read in bf16, half the bytes. Each bf16 logit l' is within a bound E of the fp32
+    one l, E following from how far the weights, the hidden state and the result move when rounded to
+    bf16. What fp32 would choose then needs only a few logits in fp32, computed from the fp32 weight rows:
+    - greedy: a token whose l' is more than 2E below the row's largest cannot have the largest l; the
+      first of the largest among the rest wins, as in `argmax`;
+    - top-k and min-p: a token more than 2E below the k-th largest l' (or the min-p threshold on l') is
+      outside fp32's selection; the rest get fp32 logits, and `sample_next` draws among them as it would
+      from the whole fp32 row: the same token for the same random number, up to the rounding of sums;
+    - plain sampling at temperature T: a token is drawn from softmax(l' / T) and kept with probability
+      exp((l - l' - E) / T) <= 1, else drawn again (rejection sampling). Kept tokens follow softmax(l / T)
+      exactly; each draw is kept with a probability of at least exp(-2E / T). A row still without a token
+      after `SCREEN_SAMPLING_ROUNDS` rounds takes its fp32 logits. The random numbers differ from fp32's
+      path (two a draw), so a seed gives other tokens than on a CPU without bf16 units, from the same
+      distribution.
+    Nucleus (top-p) sampling and the repetition penalty need every logit (`screens`).
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -331,10 +351,37 @@ class GreedyScreen:
         norm = torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float64)
         return logits, (norm * self.bound_per_norm + self.subnormal_error).float()
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The next token (B,) of each row from its last hidden state (B, C)."""
-        batch = hidden.shape[0]
+    def next_tokens(
+        self,
+        hidden: torch.Tensor,
+        settings: Sequence[GenerationConfig],
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The next token (B,) of each row from its last hidden state (B, C), row i decoded by `settings[i]`
+        (each `screens`), as `sample_rows` would from fp32's logits."""
         approx, bound = self.approximate(hidden)
+        groups = setting_groups(settings)
+        if len(groups) == 1:
+            return self._by(settings[0], approx, bound, hidden, generator)
+        tokens = torch.empty(len(hidden), dtype=torch.long)
+        for config, rows in groups:
+            index = torch.tensor(rows)
+            tokens[index] = self._by(config, approx[index], bound[index], hidden[index], generator)
+        return tokens
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The greedy next token (B,) of each row from its last hidden state (B, C)."""
+        return self._greedy(*self.approximate(hidden), hidden)
+
+    def _by(self, config, approx, bound, hidden, generator) -> torch.Tensor:
+        if is_greedy(config):
+            return self._greedy(approx, bound, hidden)
+        if config.top_k is None and config.min_p == 0:
+            return self._rejection_sample(approx, bound, hidden, config, generator)
+        return self._selection_sample(approx, bound, hidden, config, generator)
+
+    def _greedy(self, approx, bound, hidden) -> torch.Tensor:
+        batch = hidden.shape[0]
         if batch == 1:  # one row: 1-d reductions and search, about 60 us faster than over a (1, V) matrix
             logits = approx[0]
             vocab_ids = (logits >= logits.max() - 2 * bound).nonzero()[:, 0]
@@ -352,6 +399,47 @@ class GreedyScreen:
                     return tokens
         return (hidden @ self.weight.t()).argmax(dim=-1)  # too many candidates, or a state not finite
 
+    def _selection_sample(self, approx, bound, hidden, config, generator) -> torch.Tensor:
+        """Top-k and min-p: every token fp32 may keep gets its fp32 logit, the others -inf."""
+        lowest = torch.full_like(bound, float("-inf"))
+        if config.top_k is not None:
+            lowest = torch.topk(approx, min(config.top_k, approx.shape[1]), dim=1).values[:, -1]
+        if config.min_p > 0:  # p >= min_p * p_max is l >= l_max + T ln(min_p)
+            lowest = torch.maximum(lowest, approx.amax(dim=1) + config.temperature * math.log(config.min_p))
+        rows, vocab_ids = (approx >= (lowest - 2 * bound)[:, None]).nonzero(as_tuple=True)
+        batch = len(hidden)
+        if vocab_ids.numel() > SCREEN_MAX_CANDIDATES * batch or not bool(torch.isfinite(lowest).all()):
+            return sample_next(hidden @ self.weight.t(), config, None, generator)  # too many, or not finite
+        # Each row's candidates, in vocabulary order, packed to the left of a (B, most candidates) matrix
+        # padded with -inf: the draw's cumulative sums are those of the whole row with 0 for every other
+        # token, so the same random number picks the same token.
+        counts = torch.bincount(rows, minlength=batch)
+        column = torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]
+        logits = approx.new_full((batch, int(counts.max())), float("-inf"))
+        logits[rows, column] = (self.weight[vocab_ids] * hidden[rows]).sum(dim=1)
+        ids = vocab_ids.new_zeros(logits.shape)
+        ids[rows, column] = vocab_ids
+        return ids.gather(1, sample_next(logits, config, None, generator)[:, None])[:, 0]
+
+    def _rejection_sample(self, approx, bound, hidden, config, generator) -> torch.Tensor:
+        """Plain sampling: draws from the bf16 logits, each kept with probability exp((l - l' - E) / T)."""
+        temperature = config.temperature
+        proposal = ((approx - approx.amax(dim=1, keepdim=True)) / temperature).softmax(dim=1)
+        tokens = torch.empty(len(hidden), dtype=torch.long)
+        pending = torch.arange(len(hidden))
+        for _ in range(SCREEN_SAMPLING_ROUNDS):
+            drawn = draw(proposal[pending], generator)
+            exact = (self.weight[drawn] * hidden[pending]).sum(dim=1)
+            # log u < (l - l' - E) / T, for u uniform in (0, 1]: probability exp((l - l' - E) / T)
+            uniform = 1 - torch.rand(len(pending), generator=generator)
+            kept = uniform.log() * temperature < exact - approx[pending, drawn] - bound[pending]
+            tokens[pending[kept]] = drawn[kept]
+            pending = pending[~kept]
+            if len(pending) == 0:
+                return tokens
+        tokens[pending] = sample_next(hidden[pending] @ self.weight.t(), config, None, generator)
+        return tokens
+
     def holds(self, batch_sizes: Sequence[int] = (1, 4, 16, 64)) -> bool:
         """Whether this CPU's bf16 products stay within the bound (they would not if they summed in bf16),
         for the batch sizes decoding uses (one row takes a matrix-vector kernel, more rows others)."""
@@ -367,25 +455,26 @@ class GreedyScreen:
         return True
 
 
-def _screened(config: GenerationConfig) -> bool:
-    """Whether rows with these settings may take the greedy screen: greedy, without a repetition penalty."""
-    return is_greedy(config) and config.repetition_penalty == 1.0
+def screens(config: GenerationConfig) -> bool:
+    """Whether rows with these settings may take the bf16 screen (`HeadScreen`): no repetition penalty, and
+    greedy or sampling without a nucleus (top-p), which need every logit."""
+    return config.repetition_penalty == 1.0 and (is_greedy(config) or config.top_p >= 1.0)
 
 
-def greedy_screen(model: torch.nn.Module, config: GenerationConfig) -> GreedyScreen | None:
-    """The model's `GreedyScreen` when `config` is plain greedy decoding of an fp32 head on a CPU with
+def head_screen(model: torch.nn.Module, config: GenerationConfig) -> HeadScreen | None:
+    """The model's `HeadScreen` when `config` `screens` and the model has a plain fp32 head on a CPU with
     bf16 units (elsewhere bf16 is emulated and slower than fp32); None to compute the logits."""
     from gptlab.train import cpu_has_bf16
 
     head = _plain_head(model)
     weight = _plain_cpu_weight(head)
-    if weight is None or weight.dtype != torch.float32 or not _screened(config) or not cpu_has_bf16():
+    if weight is None or weight.dtype != torch.float32 or not screens(config) or not cpu_has_bf16():
         return None
     return _derived(_SCREENS, head, _checked_screen)
 
 
-def _checked_screen(weight: torch.Tensor) -> GreedyScreen | None:
-    screen = GreedyScreen(weight)
+def _checked_screen(weight: torch.Tensor) -> HeadScreen | None:
+    screen = HeadScreen(weight)
     return screen if screen.holds() else None
 
 
@@ -457,8 +546,8 @@ class LiveBatch:
 
         prompts = [list(p) for p in prompts]
         settings = list(settings) if settings is not None else [self.config] * len(prompts)
-        if self.screen is not None and not all(_screened(config) for config in settings):
-            self._choose_head(settings)  # the screen picks greedy rows only
+        if self.screen is not None and not all(screens(config) for config in settings):
+            self._choose_head(settings)  # rows the screen cannot serve
         if self.seen is None and any(config.repetition_penalty != 1.0 for config in settings):
             self.seen = self._seen(self.rows)  # the rows so far start keeping track too
         seen = self._seen(prompts) if self.seen is not None else None
@@ -506,7 +595,7 @@ class LiveBatch:
         if not keep:
             self.tokens = self.seen = self.cache = None
             return
-        if self.screen is None and self.head is not None and all(_screened(config) for config in self.settings):
+        if self.screen is None and self.head is not None and all(screens(config) for config in self.settings):
             self._choose_head(self.settings)  # the rows that needed every logit left
         index = torch.tensor(keep, device=self.weight.device)
         self.tokens = self.tokens[index]
@@ -516,10 +605,10 @@ class LiveBatch:
             self.cache.keep_rows(index)
 
     def _choose_head(self, settings: Sequence[GenerationConfig]) -> None:
-        """The bf16 screen when every row may take it (`greedy_screen`), else the head's logits (no head:
+        """The bf16 screen when every row may take it (`head_screen`), else the head's logits (no head:
         through `forward`). Each choice checks the head for changes, a pass over it: made when it may change."""
-        screened = all(_screened(config) for config in settings)
-        self.screen = greedy_screen(self.model, settings[0]) if screened else None
+        screened = all(screens(config) for config in settings)
+        self.screen = head_screen(self.model, settings[0]) if screened else None
         self.head = None if self.screen is not None else decoding_head(self.model)
 
     def _seen(self, rows: list[list[int]]) -> torch.Tensor:
@@ -545,7 +634,7 @@ class LiveBatch:
         else:
             hidden = self.model.hidden_states(ids, mask, None, cache)[:, -1]
         if self.screen is not None:
-            return self.screen(hidden)
+            return self.screen.next_tokens(hidden, settings, self.generator)
         return sample_rows(self.head(hidden), settings, seen, self.generator)
 
 
