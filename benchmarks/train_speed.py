@@ -6,7 +6,9 @@ tokens for every implementation. Prints a table (median tokens/s over the timed 
 transformers fp32, MFU against the fp32 matmul rate measured at the start of the run, peak RSS of the
 process and the step's own growth over the built model) and writes benchmarks/results/train_speed.json.
 The steps are split into rounds that take every configuration in turn, so that the machine's drift
-falls on all of them alike.
+falls on all of them alike; besides the ratio of the medians, the median of the rounds' own ratios
+(each round's median step against transformers' in the same round) is reported, which drift between
+rounds moves less.
 
 Variants: fp32; fp32+compile (torch.compile, its compile time reported apart); bf16 (what the
 library does: bf16 autocast where the CPU has bf16 units, else the fp32 fallback, reported as such);
@@ -182,8 +184,8 @@ def table(results: dict, rates: dict[str, float]) -> str:
     """The results as a table; MFU against the matrix-product rate of the variant's own dtype (the bf16
     row, which runs only on bf16 units, against bf16's; emulated bf16 against fp32's)."""
     header = (
-        f"{'shape':<11} {'implementation':<13} {'variant':<14} {'tokens/s':>9} {'vs HF':>6} {'MFU':>6} "
-        f"{'peak MiB':>15} {'step MiB':>15} {'compile s':>9}"
+        f"{'shape':<11} {'implementation':<13} {'variant':<14} {'tokens/s':>9} {'vs HF':>6} {'rounds':>6} "
+        f"{'MFU':>6} {'peak MiB':>15} {'step MiB':>15} {'compile s':>9}"
     )
     lines = [header, "-" * len(header)]
     for key, r in results.items():
@@ -198,10 +200,23 @@ def table(results: dict, rates: dict[str, float]) -> str:
         peak = f"{r['peak_rss_mib']:,.0f} ({r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x)"
         step = f"{r['step_peak_mib']:,.0f} ({r['step_peak_mib'] / max(base['step_peak_mib'], 1):.2f}x)"
         lines.append(
-            f"{shape:<11} {impl:<13} {variant:<14} {r['tokens_per_second']:>9,.0f} {ratio:>5.2f}x {mfu:>6.1%} "
-            f"{peak:>15} {step:>15} {r['compile_s']:>9.1f}"
+            f"{shape:<11} {impl:<13} {variant:<14} {r['tokens_per_second']:>9,.0f} {ratio:>5.2f}x "
+            f"{r['round_ratio_median']:>5.2f}x {mfu:>6.1%} {peak:>15} {step:>15} {r['compile_s']:>9.1f}"
         )
     return "\n".join(lines)
+
+
+def add_round_ratios(results: dict) -> None:
+    """Each configuration's ratios to transformers fp32 of its shape, round by round (their step times in
+    the same round), and the median of those: 'round_ratios' and 'round_ratio_median'."""
+    for key, r in results.items():
+        if "skipped" in r:
+            continue
+        base = results[f"{key.split('/')[0]}/transformers/fp32"]
+        r["round_ratios"] = [
+            theirs / ours for ours, theirs in zip(r["round_medians_s"], base["round_medians_s"], strict=True)
+        ]
+        r["round_ratio_median"] = statistics.median(r["round_ratios"])
 
 
 def main() -> None:
@@ -263,6 +278,7 @@ def main() -> None:
             rounds[f"{shape}/{impl}/{variant}"], batch * fields["context_length"]
         )
     results = {key: results[key] for key in sorted(results, key=lambda k: order(k, runs))}
+    add_round_ratios(results)
     print(f"matmul 1024^3: fp32 {rates['float32'] / 1e9:,.0f} GFLOP/s, bf16 {rates['bfloat16'] / 1e9:,.0f} GFLOP/s")
     print(table(results, rates))
     loads = [r["load_average"] for r in results.values() if "load_average" in r]
