@@ -426,6 +426,17 @@ def test_head_screen_refuses_a_cpu_whose_bf16_products_exceed_the_bound():
     assert not Coarse(near_tie_head()).holds()
 
 
+SIX_TOKENS = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.5, 0.5], [-1.0, 0.0], [0.3, 0.9]])
+
+
+class PushedScreen(HeadScreen):
+    """bf16 logits pushed by E = 0.5 up and down in turn, as far as the bound allows."""
+
+    def approximate(self, hidden):
+        push = torch.tensor([0.5, -0.5]).repeat(len(self.weight) // 2)
+        return hidden @ self.weight.t() + push, torch.full((len(hidden),), 0.5)
+
+
 def test_screened_plain_sampling_follows_the_fp32_distribution_even_from_a_wrong_proposal(monkeypatch):
     """Plain sampling draws from the bf16 logits l' and keeps a draw with probability exp((l - l' - E) / T):
     kept tokens follow softmax(l / T) wherever l' lies within E. Here l' is pushed E up and down on
@@ -433,19 +444,13 @@ def test_screened_plain_sampling_follows_the_fp32_distribution_even_from_a_wrong
     import gptlab.generate
 
     monkeypatch.setattr(gptlab.generate, "SCREEN_SAMPLING_ROUNDS", 200)  # no row left for the fp32 fallback
-
-    class Off(HeadScreen):
-        def approximate(self, hidden):
-            push = torch.tensor([0.5, -0.5, 0.5, -0.5, 0.5, -0.5])
-            return hidden @ self.weight.t() + push, torch.full((len(hidden),), 0.5)
-
-    weight = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.5, 0.5], [-1.0, 0.0], [0.3, 0.9]])
+    weight = SIX_TOKENS
     hidden = torch.tensor([[0.7, 0.4]]).expand(40_000, 2)
     config = GenerationConfig(temperature=0.8)
     target = ((hidden[0] @ weight.t()) / 0.8).softmax(dim=0)
-    proposal = ((Off(weight).approximate(hidden[:1])[0][0]) / 0.8).softmax(dim=0)
+    proposal = ((PushedScreen(weight).approximate(hidden[:1])[0][0]) / 0.8).softmax(dim=0)
     assert (proposal - target).abs().max() > 0.08
-    tokens = Off(weight).next_tokens(hidden, [config] * len(hidden), torch.Generator().manual_seed(0))
+    tokens = PushedScreen(weight).next_tokens(hidden, [config] * len(hidden), torch.Generator().manual_seed(0))
     frequencies = torch.bincount(tokens, minlength=6) / len(tokens)
     assert (frequencies - target).abs().max() < 0.008  # about 3 standard deviations at 40,000 draws
 
@@ -514,6 +519,44 @@ def test_sampled_decoding_takes_the_screen_and_draws_as_fp32_with_top_k(monkeypa
     assert len({token for row in plain for token in row}) > 5
 
 
+@pytest.mark.parametrize("penalty", [1.8, 0.6])
+def test_screen_applies_the_repetition_penalty_as_fp32_does(penalty, monkeypatch):
+    """The penalty moves the bf16 and fp32 logits alike, and the bound by max(p, 1/p): greedy and top-k
+    decoding through the screen give fp32's tokens, and plain sampling still follows fp32's distribution."""
+    import gptlab.generate
+    import gptlab.train
+
+    model = varied_gpt()
+    prompts = [[1, 2, 3, 1, 2], [9], [40, 41, 42, 43, 40]]
+    for config in (
+        greedy(max_new_tokens=20, repetition_penalty=penalty),
+        GenerationConfig(
+            temperature=2.0, top_k=6, repetition_penalty=penalty, max_new_tokens=20, stop_at_eot=False, seed=3
+        ),
+    ):
+        monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: False)
+        plain = generate_ids(model, prompts, config)
+        monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+        with torch.inference_mode():
+            assert LiveBatch(model.eval(), config).screen is not None
+        assert generate_ids(model, prompts, config) == plain
+    assert plain != generate_ids(model, prompts, dataclasses.replace(config, repetition_penalty=1.0))
+
+    monkeypatch.setattr(gptlab.generate, "SCREEN_SAMPLING_ROUNDS", 400)  # no row left for the fp32 fallback
+    hidden = torch.tensor([[1.4, 0.8]]).expand(40_000, 2)
+    logits = hidden[0] @ SIX_TOKENS.t()
+    seen = torch.zeros(40_000, 6, dtype=torch.bool)
+    seen[:, [1, 4]] = True  # a positive logit and a negative one
+    config = GenerationConfig(temperature=1.0, repetition_penalty=penalty)
+    expected = penalize_repetition(logits[None], seen[:1], penalty)[0].softmax(dim=0)
+    assert (expected - logits.softmax(dim=0)).abs().max() > 0.1  # the penalty matters
+    tokens = PushedScreen(SIX_TOKENS).next_tokens(
+        hidden, [config] * len(hidden), torch.Generator().manual_seed(0), seen
+    )
+    frequencies = torch.bincount(tokens, minlength=6) / len(tokens)
+    assert (frequencies - expected).abs().max() < 0.008
+
+
 def test_greedy_decoding_through_the_screen_equals_fp32(model, monkeypatch):
     import gptlab.train
 
@@ -523,8 +566,7 @@ def test_greedy_decoding_through_the_screen_equals_fp32(model, monkeypatch):
     plain = generate_ids(model, prompts, greedy(max_new_tokens=30))
     monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
     assert isinstance(head_screen(model, greedy()), HeadScreen)
-    for needs_logits in (GenerationConfig(temperature=0.7, top_p=0.9), greedy(repetition_penalty=1.3)):
-        assert head_screen(model, needs_logits) is None
+    assert head_screen(model, GenerationConfig(temperature=0.7, top_p=0.9)) is None  # the nucleus needs every logit
     assert generate_ids(model, prompts, greedy(max_new_tokens=30)) == plain
     assert generate_ids(model, prompts, greedy(max_new_tokens=30, batch_size=1)) == plain
     with torch.no_grad():

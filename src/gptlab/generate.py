@@ -315,7 +315,8 @@ class HeadScreen:
       after `SCREEN_SAMPLING_ROUNDS` rounds takes its fp32 logits. The random numbers differ from fp32's
       path (two a draw), so a seed gives other tokens than on a CPU without bf16 units, from the same
       distribution.
-    Nucleus (top-p) sampling and the repetition penalty need every logit (`screens`).
+    A repetition penalty p applies to l' and l alike, and E grows by max(p, 1/p) (`_ScreenRows`).
+    Nucleus (top-p) sampling needs every logit (`screens`).
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -356,80 +357,86 @@ class HeadScreen:
         hidden: torch.Tensor,
         settings: Sequence[GenerationConfig],
         generator: torch.Generator | None = None,
+        seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The next token (B,) of each row from its last hidden state (B, C), row i decoded by `settings[i]`
-        (each `screens`), as `sample_rows` would from fp32's logits."""
+        (each `screens`), as `sample_rows` would from fp32's logits (`seen`: (B, V) the tokens each row
+        holds, for the repetition penalty)."""
         approx, bound = self.approximate(hidden)
         groups = setting_groups(settings)
         if len(groups) == 1:
-            return self._by(settings[0], approx, bound, hidden, generator)
+            return self._by(settings[0], _ScreenRows(self.weight, hidden, approx, bound, seen, settings[0]), generator)
         tokens = torch.empty(len(hidden), dtype=torch.long)
         for config, rows in groups:
             index = torch.tensor(rows)
-            tokens[index] = self._by(config, approx[index], bound[index], hidden[index], generator)
+            group_seen = seen[index] if seen is not None else None
+            group = _ScreenRows(self.weight, hidden[index], approx[index], bound[index], group_seen, config)
+            tokens[index] = self._by(config, group, generator)
         return tokens
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """The greedy next token (B,) of each row from its last hidden state (B, C)."""
-        return self._greedy(*self.approximate(hidden), hidden)
+        return self._greedy(_ScreenRows(self.weight, hidden, *self.approximate(hidden)))
 
-    def _by(self, config, approx, bound, hidden, generator) -> torch.Tensor:
+    def _by(self, config: GenerationConfig, group: _ScreenRows, generator) -> torch.Tensor:
         if is_greedy(config):
-            return self._greedy(approx, bound, hidden)
+            return self._greedy(group)
         if config.top_k is None and config.min_p == 0:
-            return self._rejection_sample(approx, bound, hidden, config, generator)
-        return self._selection_sample(approx, bound, hidden, config, generator)
+            return self._rejection_sample(group, config, generator)
+        return self._selection_sample(group, config, generator)
 
-    def _greedy(self, approx, bound, hidden) -> torch.Tensor:
-        batch = hidden.shape[0]
+    def _greedy(self, group: _ScreenRows) -> torch.Tensor:
+        approx, bound = group.approx, group.bound
+        batch = approx.shape[0]
         if batch == 1:  # one row: 1-d reductions and search, about 60 us faster than over a (1, V) matrix
             logits = approx[0]
             vocab_ids = (logits >= logits.max() - 2 * bound).nonzero()[:, 0]
             if 0 < len(vocab_ids) <= SCREEN_MAX_CANDIDATES:  # argmax picks the first of ties, as fp32's would
-                return vocab_ids[(self.weight[vocab_ids] @ hidden[0]).argmax()].view(1)
+                return vocab_ids[group.exact(torch.zeros_like(vocab_ids), vocab_ids).argmax()].view(1)
         else:
             rows, vocab_ids = (approx >= (approx.amax(dim=1) - 2 * bound)[:, None]).nonzero(as_tuple=True)
             if vocab_ids.numel() <= SCREEN_MAX_CANDIDATES * batch:
-                exact = (self.weight[vocab_ids] * hidden[rows]).sum(dim=1)
+                exact = group.exact(rows, vocab_ids)
                 best = exact.new_full((batch,), float("-inf")).scatter_reduce(0, rows, exact, "amax")
                 winners = exact == best[rows]
-                absent = self.weight.shape[0]
+                absent = approx.shape[1]
                 tokens = rows.new_full((batch,), absent).scatter_reduce(0, rows[winners], vocab_ids[winners], "amin")
                 if not bool((tokens == absent).any()):  # a row without candidates has NaN or inf in it
                     return tokens
-        return (hidden @ self.weight.t()).argmax(dim=-1)  # too many candidates, or a state not finite
+        return group.full().argmax(dim=-1)  # too many candidates, or a state not finite
 
-    def _selection_sample(self, approx, bound, hidden, config, generator) -> torch.Tensor:
+    def _selection_sample(self, group: _ScreenRows, config: GenerationConfig, generator) -> torch.Tensor:
         """Top-k and min-p: every token fp32 may keep gets its fp32 logit, the others -inf."""
+        approx, bound = group.approx, group.bound
         lowest = torch.full_like(bound, float("-inf"))
         if config.top_k is not None:
             lowest = torch.topk(approx, min(config.top_k, approx.shape[1]), dim=1).values[:, -1]
         if config.min_p > 0:  # p >= min_p * p_max is l >= l_max + T ln(min_p)
             lowest = torch.maximum(lowest, approx.amax(dim=1) + config.temperature * math.log(config.min_p))
         rows, vocab_ids = (approx >= (lowest - 2 * bound)[:, None]).nonzero(as_tuple=True)
-        batch = len(hidden)
+        batch = approx.shape[0]
         if vocab_ids.numel() > SCREEN_MAX_CANDIDATES * batch or not bool(torch.isfinite(lowest).all()):
-            return sample_next(hidden @ self.weight.t(), config, None, generator)  # too many, or not finite
+            return sample_next(group.full(), config, None, generator)  # too many, or not finite
         # Each row's candidates, in vocabulary order, packed to the left of a (B, most candidates) matrix
         # padded with -inf: the draw's cumulative sums are those of the whole row with 0 for every other
         # token, so the same random number picks the same token.
         counts = torch.bincount(rows, minlength=batch)
         column = torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]
         logits = approx.new_full((batch, int(counts.max())), float("-inf"))
-        logits[rows, column] = (self.weight[vocab_ids] * hidden[rows]).sum(dim=1)
+        logits[rows, column] = group.exact(rows, vocab_ids)
         ids = vocab_ids.new_zeros(logits.shape)
         ids[rows, column] = vocab_ids
         return ids.gather(1, sample_next(logits, config, None, generator)[:, None])[:, 0]
 
-    def _rejection_sample(self, approx, bound, hidden, config, generator) -> torch.Tensor:
+    def _rejection_sample(self, group: _ScreenRows, config: GenerationConfig, generator) -> torch.Tensor:
         """Plain sampling: draws from the bf16 logits, each kept with probability exp((l - l' - E) / T)."""
-        temperature = config.temperature
+        approx, bound, temperature = group.approx, group.bound, config.temperature
         proposal = ((approx - approx.amax(dim=1, keepdim=True)) / temperature).softmax(dim=1)
-        tokens = torch.empty(len(hidden), dtype=torch.long)
-        pending = torch.arange(len(hidden))
+        tokens = torch.empty(len(approx), dtype=torch.long)
+        pending = torch.arange(len(approx))
         for _ in range(SCREEN_SAMPLING_ROUNDS):
             drawn = draw(proposal[pending], generator)
-            exact = (self.weight[drawn] * hidden[pending]).sum(dim=1)
+            exact = group.exact(pending, drawn)
             # log u < (l - l' - E) / T, for u uniform in (0, 1]: probability exp((l - l' - E) / T)
             uniform = 1 - torch.rand(len(pending), generator=generator)
             kept = uniform.log() * temperature < exact - approx[pending, drawn] - bound[pending]
@@ -437,7 +444,7 @@ class HeadScreen:
             pending = pending[~kept]
             if len(pending) == 0:
                 return tokens
-        tokens[pending] = sample_next(hidden[pending] @ self.weight.t(), config, None, generator)
+        tokens[pending] = sample_next(group.full(pending), config, None, generator)
         return tokens
 
     def holds(self, batch_sizes: Sequence[int] = (1, 4, 16, 64)) -> bool:
@@ -455,10 +462,44 @@ class HeadScreen:
         return True
 
 
+class _ScreenRows:
+    """Rows a `HeadScreen` serves with one config: their hidden states, bf16 logits l' and bounds E, with
+    the repetition penalty (if any) applied to l' and to the fp32 logits it computes. The penalty divides
+    positive logits by p and multiplies the others by p, which moves two logits apart by at most
+    max(p, 1/p) times their distance: E grows by that factor."""
+
+    def __init__(self, weight, hidden, approx, bound, seen=None, config: GenerationConfig | None = None):
+        self.weight, self.hidden = weight, hidden
+        self.penalty = config.repetition_penalty if config is not None and seen is not None else 1.0
+        self.seen = seen
+        if self.penalty != 1.0:
+            approx = penalize_repetition(approx, seen, self.penalty)
+            bound = bound * max(self.penalty, 1 / self.penalty)
+        self.approx, self.bound = approx, bound
+
+    def exact(self, rows: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (penalized) of the pairs (rows[i], vocab_ids[i])."""
+        if len(self.hidden) == 1:
+            logits = self.weight[vocab_ids] @ self.hidden[0]
+        else:
+            logits = (self.weight[vocab_ids] * self.hidden[rows]).sum(dim=1)
+        if self.penalty != 1.0:
+            logits = penalize_repetition(logits, self.seen[rows, vocab_ids], self.penalty)
+        return logits
+
+    def full(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Every fp32 logit (penalized) of these rows (all by default): (rows, V)."""
+        rows = torch.arange(len(self.hidden)) if rows is None else rows
+        logits = self.hidden[rows] @ self.weight.t()
+        if self.penalty != 1.0:
+            logits = penalize_repetition(logits, self.seen[rows], self.penalty)
+        return logits
+
+
 def screens(config: GenerationConfig) -> bool:
-    """Whether rows with these settings may take the bf16 screen (`HeadScreen`): no repetition penalty, and
-    greedy or sampling without a nucleus (top-p), which need every logit."""
-    return config.repetition_penalty == 1.0 and (is_greedy(config) or config.top_p >= 1.0)
+    """Whether rows with these settings may take the bf16 screen (`HeadScreen`): greedy, or sampling
+    without a nucleus (top-p), which needs every logit."""
+    return is_greedy(config) or config.top_p >= 1.0
 
 
 def head_screen(model: torch.nn.Module, config: GenerationConfig) -> HeadScreen | None:
@@ -634,7 +675,7 @@ class LiveBatch:
         else:
             hidden = self.model.hidden_states(ids, mask, None, cache)[:, -1]
         if self.screen is not None:
-            return self.screen.next_tokens(hidden, settings, self.generator)
+            return self.screen.next_tokens(hidden, settings, self.generator, seen)
         return sample_rows(self.head(hidden), settings, seen, self.generator)
 
 
