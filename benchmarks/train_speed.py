@@ -12,7 +12,11 @@ rounds moves less.
 
 Variants: fp32; fp32+compile (torch.compile, its compile time reported apart); bf16 (what the
 library does: bf16 autocast where the CPU has bf16 units, else the fp32 fallback, reported as such);
-bf16-emulated (autocast forced on, to show what a CPU without bf16 units would get).
+bf16-emulated (autocast forced on, to show what a CPU without bf16 units would get). gptlab's rows run
+with the malloc settings its training sets (`train.configure_allocator`: freed memory kept for the
+next step); transformers' fp32 row, the base of the ratios, with the C library's defaults, as a plain
+transformers loop runs, and its fp32+allocator row with gptlab's settings, to show what they are worth
+to it.
 
     .venv/bin/python benchmarks/train_speed.py            # char-small and bpe-mini, 30 timed steps in 3 rounds
     .venv/bin/python benchmarks/train_speed.py --steps 10 --shapes char-small --variants fp32
@@ -39,6 +43,7 @@ SHAPES = {
 }
 RUNS = [
     ("transformers", "fp32"),
+    ("transformers", "fp32+allocator"),
     ("gptlab", "fp32"),
     ("gptlab", "fp32+compile"),
     ("gptlab", "bf16"),
@@ -101,9 +106,11 @@ def measure(impl: str, variant: str, shape: str, steps: int, warmup: int) -> dic
     """One configuration, in this process: median step time, tokens/s and peak memory."""
     import torch
 
-    from gptlab.train import configure_threads, cpu_has_bf16, resolve_autocast
+    from gptlab.train import configure_allocator, configure_threads, cpu_has_bf16, resolve_autocast
 
     threads = configure_threads(0)
+    if impl == "gptlab" or variant.endswith("+allocator"):
+        configure_allocator()
     fields, batch = SHAPES[shape]
     autocast_dtype = None
     if variant == "bf16":
@@ -249,7 +256,7 @@ def main() -> None:
     runs, results = [], {}
     for shape in args.shapes.split(","):
         for impl, variant in RUNS:
-            if variant not in variants and impl != "transformers":
+            if variant not in variants and (impl, variant) != ("transformers", "fp32"):  # the base always runs
                 continue
             if variant == "bf16-emulated" and shape not in args.emulated_shapes.split(","):
                 results[f"{shape}/{impl}/{variant}"] = {

@@ -430,3 +430,32 @@ def test_plot_takes_a_classifiers_accuracy_by_its_short_name(tmp_path, capsys):
     assert re.search(r"spam +0\.9000 +0\.9000", capsys.readouterr().out)
     assert main(["plot", str(run), "--metric", "f1", "--out", str(tmp_path / "c.png")]) == 2
     assert "it has train_accuracy, val_accuracy, val_loss" in capsys.readouterr().err
+
+
+def _glibc() -> bool:
+    import ctypes
+    import sys
+
+    return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+
+
+def _page_faults_of_a_step_of_activations() -> int:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(3 * 2**18) for _ in range(40)]  # 40 x 3 MiB, made (every page written) then freed
+    del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's malloc settings: Linux with glibc only")
+def test_configure_allocator_keeps_the_memory_a_step_frees_for_the_next():
+    """Without the settings glibc gives the 120 MiB back to the kernel after each round and the next round
+    faults its 30,720 pages in again (each zero-filled by the kernel); with them the pages stay."""
+    from gptlab.train import configure_allocator
+
+    assert configure_allocator()
+    # The first rounds grow the heap and fit blocks around what earlier tests left (here 30,721, 4,608,
+    # 768 pages); then no page is new.
+    rounds = [_page_faults_of_a_step_of_activations() for _ in range(6)]
+    assert rounds[-1] < 1000, rounds
