@@ -416,6 +416,45 @@ def test_head_screen_falls_back_where_every_token_ties_or_the_state_is_not_finit
     assert torch.equal(screen.greedy(hidden), (hidden @ screen.weight.t()).argmax(dim=-1))
 
 
+def test_head_screen_gives_equal_rows_equal_logits_so_the_first_wins():
+    """A head with two equal rows (new tokens initialised alike, say): fp32's argmax takes the first; a
+    product of the gathered candidate rows could sum the two differently and pick the second."""
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(16, 64, generator=generator)
+    weight[9] = weight[2]
+    hidden = (weight[2] * 3 + torch.randn(64, generator=generator) * 0.5)[None]
+    assert (hidden @ weight.t()).argmax().item() == 2
+    screen = HeadScreen(weight)
+    assert screen.greedy(hidden).item() == 2
+    top_1 = GenerationConfig(temperature=1.0, top_k=1)  # keeps both tied tokens: a draw between them
+    for seed in range(8):
+        fp32 = sample_next(hidden @ weight.t(), top_1, None, torch.Generator().manual_seed(seed))
+        assert torch.equal(screen.next_tokens(hidden, [top_1], torch.Generator().manual_seed(seed)), fp32)
+
+
+def test_head_screen_bound_covers_subnormal_states_flushed_to_zero():
+    """Several rows go to a bf16 matrix product, which on CPUs with AMX flushes subnormal inputs to zero;
+    the bound covers it, so the screen still picks fp32's token."""
+    weight = torch.zeros(64, 32)
+    weight[0, 0], weight[1, 1] = 2.0, 1.0
+    hidden = torch.zeros(4, 32)
+    hidden[:, 0], hidden[:, 1] = 1e-38, 1.5e-38  # the first below fp32's smallest normal number
+    assert (hidden @ weight.t()).argmax(dim=1).tolist() == [0, 0, 0, 0]
+    assert HeadScreen(weight).greedy(hidden).tolist() == [0, 0, 0, 0]
+    assert HeadScreen(weight).greedy(hidden[:1]).tolist() == [0]
+
+
+def test_head_screen_takes_fp32_where_bf16_overflows_below_fp32s_largest():
+    weight = torch.tensor([[1.0], [0.999]])
+    hidden = torch.tensor([[3.397e38]])  # both logits finite in fp32, inf in bf16
+    assert torch.isfinite(hidden @ weight.t()).all()
+    screen = HeadScreen(weight)
+    assert screen.greedy(hidden).item() == 0
+    plain = GenerationConfig(temperature=1.0)
+    expected = sample_next(hidden @ weight.t(), plain, None, torch.Generator().manual_seed(0))
+    assert torch.equal(screen.next_tokens(hidden, [plain], torch.Generator().manual_seed(0)), expected)
+
+
 def test_head_screen_refuses_a_cpu_whose_bf16_products_exceed_the_bound():
     class Coarse(HeadScreen):  # results rounded like a kernel that sums in bf16 would leave them
         def approximate(self, hidden):

@@ -331,10 +331,11 @@ class HeadScreen:
         # u |h| max |bf16(w)|, rounding w by |h| max |w - bf16(w)|; the products of bf16 numbers are
         # exact in fp32, their sum over C <= 2^14 terms errs by at most 2^-10 |h| max |bf16(w)|, and
         # rounding the result to bf16 by u of it: less than 2^-6 |h| max |bf16(w)| together. Below the
-        # normal range rounding is absolute, not relative: up to 2^-134 for each entry of h and for the
-        # result in bf16, 2^-150 for each fp32 addition.
+        # normal range (2^-126) the error is absolute, not relative, and CPU kernels may flush such
+        # numbers to zero (this CPU's bf16 matrix products do, its matrix-vector product does not): up
+        # to 2^-126 for each entry of h, for each product and for the result.
         self.bound_per_norm = weight_error + largest_row / 64
-        self.subnormal_error = (largest_row * math.sqrt(width) + 1) * 2.0**-134 + width * 2.0**-150
+        self.subnormal_error = (largest_row * math.sqrt(width) + width + 1) * 2.0**-126
 
     def approximate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The bf16 logits (B, V), converted to fp32, and the bound E (B,) of their distance from fp32's."""
@@ -363,6 +364,8 @@ class HeadScreen:
         (each `screens`), as `sample_rows` would from fp32's logits (`seen`: (B, V) the tokens each row
         holds, for the repetition penalty)."""
         approx, bound = self.approximate(hidden)
+        if not bool(torch.isfinite(approx).all()):  # a state not finite, or bf16 overflowing below fp32's largest
+            return sample_rows(hidden @ self.weight.t(), settings, seen, generator)
         groups = setting_groups(settings)
         if len(groups) == 1:
             return self._by(settings[0], _ScreenRows(self.weight, hidden, approx, bound, seen, settings[0]), generator)
@@ -376,7 +379,7 @@ class HeadScreen:
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """The greedy next token (B,) of each row from its last hidden state (B, C)."""
-        return self._greedy(_ScreenRows(self.weight, hidden, *self.approximate(hidden)))
+        return self.next_tokens(hidden, [GenerationConfig(temperature=0.0)] * len(hidden))
 
     def _by(self, config: GenerationConfig, group: _ScreenRows, generator) -> torch.Tensor:
         if is_greedy(config):
@@ -478,11 +481,10 @@ class _ScreenRows:
         self.approx, self.bound = approx, bound
 
     def exact(self, rows: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
-        """fp32 logits (penalized) of the pairs (rows[i], vocab_ids[i])."""
-        if len(self.hidden) == 1:
-            logits = self.weight[vocab_ids] @ self.hidden[0]
-        else:
-            logits = (self.weight[vocab_ids] * self.hidden[rows]).sum(dim=1)
+        """fp32 logits (penalized) of the pairs (rows[i], vocab_ids[i]). Each is summed on its own, so
+        equal weight rows give equal logits and ties go to the first, as in fp32's argmax (a product of
+        the gathered rows may sum equal rows differently)."""
+        logits = (self.weight[vocab_ids] * self.hidden[rows]).sum(dim=1)
         if self.penalty != 1.0:
             logits = penalize_repetition(logits, self.seen[rows, vocab_ids], self.penalty)
         return logits
