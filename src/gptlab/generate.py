@@ -135,24 +135,38 @@ def sample_rows(
 ) -> torch.Tensor:
     """`sample_next` for rows with settings of their own (`settings[i]` for row i): each group of rows
     that share their sampling settings is sampled as one batch, in the order the groups first appear."""
-    groups = setting_groups(settings)
-    if len(groups) == 1:
-        return sample_next(logits, settings[0], seen, generator)
-    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for config, rows in groups:
-        index = torch.tensor(rows, device=logits.device)
-        group_seen = seen[index] if seen is not None else None
-        tokens[index] = sample_next(logits[index], config, group_seen, generator)
-    return tokens
+    return by_setting_groups(
+        settings,
+        seen,
+        logits.device,
+        lambda config, rows, group_seen: sample_next(_rows_of(logits, rows), config, group_seen, generator),
+    )
 
 
-def setting_groups(settings: Sequence[GenerationConfig]) -> list[tuple[GenerationConfig, list[int]]]:
-    """The rows (indices) that share their sampling settings, with the first such row's config, in the
-    order the groups first appear."""
+def by_setting_groups(
+    settings: Sequence[GenerationConfig],
+    seen: torch.Tensor | None,
+    device: torch.device,
+    pick: Callable[[GenerationConfig, torch.Tensor | None, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    """The next token (B,) of each row, each group of rows that share their sampling settings picked
+    together, in the order the groups first appear: `pick(config, rows, their seen)`, `rows` an index
+    tensor, or None when every row shares the settings."""
     groups: dict[tuple, tuple[GenerationConfig, list[int]]] = {}
     for i, config in enumerate(settings):
         groups.setdefault(sampling_settings(config), (config, []))[1].append(i)
-    return list(groups.values())
+    if len(groups) == 1:
+        return pick(settings[0], None, seen)
+    tokens = torch.empty(len(settings), dtype=torch.long, device=device)
+    for config, rows in groups.values():
+        index = torch.tensor(rows, device=device)
+        tokens[index] = pick(config, index, _rows_of(seen, index))
+    return tokens
+
+
+def _rows_of(tensor: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """`tensor[rows]`; the whole tensor when `rows` is None, None when it is."""
+    return tensor if tensor is None or rows is None else tensor[rows]
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -366,16 +380,12 @@ class HeadScreen:
         approx, bound = self.approximate(hidden)
         if not bool(torch.isfinite(approx).all()):  # a state not finite, or bf16 overflowing below fp32's largest
             return sample_rows(hidden @ self.weight.t(), settings, seen, generator)
-        groups = setting_groups(settings)
-        if len(groups) == 1:
-            return self._by(settings[0], _ScreenRows(self.weight, hidden, approx, bound, seen, settings[0]), generator)
-        tokens = torch.empty(len(hidden), dtype=torch.long)
-        for config, rows in groups:
-            index = torch.tensor(rows)
-            group_seen = seen[index] if seen is not None else None
-            group = _ScreenRows(self.weight, hidden[index], approx[index], bound[index], group_seen, config)
-            tokens[index] = self._by(config, group, generator)
-        return tokens
+
+        def pick(config, rows, group_seen):
+            group = _ScreenRows(self.weight, *(_rows_of(t, rows) for t in (hidden, approx, bound)), group_seen, config)
+            return self._by(config, group, generator)
+
+        return by_setting_groups(settings, seen, hidden.device, pick)
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """The greedy next token (B,) of each row from its last hidden state (B, C)."""
@@ -491,10 +501,9 @@ class _ScreenRows:
 
     def full(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Every fp32 logit (penalized) of these rows (all by default): (rows, V)."""
-        rows = torch.arange(len(self.hidden)) if rows is None else rows
-        logits = self.hidden[rows] @ self.weight.t()
+        logits = _rows_of(self.hidden, rows) @ self.weight.t()
         if self.penalty != 1.0:
-            logits = penalize_repetition(logits, self.seen[rows], self.penalty)
+            logits = penalize_repetition(logits, _rows_of(self.seen, rows), self.penalty)
         return logits
 
 
