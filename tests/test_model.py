@@ -2,10 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gptlab import model as model_module
 from gptlab.config import GPTConfig, get_preset
 from gptlab.errors import GptlabError
 from gptlab.interop import state_dict_from_hf, state_dict_to_hf
-from gptlab.model import GPT, DecodeStep, KVCache
+from gptlab.model import GPT, DecodeStep, KVCache, _attention_by_products, _products_pay
 
 transformers = pytest.importorskip("transformers")
 
@@ -220,6 +221,70 @@ def test_dropout_is_active_only_in_training():
     assert not torch.equal(model(idx), model(idx))
     model.eval()
     assert torch.equal(model(idx), model(idx))
+
+
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_attention_by_products_equals_sdpa_with_gradients(T):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 8, requires_grad=True) for _ in range(3))
+    out_grad = torch.randn(2, 3, T, 8)
+    got = _attention_by_products(q, k, v, 0.0)
+    got_grads = torch.autograd.grad(got, (q, k, v), out_grad)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), out_grad)
+    assert (got - expected).abs().max().item() < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(got_grads, expected_grads, strict=True)) < 1e-5
+
+
+def test_attention_takes_products_only_where_they_pay(monkeypatch):
+    def pays(T, S=None, dtype=torch.float32, device="cpu", B=2, H=3):
+        return _products_pay(
+            torch.empty(B, H, T, 4, dtype=dtype, device=device), torch.empty(B, H, S or T, 4, device=device)
+        )
+
+    assert pays(128) and not pays(129)
+    assert pays(512, dtype=torch.bfloat16) and not pays(513, dtype=torch.bfloat16)
+    assert not pays(8, dtype=torch.float16)
+    assert not pays(8, S=12)  # after a cache: the offset mask needs SDPA
+    assert not pays(8, device="meta")  # not a CPU: flash kernels win there
+    monkeypatch.setattr(model_module, "PRODUCTS_MAX_SCORES", 2 * 3 * 8 * 8)
+    assert pays(8) and not pays(8, B=3)
+
+
+def test_attention_dropout_on_the_products_path_drops_weights_without_bias():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 2) for _ in range(3))
+    plain = _attention_by_products(q, k, v, 0.0)
+    draws = torch.stack([_attention_by_products(q, k, v, 0.5) for _ in range(4000)])
+    assert not torch.equal(draws[0], plain)
+    assert (draws.mean(0) - plain).abs().max().item() < 0.1  # inverted dropout: the same expectation
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_loss_and_gradients_are_the_same_through_products_and_sdpa(monkeypatch, autocast):
+    config = GPTConfig(vocab_size=64, context_length=32, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(config).train()
+    idx, targets = torch.randint(0, 64, (2, 2, 32)).unbind(0)
+
+    def loss_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(idx, targets)
+        return loss.item(), torch.autograd.grad(loss, list(model.parameters()))
+
+    called = []
+    monkeypatch.setattr(
+        model_module, "_attention_by_products", lambda *a: called.append(1) or _attention_by_products(*a)
+    )
+    loss, grads = loss_and_grads()
+    assert len(called) == config.n_layer
+    monkeypatch.setattr(model_module, "PRODUCTS_MAX_CONTEXT", {})
+    flash_loss, flash_grads = loss_and_grads()
+    assert len(called) == config.n_layer
+    tolerance = 2e-2 if autocast else 1e-5  # bf16 scores against flash's fp32 ones
+    assert abs(loss - flash_loss) <= tolerance * abs(flash_loss)
+    assert max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, flash_grads, strict=True)) < (
+        0.05 if autocast else 1e-4
+    )
 
 
 @pytest.mark.parametrize("chunk_elements", [64, 1 << 24])

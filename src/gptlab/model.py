@@ -34,11 +34,46 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, D)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=causal and mask is None
-        )  # (B, H, T, D)
+        dropout_p = self.dropout if self.training else 0.0
+        if causal and mask is None and _products_pay(q, k):
+            y = _attention_by_products(q, k, v, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None
+            )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return _dropped(self.resid_dropout, self.proj(y))
+
+
+# Longest context whose causal attention a CPU computes faster as two batched products and a softmax than
+# with SDPA's flash kernel, by dtype (docs/benchmarks.md): flash works block by block and skips the masked
+# half, which pays only once the (T, T) scores outgrow the caches. In bf16 the products run on the bf16
+# units and flash's backward does not (bpe-mini's step 805 -> 646 ms); in fp32 they win up to 128.
+PRODUCTS_MAX_CONTEXT = {torch.bfloat16: 512, torch.float32: 128}
+PRODUCTS_MAX_SCORES = 2**25  # B * H * T * T: the softmax kept for backward, at most 64 MiB a layer in bf16
+
+
+def _products_pay(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether causal attention of q over k (no cache offset) is faster as `_attention_by_products` here."""
+    B, H, T, _ = q.shape
+    return (
+        q.device.type == "cpu"
+        and k.shape[-2] == T
+        and T <= PRODUCTS_MAX_CONTEXT.get(q.dtype, 0)
+        and B * H * T * T <= PRODUCTS_MAX_SCORES
+    )
+
+
+def _attention_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(D)) v with the whole (T, T) scores held, in the inputs' dtype (bf16 scores
+    under autocast, as transformers' and nanoGPT's eager attention have them; flash keeps them in fp32)."""
+    B, H, T, D = q.shape
+    future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    scores = torch.baddbmm(future, q.reshape(B * H, T, D), k.reshape(B * H, T, D).transpose(1, 2), alpha=D**-0.5)
+    weights = scores.softmax(-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return torch.bmm(weights, v.reshape(B * H, T, D)).view(B, H, T, D)
 
 
 def _dropped(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
