@@ -22,6 +22,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """GPTLAB_CACHE in a folder of this test session: what the tests download, prepare or measure
+    (peak FLOP/s, decoding heads) stays out of the user's cache, and the user's does not steer them."""
+    previous = os.environ.get("GPTLAB_CACHE")
+    os.environ["GPTLAB_CACHE"] = str(tmp_path_factory.mktemp("gptlab-cache"))
+    yield
+    if previous is None:
+        del os.environ["GPTLAB_CACHE"]
+    else:
+        os.environ["GPTLAB_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import re
 import warnings
 from itertools import pairwise
@@ -41,6 +42,21 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+REAL_ADOPT = HeadScreen.adopt  # before `_screens_pay` replaces it
+
+
+@pytest.fixture(autouse=True)
+def _screens_pay(monkeypatch):
+    """The screen decodes wherever a test asks for it: its tokens are tested on every CPU, whether it is
+    faster than the fp32 head (`HeadScreen.measure`, which still picks the kernels) only on its own."""
+
+    def paying(screen, choice):
+        REAL_ADOPT(screen, choice)
+        screen.pays_for = dict.fromkeys(screen.pays_for, True)
+
+    monkeypatch.setattr(HeadScreen, "adopt", paying)
 
 
 def tiny_gpt(embedding_scale: float = 1.0) -> GPT:
@@ -463,6 +479,118 @@ def test_head_screen_refuses_a_cpu_whose_bf16_products_exceed_the_bound():
 
     assert HeadScreen(near_tie_head()).holds()
     assert not Coarse(near_tie_head()).holds()
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_every_bf16_kernel_the_screen_may_take_stays_within_the_bound(rows):
+    """Whichever kernel `measure` picks, the bf16 logits are the same up to the bound, and decoding
+    through it picks fp32's tokens."""
+    from gptlab.generate import _BF16_PRODUCTS
+
+    weight = near_tie_head()
+    hidden = torch.randn(rows, 24, generator=torch.Generator().manual_seed(2))
+    kernels = [name for name in _BF16_PRODUCTS if rows == 1 or name != "vector"]
+    assert len(kernels) == (3 if rows == 1 else 2)
+    for name in kernels:
+        screen = HeadScreen(weight)
+        setattr(screen, "one_row_product" if rows == 1 else "rows_product", name)
+        approx, bound = screen.approximate(hidden)
+        assert approx.shape == (rows, 300) and approx.dtype == torch.float32
+        assert ((approx - hidden @ weight.t()).abs().amax(dim=1) <= bound / 2).all(), name
+        assert screen.holds(), name
+        assert torch.equal(screen.greedy(hidden), (hidden @ weight.t()).argmax(dim=-1)), name
+
+
+def test_fastest_picks_the_candidate_with_the_shortest_median_time():
+    import time
+
+    from gptlab.generate import _fastest
+
+    calls = []
+    name, medians = _fastest({"slow": lambda: time.sleep(0.004), "fast": lambda: calls.append(1)}, repeats=3)
+    assert name == "fast" and len(calls) == 4  # one warm-up, then the repeats
+    assert medians["slow"] >= 0.004 > medians["fast"]
+
+
+@pytest.mark.parametrize("screen_share, pays", [(0.5, True), (0.97, False), (1.3, False)])
+def test_measure_keeps_the_screen_only_where_it_beats_the_fp32_head(screen_share, pays, monkeypatch):
+    """The kernel is the fastest candidate; the screen pays where it takes under 0.9 of the head's time
+    (close calls go to the fp32 head), for one row and for more rows alike."""
+    import gptlab.generate
+
+    def fake_fastest(candidates, repeats):
+        if "head" in candidates:
+            times = {"screen": screen_share, "head": 1.0}
+        else:  # the kernels: the last candidate is the fastest
+            times = {name: 1.0 - 0.1 * i for i, name in enumerate(candidates)}
+        return min(times, key=times.get), times
+
+    monkeypatch.setattr(gptlab.generate, "_fastest", fake_fastest)
+    screen = HeadScreen(near_tie_head())
+    choice = screen.measure()
+    assert screen.one_row_product == screen.rows_product == "rows"
+    assert screen.pays_for == {"one row": pays, "rows": pays}
+    assert screen.pays(1) is pays and screen.pays(8) is pays
+    assert HeadScreen.valid_choice(json.loads(json.dumps(choice)))  # as the cache keeps it
+    other = HeadScreen(near_tie_head())
+    REAL_ADOPT(other, choice)
+    assert other.choice() == choice
+
+
+def test_the_head_choice_is_measured_once_per_machine_and_kept_in_the_cache(tmp_path, monkeypatch):
+    """`head_screen` measures a head shape once and keeps the choice in GPTLAB_CACHE; a later process
+    (a fresh screen) adopts it without measuring; an entry this version cannot read is measured again."""
+    import gptlab.generate
+    import gptlab.train
+
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+    measured = []
+
+    def counted(screen, repeats=5):
+        measured.append(screen.weight.shape)
+        return HeadScreen.choice(screen)
+
+    monkeypatch.setattr(HeadScreen, "measure", counted)
+    assert head_screen(varied_gpt().eval(), greedy()) is not None
+    assert head_screen(varied_gpt().eval(), greedy()) is not None  # another model, the same shape
+    assert len(measured) == 1
+    kept = json.loads((tmp_path / "decoding_heads.json").read_text())
+    ((key, choice),) = kept.items()
+    assert "threads" in key and "head " in key and HeadScreen.valid_choice(choice)
+    kept[key]["rows_product"] = "a kernel of a later version"
+    (tmp_path / "decoding_heads.json").write_text(json.dumps(kept))
+    assert head_screen(varied_gpt().eval(), greedy()) is not None
+    assert len(measured) == 2
+
+
+def test_a_batch_takes_the_screen_for_the_row_counts_where_it_pays(monkeypatch):
+    """Where the screen pays for several rows only (as on a Zen 5 EPYC), one row decodes through the fp32
+    head, two through the screen, and one again after the other leaves; the tokens as if alone."""
+    import gptlab.train
+
+    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+
+    def for_rows_only(screen, choice):
+        REAL_ADOPT(screen, choice)
+        screen.pays_for = {"one row": False, "rows": True}
+
+    monkeypatch.setattr(HeadScreen, "adopt", for_rows_only)
+    model = varied_gpt().eval()
+    config = greedy(max_new_tokens=12, batch_size=2)
+    alone = generate_ids(model, [[1, 2, 3]], config)[0]
+    with torch.inference_mode():
+        batch = LiveBatch(model, config)
+        tokens = [batch.join([[1, 2, 3]])[0]]
+        assert batch.screen is None and batch.head is not None
+        batch.join([[9, 8]])
+        assert batch.screen is not None and batch.head is None
+        for step in range(11):
+            if step == 4:
+                batch.leave([1])
+                assert batch.screen is None and batch.head is not None
+            tokens.append(batch.step()[0])
+    assert tokens == alone
 
 
 SIX_TOKENS = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.5, 0.5], [-1.0, 0.0], [0.3, 0.9]])

@@ -459,3 +459,37 @@ def test_configure_allocator_keeps_the_memory_a_step_frees_for_the_next():
     # 768 pages); then no page is new.
     rounds = [_page_faults_of_a_step_of_activations() for _ in range(6)]
     assert rounds[-1] < 1000, rounds
+
+
+def test_remembered_measures_once_and_survives_a_cache_it_cannot_write(tmp_path, monkeypatch):
+    from gptlab.train import remembered
+
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return 2.5
+
+    def positive(value):
+        return isinstance(value, float) and value > 0
+
+    assert remembered("speeds.json", "key", measure, positive) == 2.5
+    assert remembered("speeds.json", "key", measure, positive) == 2.5 and len(calls) == 1
+    assert remembered("speeds.json", "other", measure, positive) == 2.5 and len(calls) == 2
+    (tmp_path / "cache" / "speeds.json").write_text('{"key": -1.0, "other": 2.5}')  # not valid: measured again
+    assert remembered("speeds.json", "key", measure, positive) == 2.5 and len(calls) == 3
+    (tmp_path / "cache" / "speeds.json").write_text("[not, json")
+    assert remembered("speeds.json", "other", measure, positive) == 2.5 and len(calls) == 4
+    (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path / "blocked"))
+    assert remembered("speeds.json", "key", measure, positive) == 2.5 and len(calls) == 5
+
+
+def test_machine_key_names_the_cpu_its_threads_and_torch():
+    from gptlab.train import cpu_name, machine_key
+
+    key = machine_key(torch.device("cpu"))
+    assert cpu_name() in key and f"{torch.get_num_threads()} threads" in key and torch.__version__ in key
+    if Path("/proc/cpuinfo").is_file():
+        assert cpu_name().endswith(")") and "/" in cpu_name()  # "AMD EPYC (25/17)": family and model

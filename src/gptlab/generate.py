@@ -27,6 +27,7 @@ import math
 import numbers
 import os
 import sys
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -350,19 +351,69 @@ class HeadScreen:
         # to 2^-126 for each entry of h, for each product and for the result.
         self.bound_per_norm = weight_error + largest_row / 64
         self.subnormal_error = (largest_row * math.sqrt(width) + width + 1) * 2.0**-126
+        # Which `_BF16_PRODUCTS` kernel serves one row and more rows, and whether the screen beats the
+        # fp32 head at each: what this CPU does fastest, measured by `measure` (the first kernels until then).
+        self.one_row_product, self.rows_product = "vector", "columns"
+        self.pays_for = {"one row": True, "rows": True}
+
+    def measure(self, repeats: int = 9) -> dict:
+        """Time this CPU's bf16 kernels and the screen against the fp32 head, for one row and for 8; keep
+        the fastest kernels and where the screen pays, and return them (`choice`).
+
+        Which is fastest differs between CPUs by up to 2x, and a screen can lose to the fp32 head outright
+        (docs/benchmarks.md): on an AMX Xeon the matrix-vector kernel serves one row 1.7x faster than a
+        product, on a Zen 5 EPYC the product is 1.8x faster than it, and on a Zen 4 EPYC (bf16 units of
+        half width) the fp32 head decodes 15% faster than the screen. 0.3-0.6 s for GPT-2's head, once
+        per machine and head shape (`head_screen` keeps the choice in the cache)."""
+        transposed = self.weight.t().contiguous()  # the fp32 head as `decoding_head` holds it
+        probes = torch.randn(8, self.weight.shape[1], generator=torch.Generator().manual_seed(1))
+        for rows, attribute in ((probes[:1], "one_row_product"), (probes, "rows_product")):
+            low = rows.to(torch.bfloat16)
+            kernels = {
+                name: functools.partial(product, self.low, low, rows)
+                for name, product in _BF16_PRODUCTS.items()
+                if len(rows) == 1 or name != "vector"
+            }
+            setattr(self, attribute, _fastest(kernels, repeats)[0])
+            screen_or_head = {
+                "screen": functools.partial(self.greedy, rows),
+                "head": functools.partial(_fp32_argmax, rows, transposed),
+            }
+            times = _fastest(screen_or_head, repeats)[1]
+            # a margin for the noise of timing: where the two are close, the fp32 head (no second path)
+            self.pays_for["one row" if len(rows) == 1 else "rows"] = times["screen"] < 0.95 * times["head"]
+        return self.choice()
+
+    def choice(self) -> dict:
+        """The kernels and where the screen pays, as JSON keeps them (`measure`, `adopt`)."""
+        return {"one_row_product": self.one_row_product, "rows_product": self.rows_product, "pays_for": self.pays_for}
+
+    def adopt(self, choice: dict) -> None:
+        """Take a `choice` measured before on this machine."""
+        self.one_row_product, self.rows_product = choice["one_row_product"], choice["rows_product"]
+        self.pays_for = dict(choice["pays_for"])
+
+    @staticmethod
+    def valid_choice(choice: object) -> bool:
+        """Whether `choice` (from the cache's file) names kernels and row counts this version knows."""
+        return (
+            isinstance(choice, dict)
+            and choice.get("one_row_product") in _BF16_PRODUCTS
+            and choice.get("rows_product") in set(_BF16_PRODUCTS) - {"vector"}
+            and isinstance(choice.get("pays_for"), dict)
+            and set(choice["pays_for"]) == {"one row", "rows"}
+            and all(isinstance(pays, bool) for pays in choice["pays_for"].values())
+        )
+
+    def pays(self, rows: int) -> bool:
+        """Whether the screen decodes `rows` rows faster than the fp32 head on this CPU (`measure`)."""
+        return self.pays_for["one row" if rows == 1 else "rows"]
 
     def approximate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The bf16 logits (B, V), converted to fp32, and the bound E (B,) of their distance from fp32's."""
         low = hidden.to(torch.bfloat16)
-        # Both orientations read the (V, C) weight row by row, the way these CPU kernels stream fastest;
-        # one row goes to the matrix-vector kernel, which here is 1.7x faster than a product with N = 1.
-        # More rows' (V, B) product is converted into (B, V) rows at once: reductions and comparisons
-        # along V are then 2-3x faster than down the columns of a (V, B) matrix (1.9 -> 0.7 ms for 8 rows
-        # of GPT-2's vocabulary, docs/benchmarks.md).
-        if len(low) == 1:
-            logits = torch.mv(self.low, low[0])[None].float()
-        else:
-            logits = hidden.new_empty((len(low), self.low.shape[0])).copy_((self.low @ low.t()).t())
+        product = self.one_row_product if len(low) == 1 else self.rows_product
+        logits = _BF16_PRODUCTS[product](self.low, low, hidden)
         # |h| in float64: its squares underflow in fp32 once every entry is below about 1e-23.
         norm = torch.linalg.vector_norm(hidden, dim=1, dtype=torch.float64)
         return logits, (norm * self.bound_per_norm + self.subnormal_error).float()
@@ -475,6 +526,38 @@ class HeadScreen:
         return True
 
 
+# The bf16 logits of rows `low` (B, C) through the bf16 head (V, C), as fp32 (B, V) (`hidden`: the rows in
+# fp32, whose dtype the result takes). Each kernel reads the weight row by row, as CPU kernels stream
+# fastest. "columns" converts the (V, B) product into (B, V) rows at once: reductions and comparisons
+# along V are 2-3x faster than down the columns of a (V, B) matrix (1.9 -> 0.7 ms for 8 rows of GPT-2's
+# vocabulary, docs/benchmarks.md).
+_BF16_PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "vector": lambda weight, low, hidden: torch.mv(weight, low[0])[None].to(hidden.dtype),  # one row only
+    "columns": lambda weight, low, hidden: hidden.new_empty((len(low), len(weight))).copy_((weight @ low.t()).t()),
+    "rows": lambda weight, low, hidden: torch.nn.functional.linear(low, weight).to(hidden.dtype),
+}
+
+
+def _fp32_argmax(hidden: torch.Tensor, transposed: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens through the fp32 head as `decoding_head` holds it, (C, V): the screen's rival."""
+    return (hidden @ transposed).argmax(dim=-1)
+
+
+def _fastest(candidates: dict[str, Callable[[], object]], repeats: int) -> tuple[str, dict[str, float]]:
+    """The candidate with the shortest median time (the times interleaved, after one warm-up each) and
+    every candidate's median seconds."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for work in candidates.values():
+        work()
+    for _ in range(repeats):
+        for name in times:
+            start = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+    return min(medians, key=medians.get), medians
+
+
 class _ScreenRows:
     """Rows a `HeadScreen` serves with one config: their hidden states, bf16 logits l' and bounds E, with
     the repetition penalty (if any) applied to l' and to the fp32 logits it computes. The penalty divides
@@ -526,8 +609,15 @@ def head_screen(model: torch.nn.Module, config: GenerationConfig) -> HeadScreen 
 
 
 def _checked_screen(weight: torch.Tensor) -> HeadScreen | None:
+    """A screen of `weight` with this machine's choice of kernels (measured once per machine and head
+    shape, `HeadScreen.measure`), or None where it pays for no row count or leaves the bound."""
+    from gptlab.train import machine_key, remembered
+
     screen = HeadScreen(weight)
-    return screen if screen.holds() else None
+    key = f"{machine_key(weight.device)}|head {weight.shape[0]}x{weight.shape[1]}"
+    screen.adopt(remembered("decoding_heads.json", key, screen.measure, HeadScreen.valid_choice))
+    # after the kernels are chosen: `holds` checks the ones decoding will use
+    return screen if any(screen.pays_for.values()) and screen.holds() else None
 
 
 @torch.inference_mode()
@@ -582,6 +672,7 @@ class LiveBatch:
         self.context = model.config.context_length
         self.max_length = min(self.context, max_length or self.context)
         self.weight = next(model.parameters())
+        self._head_for: tuple[bool, bool] | None = None  # the (screened, one row) the head was chosen for
         self._choose_head([config])
         self.one_position = DecodeStep(model) if config.use_cache and DecodeStep.fits(model) else None
         self.rows: list[list[int]] = []  # each row's tokens, prompt and generated, but the newest
@@ -598,8 +689,7 @@ class LiveBatch:
 
         prompts = [list(p) for p in prompts]
         settings = list(settings) if settings is not None else [self.config] * len(prompts)
-        if self.screen is not None and not all(screens(config) for config in settings):
-            self._choose_head(settings)  # rows the screen cannot serve
+        self._choose_head(self.settings + settings)
         if self.seen is None and any(config.repetition_penalty != 1.0 for config in settings):
             self.seen = self._seen(self.rows)  # the rows so far start keeping track too
         seen = self._seen(prompts) if self.seen is not None else None
@@ -646,9 +736,9 @@ class LiveBatch:
         self.starts = [self.starts[i] for i in keep]
         if not keep:
             self.tokens = self.seen = self.cache = None
+            self._head_for = None  # the next rows choose again, the head checked for changes
             return
-        if self.screen is None and self.head is not None and all(screens(config) for config in self.settings):
-            self._choose_head(self.settings)  # the rows that needed every logit left
+        self._choose_head(self.settings)
         index = torch.tensor(keep, device=self.weight.device)
         self.tokens = self.tokens[index]
         if self.seen is not None:
@@ -657,10 +747,18 @@ class LiveBatch:
             self.cache.keep_rows(index)
 
     def _choose_head(self, settings: Sequence[GenerationConfig]) -> None:
-        """The bf16 screen when every row may take it (`head_screen`), else the head's logits (no head:
-        through `forward`). Each choice checks the head for changes, a pass over it: made when it may change."""
+        """For rows decoded by `settings`: the bf16 screen when every row may take it (`head_screen`) and
+        it is faster than the fp32 head for this many rows (`HeadScreen.pays`), else the head's logits (no
+        head: through `forward`). Each choice checks the head for changes, a pass over it: made only when
+        the rows' needs changed (a row that needs every logit joined or left, one row became more or the
+        reverse) or the batch was empty."""
         screened = all(screens(config) for config in settings)
-        self.screen = head_screen(self.model, settings[0]) if screened else None
+        needs = (screened, len(settings) == 1)
+        if needs == self._head_for:
+            return
+        self._head_for = needs
+        screen = head_screen(self.model, settings[0]) if screened else None
+        self.screen = screen if screen is not None and screen.pays(len(settings)) else None
         self.head = None if self.screen is not None else decoding_head(self.model)
 
     def _seen(self, rows: list[list[int]]) -> torch.Tensor:

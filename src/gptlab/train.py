@@ -188,20 +188,63 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
-    """The matrix-multiply FLOP/s this device reaches (measured once, cached), the base of MFU."""
+def cpu_name() -> str:
+    """This CPU's model name with its family and model numbers ("AMD EPYC (25/17)"): one home folder,
+    and so one cache of measurements, may serve machines of several kinds (a cluster's nodes)."""
+    import platform
+
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            name, _, value = line.partition(":")
+            fields[name.strip()] = value.strip()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine() or "cpu"
+    return f"{fields['model name']} ({fields.get('cpu family', '?')}/{fields.get('model', '?')})"
+
+
+def machine_key(device: torch.device) -> str:
+    """What a speed measured on `device` depends on: the device (a CPU's model and threads) and torch."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{cpu_name() if device.type == 'cpu' else device.type}, {torch.get_num_threads()} threads"
+    return f"{name}|torch-{torch.__version__}"
+
+
+def remembered(file_name: str, key: str, measure: Callable[[], object], valid: Callable[[object], bool] = bool):
+    """`measure()` for `key`, measured once and kept in the cache's `file_name` (JSON): measurements of
+    this machine's speed that would cost time at every start. An entry that is not `valid` is measured
+    again; a cache that cannot be written only costs the next run the measurement."""
     from gptlab.download import cache_dir
 
-    dtype = dtype or torch.float32
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}-{torch.get_num_threads()}t"
-    key = f"{name}|{dtype}|torch-{torch.__version__}"
-    cache_file = cache_dir() / "peak_flops.json"
+    cache_file = cache_dir() / file_name
     try:
         cached = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cached = {}
-    if key in cached:
-        return float(cached[key])
+    if not isinstance(cached, dict):
+        cached = {}
+    if key in cached and valid(cached[key]):
+        return cached[key]
+    cached[key] = value = measure()
+    with contextlib.suppress(OSError):
+        ckpt.atomic_write_text(cache_file, json.dumps(cached, indent=1))
+    return value
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
+    """The matrix-multiply FLOP/s this device reaches (measured once, cached), the base of MFU."""
+    dtype = dtype or torch.float32
+    key = f"{machine_key(device)}|{dtype}"
+    return float(remembered("peak_flops.json", key, lambda: _matmul_flops(device, dtype), _positive_number))
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def _matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     n = 4096 if device.type == "cuda" else 1024
     # A private generator: measuring must not move the global RNG (exact resume depends on it).
     generator = torch.Generator(device=device).manual_seed(0)
@@ -215,11 +258,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float
             a @ b
         _sync(device)
         best = min(best, (time.perf_counter() - start) / 4)
-    flops = 2 * n**3 / best
-    cached[key] = flops
-    with contextlib.suppress(OSError):
-        ckpt.atomic_write_text(cache_file, json.dumps(cached, indent=1))
-    return flops
+    return 2 * n**3 / best
 
 
 def _sync(device: torch.device) -> None:
