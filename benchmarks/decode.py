@@ -113,7 +113,11 @@ def head_choice(model) -> dict:
     screen = cached[2] if cached is not None else None
     if screen is None:
         return {"screen": False, "why": "no bf16 units, or slower than the fp32 head for any rows"}
-    return {"screen_for": screen.pays_for, "kernels": [screen.one_row_product, screen.rows_product]}
+    return {
+        "screen_for": screen.pays_for,
+        "kernels": [screen.one_row_product, screen.rows_product],
+        "milliseconds": screen.milliseconds,
+    }
 
 
 def transformers_generate(model, prompt: list[int], new_tokens: int, temperature: float = 0.0) -> list[int]:
