@@ -557,11 +557,11 @@ def test_the_head_choice_is_measured_once_per_machine_and_kept_in_the_cache(tmp_
     assert head_screen(varied_gpt().eval(), greedy()) is not None
     assert head_screen(varied_gpt().eval(), greedy()) is not None  # another model, the same shape
     assert len(measured) == 1
-    kept = json.loads((tmp_path / "decoding_heads.json").read_text())
+    kept = json.loads((tmp_path / "decoding.json").read_text())
     ((key, choice),) = kept.items()
     assert "threads" in key and "head " in key and HeadScreen.valid_choice(choice)
     kept[key]["rows_product"] = "a kernel of a later version"
-    (tmp_path / "decoding_heads.json").write_text(json.dumps(kept))
+    (tmp_path / "decoding.json").write_text(json.dumps(kept))
     assert head_screen(varied_gpt().eval(), greedy()) is not None
     assert len(measured) == 2
 
@@ -593,6 +593,68 @@ def test_a_batch_takes_the_screen_for_the_row_counts_where_it_pays(monkeypatch):
                 assert batch.screen is None and batch.head is not None
             tokens.append(batch.step()[0])
     assert tokens == alone
+
+
+def test_block_columns_are_the_blocks_weights_stored_in_out_where_that_pays(monkeypatch):
+    import gptlab.generate
+    from gptlab.generate import block_columns
+
+    model = varied_gpt().eval()
+    linears = [(b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj) for b in model.blocks]
+    monkeypatch.setattr(gptlab.generate, "_columns_pay", lambda weights: True)
+    columns = block_columns(model)
+    assert len(columns) == len(model.blocks)
+    for layer, copies in zip(linears, columns, strict=True):
+        assert all(
+            torch.equal(c, linear.weight.t()) and c.is_contiguous() for linear, c in zip(layer, copies, strict=True)
+        )
+    with torch.no_grad():
+        model.blocks[0].mlp.fc.weight.data[3, 5] += 1.0  # `.data`: no version bump, the checksum sees it
+    assert torch.equal(block_columns(model)[0][2], model.blocks[0].mlp.fc.weight.t())
+    monkeypatch.setattr(gptlab.generate, "BLOCK_COLUMNS_MAX_BYTES", 1000)
+    assert block_columns(model) is None  # copies too large to keep
+    monkeypatch.undo()
+    monkeypatch.setattr(gptlab.generate, "_columns_pay", lambda weights: False)
+    assert block_columns(model) is None  # not faster on this CPU
+    monkeypatch.setattr(gptlab.generate, "_columns_pay", lambda weights: True)
+    assert block_columns(model.to(torch.bfloat16)) is None  # fp32 weights only
+
+
+def test_the_block_layout_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    import gptlab.generate
+    from gptlab.generate import block_columns
+
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
+    measured = []
+    real = gptlab.generate._measure_columns
+
+    def counted(weights, repeats=15):
+        measured.append(len(weights))
+        return real(weights, repeats=2)
+
+    monkeypatch.setattr(gptlab.generate, "_measure_columns", counted)
+    first = block_columns(varied_gpt().eval())
+    second = block_columns(varied_gpt().eval())  # another model of the same shapes
+    assert measured == [4 * len(varied_gpt().blocks)]
+    assert (first is None) == (second is None)
+    (key, choice), *others = json.loads((tmp_path / "decoding.json").read_text()).items()
+    assert not others and "blocks " in key and isinstance(choice["one_row_columns"], bool)
+    assert set(choice["milliseconds"]) == {"(out, in) rows", "(in, out) columns"}
+
+
+def test_decoding_one_row_through_block_columns_gives_the_same_tokens(monkeypatch):
+    import gptlab.generate
+
+    model = varied_gpt().eval()
+    prompts = [[1, 2, 3], [9, 8, 7, 6]]
+    config = greedy(max_new_tokens=30, batch_size=1)
+    monkeypatch.setattr(gptlab.generate, "_columns_pay", lambda weights: False)
+    plain = generate_ids(model, prompts, config)
+    monkeypatch.setattr(gptlab.generate, "_columns_pay", lambda weights: True)
+    with torch.inference_mode():
+        assert LiveBatch(model, config).one_position.one_row_layers is not None
+    assert generate_ids(model, prompts, config) == plain
+    assert generate_ids(model, prompts, dataclasses.replace(config, batch_size=2)) == plain
 
 
 SIX_TOKENS = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.5, 0.5], [-1.0, 0.0], [0.3, 0.9]])

@@ -101,9 +101,7 @@ def test_left_padded_batch_matches_rows_alone():
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_decode_step_equals_the_modules_bit_for_bit(bias):
-    """The decoding loop's module-free step: plain and padded batches, with and without biases."""
+def varied_decoder(bias: bool) -> GPT:
     config = GPTConfig(vocab_size=97, context_length=32, n_layer=3, n_head=4, n_embd=32, bias=bias, qkv_bias=bias)
     torch.manual_seed(0)
     model = GPT(config).eval()
@@ -111,6 +109,21 @@ def test_decode_step_equals_the_modules_bit_for_bit(bias):
         for name, param in model.named_parameters():
             if "ln" in name or name.endswith("bias"):
                 param.normal_(0.5 if name.endswith("weight") else 0.0, 0.3)
+    return model
+
+
+def block_columns_of(model: GPT) -> list[list[torch.Tensor]]:
+    return [
+        [linear.weight.t().contiguous() for linear in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
+        for b in model.blocks
+    ]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_step_equals_the_modules_bit_for_bit(bias):
+    """The decoding loop's module-free step: plain and padded batches, with and without biases."""
+    model = varied_decoder(bias)
+    config = model.config
     step = DecodeStep(model)
     for rows, padded in ((1, False), (3, False), (3, True)):
         prompt = torch.randint(0, config.vocab_size, (rows, 6))
@@ -126,6 +139,37 @@ def test_decode_step_equals_the_modules_bit_for_bit(bias):
                 assert torch.equal(step(tokens, steps), expected), (rows, padded)
         assert steps.length == modules.length == 14
         assert torch.equal(steps.keys, modules.keys) and torch.equal(steps.next_position, modules.next_position)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_step_of_one_row_through_the_weights_stored_in_out(bias):
+    """With the blocks' weights also stored (in, out), one-row steps multiply those: the same hidden
+    states to fp32's rounding, and the same cache; steps of several rows keep the modules' bits."""
+    model = varied_decoder(bias)
+    config = model.config
+    step, plain = DecodeStep(model, block_columns_of(model)), DecodeStep(model)
+    with torch.inference_mode():
+        for rows in (1, 3):
+            prompt = torch.randint(0, config.vocab_size, (rows, 6))
+            caches = [KVCache(config, rows, 20) for _ in range(2)]
+            for cache in caches:
+                model.hidden_states(prompt, None, None, cache)
+            for _ in range(8):
+                tokens = torch.randint(0, config.vocab_size, (rows,))
+                got, expected = step(tokens, caches[0]), plain(tokens, caches[1])
+                if rows == 1:
+                    assert torch.allclose(got, expected, atol=1e-5)
+                else:
+                    assert torch.equal(got, expected)
+            assert torch.allclose(caches[0].keys, caches[1].keys, atol=1e-5)
+        # the copies are what one row multiplies: zeroed ones change its state, not that of 3 rows
+        zeroed = DecodeStep(model, [[torch.zeros_like(c) for c in layer] for layer in block_columns_of(model)])
+        for rows in (1, 3):
+            caches = [KVCache(config, rows, 8) for _ in range(2)]
+            tokens = torch.randint(0, config.vocab_size, (rows,))
+            assert torch.equal(zeroed(tokens, caches[0]), plain(tokens, caches[1])) is (rows == 3)
+    with pytest.raises(ValueError):  # a list for every block
+        DecodeStep(model, block_columns_of(model)[:-1])
 
 
 def test_decode_step_fits_only_a_plain_model_in_evaluation():

@@ -23,6 +23,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import math
 import numbers
 import os
@@ -232,6 +233,7 @@ def _left_padded(windows: list[list[int]], device: torch.device) -> tuple[torch.
 
 # lm_head module -> (its weight's identity and version, fingerprint, derived copy); see `_derived`.
 _TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRANSPOSED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the blocks' (`block_columns`)
 _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -303,6 +305,72 @@ def decoding_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tens
     return lambda hidden: hidden @ transposed
 
 
+# The most memory the (in, out) copies of the blocks' weights may take (`block_columns`): GPT-2 small's
+# take 340 MB, gpt2-medium's 1.2 GB, which a laptop would rather keep.
+BLOCK_COLUMNS_MAX_BYTES = 512 * 2**20
+
+
+def block_columns(model: torch.nn.Module) -> list[list[torch.Tensor]] | None:
+    """For one-row decoding steps (`model.DecodeStep`): each block's four projection weights stored
+    (in, out), where this CPU multiplies a vector by them faster than by the (out, in) weights, else None.
+
+    A decoding step of one row reads every block weight once, and CPUs differ in which layout they
+    stream faster: a Zen 5 EPYC takes 1.8 ms for bpe-mini's 24 projections stored (in, out) against
+    2.9 ms for `F.linear` on the (out, in) ones, while for 8 rows the (out, in) layout is 10% faster
+    (docs/benchmarks.md). So this is measured once per machine and set of shapes (`_columns_pay`, kept
+    in the cache); the copies are made again when a weight changes (`_derived`), for fp32 weights on
+    the CPU up to `BLOCK_COLUMNS_MAX_BYTES`."""
+    linears = [[b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj] for b in getattr(model, "blocks", ())]
+    flat = [linear for layer in linears for linear in layer]
+    if not flat or any(type(linear) is not torch.nn.Linear for linear in flat):
+        return None
+    weights = [linear.weight for linear in flat]
+    if any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
+        return None
+    if sum(w.numel() * w.element_size() for w in weights) > BLOCK_COLUMNS_MAX_BYTES or not _columns_pay(weights):
+        return None
+    return [[_derived(_TRANSPOSED_WEIGHTS, linear, _columns) for linear in layer] for layer in linears]
+
+
+def _columns(weight: torch.Tensor) -> torch.Tensor:
+    return weight.t().contiguous()
+
+
+def _columns_pay(weights: list[torch.Tensor]) -> bool:
+    """Whether one row through these weights stored (in, out) beats `F.linear` on them by 5%, on this
+    machine (measured once per machine and set of shapes, kept in the cache)."""
+    from gptlab.train import machine_key, remembered
+
+    shapes = ",".join(f"{w.shape[0]}x{w.shape[1]}" for w in weights)
+    key = f"{machine_key(weights[0].device)}|blocks {hashlib.sha256(shapes.encode()).hexdigest()[:16]}"
+    choice = remembered("decoding.json", key, lambda: _measure_columns(weights), _valid_columns_choice)
+    return choice["one_row_columns"]
+
+
+def _measure_columns(weights: list[torch.Tensor], repeats: int = 15) -> dict:
+    columns = [_columns(w.detach()) for w in weights]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], generator=torch.Generator().manual_seed(3)) for w in weights}
+
+    def by_rows():
+        for weight in weights:
+            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
+
+    def by_columns():
+        for column in columns:
+            inputs[column.shape[0]] @ column
+
+    with torch.no_grad():
+        times = _fastest({"(out, in) rows": by_rows, "(in, out) columns": by_columns}, repeats)[1]
+    return {
+        "one_row_columns": times["(in, out) columns"] < 0.95 * times["(out, in) rows"],
+        "milliseconds": {name: round(t * 1e3, 3) for name, t in times.items()},
+    }
+
+
+def _valid_columns_choice(choice: object) -> bool:
+    return isinstance(choice, dict) and isinstance(choice.get("one_row_columns"), bool)
+
+
 # A screen leaving more candidates than this per row computes the whole head in fp32 instead (a head of
 # nearly equal rows, such as a freshly zeroed one, would otherwise gather most of its weight).
 SCREEN_MAX_CANDIDATES = 1024
@@ -357,7 +425,7 @@ class HeadScreen:
         self.pays_for = {"one row": True, "rows": True}
         self.milliseconds: dict | None = None
 
-    def measure(self, repeats: int = 9) -> dict:
+    def measure(self, repeats: int = 15) -> dict:
         """Time this CPU's bf16 kernels and the screen against the fp32 head, for one row and for 8; keep
         the fastest kernels and where the screen pays, and return them (`choice`).
 
@@ -624,7 +692,7 @@ def _checked_screen(weight: torch.Tensor) -> HeadScreen | None:
 
     screen = HeadScreen(weight)
     key = f"{machine_key(weight.device)}|head {weight.shape[0]}x{weight.shape[1]}"
-    screen.adopt(remembered("decoding_heads.json", key, screen.measure, HeadScreen.valid_choice))
+    screen.adopt(remembered("decoding.json", key, screen.measure, HeadScreen.valid_choice))
     # after the kernels are chosen: `holds` checks the ones decoding will use
     return screen if any(screen.pays_for.values()) and screen.holds() else None
 
@@ -683,7 +751,9 @@ class LiveBatch:
         self.weight = next(model.parameters())
         self._head_for: tuple[bool, bool] | None = None  # the (screened, one row) the head was chosen for
         self._choose_head([config])
-        self.one_position = DecodeStep(model) if config.use_cache and DecodeStep.fits(model) else None
+        self.one_position = None
+        if config.use_cache and DecodeStep.fits(model):
+            self.one_position = DecodeStep(model, block_columns(model))
         self.rows: list[list[int]] = []  # each row's tokens, prompt and generated, but the newest
         self.settings: list[GenerationConfig] = []  # each row's sampling settings
         self.starts: list[int] = []  # where each row's window begins

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -825,23 +826,32 @@ class DecodeStep:
     It restates `Block`'s arithmetic, so a change there must be made here too (the bit-for-bit test
     fails otherwise). Each layer's tensors are looked up when the step is made, once per generation:
     in-place updates of the parameters are seen, parameters replaced by new tensors are not.
+
+    `one_row_columns`: for each block, its four projections' weights stored (in, out), which steps of
+    one row multiply instead of the (out, in) weights. Some CPUs stream a vector times such columns
+    1.6x faster (docs/benchmarks.md; `generate.block_columns` measures it and makes the copies); the
+    sums then run in another order, so those steps match the modules to fp32's rounding, not bit for bit.
     """
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, one_row_columns: Sequence[Sequence[torch.Tensor]] | None = None):
         self.model = model
         self.n_head, self.head_dim = model.config.n_head, model.config.head_dim
-        self.layers = [
-            (
-                _norm_args(block.ln_1),
-                (block.attn.qkv.weight, block.attn.qkv.bias),
-                (block.attn.proj.weight, block.attn.proj.bias),
-                _norm_args(block.ln_2),
-                (block.mlp.fc.weight, block.mlp.fc.bias),
-                (block.mlp.proj.weight, block.mlp.proj.bias),
-            )
-            for block in model.blocks
-        ]
+        self.layers = [self._layer(block) for block in model.blocks]
+        self.one_row_layers = None
+        if one_row_columns is not None:
+            self.one_row_layers = [self._layer(b, c) for b, c in zip(model.blocks, one_row_columns, strict=True)]
         self.ln_f = _norm_args(model.ln_f)
+
+    @staticmethod
+    def _layer(block: Block, columns: Sequence[torch.Tensor] = (None,) * 4) -> tuple:
+        """A block's norms' arguments and its projections' (weight, bias, columns or None)."""
+        qkv, attn_proj, fc, mlp_proj = (
+            (linear.weight, linear.bias, column)
+            for linear, column in zip(
+                (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj), columns, strict=True
+            )
+        )
+        return _norm_args(block.ln_1), qkv, attn_proj, _norm_args(block.ln_2), fc, mlp_proj
 
     @staticmethod
     def fits(model: nn.Module) -> bool:
@@ -870,14 +880,23 @@ class DecodeStep:
         x = F.embedding(tokens, model.token_embedding.weight) + F.embedding(
             positions.reshape(-1), model.position_embedding.weight
         )  # (B, C)
-        for layer, (ln_1, qkv, attn_proj, ln_2, fc, mlp_proj) in enumerate(self.layers):
-            q, k, v = F.linear(F.layer_norm(x, *ln_1), *qkv).view(B, 3, H, 1, D).unbind(1)  # 3 x (B, H, 1, D)
+        layers = self.one_row_layers if B == 1 and self.one_row_layers is not None else self.layers
+        for layer, (ln_1, qkv, attn_proj, ln_2, fc, mlp_proj) in enumerate(layers):
+            q, k, v = _project(F.layer_norm(x, *ln_1), *qkv).view(B, 3, H, 1, D).unbind(1)  # 3 x (B, H, 1, D)
             keys, values = cache.update(layer, k, v)  # (B, H, S, D)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)  # (B, H, 1, D)
-            x = x + F.linear(y.reshape(B, H * D), *attn_proj)
-            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, *ln_2), *fc), approximate="tanh"), *mlp_proj)
+            x = x + _project(y.reshape(B, H * D), *attn_proj)
+            x = x + _project(F.gelu(_project(F.layer_norm(x, *ln_2), *fc), approximate="tanh"), *mlp_proj)
         cache.advance(1)
         return F.layer_norm(x, *self.ln_f)
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor | None):
+    """A linear layer of rows x (B, C_in): `F.linear` with the (out, in) weight, or x @ columns, the same
+    weight stored (in, out)."""
+    if columns is None:
+        return F.linear(x, weight, bias)
+    return torch.addmm(bias, x, columns) if bias is not None else x @ columns
 
 
 def _norm_args(norm: nn.LayerNorm) -> tuple:
