@@ -4,7 +4,9 @@ Batch 1, a 16-token prompt, 200 new tokens, greedy, the `bpe-mini` preset (6 lay
 50,257-token vocabulary) with random weights that both libraries share, so their greedy tokens must
 agree. Also gptlab with 8 prompts of different lengths in one batch, and gptlab with its fp32 head
 and with the bf16 screen (`HeadScreen`, on CPUs with bf16 units; elsewhere the three are the same), of
-which gptlab takes the one it measured faster on this CPU (the choice is in the results).
+which gptlab takes the one it measured faster on this CPU (the choice is in the results), and gptlab
+with one-row steps through the blocks' (out, in) weights even where it measured its (in, out) copies
+faster (`generate.block_columns`).
 And sampling at temperature 0.8 from all tokens, gptlab's default, in both libraries (no token check
 there: their random numbers differ), gptlab's also with its fp32 head. The runs of each repeat are interleaved, gptlab's and
 transformers' back to back, so that a busy machine slows them alike; besides the ratio of the
@@ -106,14 +108,36 @@ def gptlab_bf16_screen(model, prompts: list[list[int]], new_tokens: int) -> list
         return gptlab_cached(model, prompts, new_tokens)
 
 
+@contextlib.contextmanager
+def out_in_blocks():
+    """One-row steps through the blocks' (out, in) weights, as `F.linear` takes them, even where gptlab
+    measured the (in, out) copies faster (`generate.block_columns`)."""
+    columns = gptlab.generate.block_columns
+    gptlab.generate.block_columns = lambda model: None
+    try:
+        yield
+    finally:
+        gptlab.generate.block_columns = columns
+
+
+def gptlab_out_in_blocks(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    with out_in_blocks():
+        return gptlab_cached(model, prompts, new_tokens)
+
+
 def head_choice(model) -> dict:
     """What gptlab chose for its head on this CPU (`HeadScreen.measure`): the screen for one row, for
     more, and the bf16 kernels."""
     cached = gptlab.generate._SCREENS.get(model.lm_head)
     screen = cached[2] if cached is not None else None
     if screen is None:
-        return {"screen": False, "why": "no bf16 units, or slower than the fp32 head for any rows"}
+        return {
+            "blocks_stored_in_out_for_one_row": gptlab.generate.block_columns(model) is not None,
+            "screen": False,
+            "why": "no bf16 units, or slower than the fp32 head for any rows",
+        }
     return {
+        "blocks_stored_in_out_for_one_row": gptlab.generate.block_columns(model) is not None,
         "screen_for": screen.pays_for,
         "kernels": [screen.one_row_product, screen.rows_product],
         "milliseconds": screen.milliseconds,
@@ -170,6 +194,7 @@ def main() -> None:
         "transformers generate (cache)": (lambda n: transformers_generate(theirs, prompt, n), n),
         "gptlab cached, fp32 head": (lambda n: gptlab_fp32_head(ours, [prompt], n)[0], n),
         "gptlab cached, bf16 screen": (lambda n: gptlab_bf16_screen(ours, [prompt], n)[0], n),
+        "gptlab cached, (out, in) blocks": (lambda n: gptlab_out_in_blocks(ours, [prompt], n)[0], n),
         f"gptlab batch {BATCH}": (lambda n: gptlab_cached(ours, batch, n), BATCH * n),
         # gptlab's default: sampling at temperature 0.8 from all tokens (no top-k); the same for transformers
         "gptlab sampled": (lambda n: gptlab_cached(ours, [prompt], n, temperature=0.8)[0], n),
@@ -201,11 +226,13 @@ def main() -> None:
     ratios["sampled_vs_transformers_sampled"] = rates["gptlab sampled"] / rates["transformers sampled"]
     ratios["sampled_vs_fp32_head"] = rates["gptlab sampled"] / rates["gptlab sampled, fp32 head"]
     ratios["screen_vs_fp32_head"] = rates["gptlab cached, bf16 screen"] / rates["gptlab cached, fp32 head"]
+    ratios["vs_out_in_blocks"] = cached / rates["gptlab cached, (out, in) blocks"]
     choice = head_choice(ours)
     same = {
         "transformers": outputs["gptlab cached"] == outputs["transformers generate (cache)"],
         "fp32 head": outputs["gptlab cached"] == outputs["gptlab cached, fp32 head"],
         "bf16 screen": outputs["gptlab cached"] == outputs["gptlab cached, bf16 screen"],
+        "(out, in) blocks": outputs["gptlab cached"] == outputs["gptlab cached, (out, in) blocks"],
         "batch row alone": outputs[f"gptlab batch {BATCH}"][0] == gptlab_cached(ours, [batch[0]], n)[0],
     }
     if "no-cache loop" in cases:
