@@ -830,7 +830,9 @@ class DecodeStep:
     `one_row_columns`: for each block, its four projections' weights stored (in, out), which steps of
     one row multiply instead of the (out, in) weights. Some CPUs stream a vector times such columns
     1.6x faster (docs/benchmarks.md; `generate.block_columns` measures it and makes the copies); the
-    sums then run in another order, so those steps match the modules to fp32's rounding, not bit for bit.
+    sums then run in another order, so those steps match the modules to fp32's rounding, not bit for
+    bit. The copies are the weights as they were when the step was made: the caller makes the step
+    again after changing them (decoding makes one per generation).
     """
 
     def __init__(self, model: GPT, one_row_columns: Sequence[Sequence[torch.Tensor]] | None = None):
