@@ -539,6 +539,22 @@ def test_measure_keeps_the_screen_only_where_it_beats_the_fp32_head(screen_share
     assert other.choice() == {key: value for key, value in choice.items() if key != "milliseconds"}
 
 
+def test_measure_times_every_kernel_and_both_heads_on_this_cpu():
+    """The real timings: every kernel for one row, all but `mv` for 8, the screen and the fp32 head for
+    both, and a choice the cache can keep whose kernels stay within the bound."""
+    from gptlab.generate import _BF16_PRODUCTS
+
+    screen = HeadScreen(near_tie_head())
+    choice = screen.measure(repeats=2)
+    assert HeadScreen.valid_choice(choice)
+    times = choice["milliseconds"]
+    assert set(times["one row"]) == {*_BF16_PRODUCTS, "screen", "fp32 head"}
+    assert set(times["rows"]) == {*_BF16_PRODUCTS, "screen", "fp32 head"} - {"vector"}
+    assert all(t > 0 for count in times.values() for t in count.values())
+    assert times["one row"][screen.one_row_product] == min(times["one row"][name] for name in _BF16_PRODUCTS)
+    assert screen.holds()
+
+
 def test_the_head_choice_is_measured_once_per_machine_and_kept_in_the_cache(tmp_path, monkeypatch):
     """`head_screen` measures a head shape once and keeps the choice in GPTLAB_CACHE; a later process
     (a fresh screen) adopts it without measuring; an entry this version cannot read is measured again."""

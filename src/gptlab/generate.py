@@ -363,7 +363,7 @@ def _measure_columns(weights: list[torch.Tensor], repeats: int = 15) -> dict:
         times = _fastest({"(out, in) rows": by_rows, "(in, out) columns": by_columns}, repeats)[1]
     return {
         "one_row_columns": times["(in, out) columns"] < 0.95 * times["(out, in) rows"],
-        "milliseconds": {name: round(t * 1e3, 3) for name, t in times.items()},
+        "milliseconds": {name: round(t * 1e3, 4) for name, t in times.items()},
     }
 
 
@@ -454,7 +454,7 @@ class HeadScreen:
             # a margin for the noise of timing: where the two are close, the fp32 head (no second path)
             count = "one row" if len(rows) == 1 else "rows"
             self.pays_for[count] = times["screen"] < 0.95 * times["fp32 head"]
-            milliseconds[count] = {name: round(t * 1e3, 3) for name, t in {**kernel_times, **times}.items()}
+            milliseconds[count] = {name: round(t * 1e3, 4) for name, t in {**kernel_times, **times}.items()}
         return {**self.choice(), "milliseconds": milliseconds}  # the times for people reading the cache
 
     def choice(self) -> dict:
