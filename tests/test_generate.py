@@ -617,22 +617,28 @@ def test_block_columns_are_the_blocks_weights_stored_in_out_where_that_pays(monk
 
     model = varied_gpt().eval()
     linears = [(b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj) for b in model.blocks]
-    monkeypatch.setattr(gptlab.generate, "_columns_pay", lambda weights: True)
+
+    def ungrouped(c):  # (k, in, out / k) back to (in, out)
+        return c.transpose(0, 1).reshape(c.shape[1], -1)
+
+    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 2)
     columns = block_columns(model)
     assert len(columns) == len(model.blocks)
     for layer, copies in zip(linears, columns, strict=True):
-        assert all(
-            torch.equal(c, linear.weight.t()) and c.is_contiguous() for linear, c in zip(layer, copies, strict=True)
-        )
+        for linear, c in zip(layer, copies, strict=True):
+            assert c.shape == (2, linear.in_features, linear.out_features // 2) and c.is_contiguous()
+            assert torch.equal(ungrouped(c), linear.weight.t())
     with torch.no_grad():
         model.blocks[0].mlp.fc.weight.data[3, 5] += 1.0  # `.data`: no version bump, the checksum sees it
-    assert torch.equal(block_columns(model)[0][2], model.blocks[0].mlp.fc.weight.t())
+    assert torch.equal(ungrouped(block_columns(model)[0][2]), model.blocks[0].mlp.fc.weight.t())
+    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 5)  # divides no width: one group
+    assert all(c.shape[0] == 1 for layer in block_columns(model) for c in layer)
     monkeypatch.setattr(gptlab.generate, "BLOCK_COLUMNS_MAX_BYTES", 1000)
     assert block_columns(model) is None  # copies too large to keep
     monkeypatch.undo()
-    monkeypatch.setattr(gptlab.generate, "_columns_pay", lambda weights: False)
+    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 0)
     assert block_columns(model) is None  # not faster on this CPU
-    monkeypatch.setattr(gptlab.generate, "_columns_pay", lambda weights: True)
+    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 2)
     assert block_columns(model.to(torch.bfloat16)) is None  # fp32 weights only
 
 
@@ -641,21 +647,24 @@ def test_the_block_layout_is_measured_once_per_machine_and_kept(tmp_path, monkey
     from gptlab.generate import block_columns
 
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # so that 2 groups are a candidate too
     measured = []
-    real = gptlab.generate._measure_columns
+    real = gptlab.generate._measure_groups
 
     def counted(weights, repeats=15):
         measured.append(len(weights))
         return real(weights, repeats=2)
 
-    monkeypatch.setattr(gptlab.generate, "_measure_columns", counted)
+    monkeypatch.setattr(gptlab.generate, "_measure_groups", counted)
     first = block_columns(varied_gpt().eval())
     second = block_columns(varied_gpt().eval())  # another model of the same shapes
     assert measured == [4 * len(varied_gpt().blocks)]
     assert (first is None) == (second is None)
     (key, choice), *others = json.loads((tmp_path / "decoding.json").read_text()).items()
-    assert not others and "blocks " in key and isinstance(choice["one_row_columns"], bool)
-    assert set(choice["milliseconds"]) == {"(out, in) rows", "(in, out) columns"}
+    assert not others and "blocks " in key and choice["one_row_groups"] in (0, 1, 2)
+    assert set(choice["milliseconds"]) == {"F.linear", "1 groups", "2 groups"}
+    fastest = min(choice["milliseconds"].values())
+    assert choice["one_row_groups"] == 0 or choice["milliseconds"][f"{choice['one_row_groups']} groups"] == fastest
 
 
 def test_decoding_one_row_through_block_columns_gives_the_same_tokens(monkeypatch):
@@ -664,13 +673,16 @@ def test_decoding_one_row_through_block_columns_gives_the_same_tokens(monkeypatc
     model = varied_gpt().eval()
     prompts = [[1, 2, 3], [9, 8, 7, 6]]
     config = greedy(max_new_tokens=30, batch_size=1)
-    monkeypatch.setattr(gptlab.generate, "_columns_pay", lambda weights: False)
+    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 0)
     plain = generate_ids(model, prompts, config)
-    monkeypatch.setattr(gptlab.generate, "_columns_pay", lambda weights: True)
     with torch.inference_mode():
-        assert LiveBatch(model, config).one_position.one_row_layers is not None
-    assert generate_ids(model, prompts, config) == plain
-    assert generate_ids(model, prompts, dataclasses.replace(config, batch_size=2)) == plain
+        assert LiveBatch(model, config).one_position.one_row_layers is None
+    for groups in (1, 2):
+        monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights, groups=groups: groups)
+        with torch.inference_mode():
+            assert LiveBatch(model, config).one_position.one_row_layers is not None
+        assert generate_ids(model, prompts, config) == plain
+        assert generate_ids(model, prompts, dataclasses.replace(config, batch_size=2)) == plain
 
 
 SIX_TOKENS = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.5, 0.5], [-1.0, 0.0], [0.3, 0.9]])

@@ -112,9 +112,11 @@ def varied_decoder(bias: bool) -> GPT:
     return model
 
 
-def block_columns_of(model: GPT) -> list[list[torch.Tensor]]:
+def block_columns_of(model: GPT, groups: int) -> list[list[torch.Tensor]]:
+    from gptlab.generate import _columns
+
     return [
-        [linear.weight.t().contiguous() for linear in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
+        [_columns(linear.weight, groups) for linear in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
         for b in model.blocks
     ]
 
@@ -141,13 +143,14 @@ def test_decode_step_equals_the_modules_bit_for_bit(bias):
         assert torch.equal(steps.keys, modules.keys) and torch.equal(steps.next_position, modules.next_position)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_decode_step_of_one_row_through_the_weights_stored_in_out(bias):
-    """With the blocks' weights also stored (in, out), one-row steps multiply those: the same hidden
-    states to fp32's rounding, and the same cache; steps of several rows keep the modules' bits."""
+@pytest.mark.parametrize("bias, groups", [(True, 1), (False, 1), (True, 2), (False, 4)])
+def test_decode_step_of_one_row_through_the_weights_stored_in_out(bias, groups):
+    """With the blocks' weights also stored (in, out), in groups of columns, one-row steps multiply
+    those: the same hidden states to fp32's rounding, and the same cache; steps of several rows keep
+    the modules' bits."""
     model = varied_decoder(bias)
     config = model.config
-    step, plain = DecodeStep(model, block_columns_of(model)), DecodeStep(model)
+    step, plain = DecodeStep(model, block_columns_of(model, groups)), DecodeStep(model)
     with torch.inference_mode():
         for rows in (1, 3):
             prompt = torch.randint(0, config.vocab_size, (rows, 6))
@@ -163,13 +166,13 @@ def test_decode_step_of_one_row_through_the_weights_stored_in_out(bias):
                     assert torch.equal(got, expected)
             assert torch.allclose(caches[0].keys, caches[1].keys, atol=1e-5)
         # the copies are what one row multiplies: zeroed ones change its state, not that of 3 rows
-        zeroed = DecodeStep(model, [[torch.zeros_like(c) for c in layer] for layer in block_columns_of(model)])
+        zeroed = DecodeStep(model, [[torch.zeros_like(c) for c in layer] for layer in block_columns_of(model, groups)])
         for rows in (1, 3):
             caches = [KVCache(config, rows, 8) for _ in range(2)]
             tokens = torch.randint(0, config.vocab_size, (rows,))
             assert torch.equal(zeroed(tokens, caches[0]), plain(tokens, caches[1])) is (rows == 3)
     with pytest.raises(ValueError):  # a list for every block
-        DecodeStep(model, block_columns_of(model)[:-1])
+        DecodeStep(model, block_columns_of(model, groups)[:-1])
 
 
 def test_decode_step_fits_only_a_plain_model_in_evaluation():

@@ -233,7 +233,8 @@ def _left_padded(windows: list[list[int]], device: torch.device) -> tuple[torch.
 
 # lm_head module -> (its weight's identity and version, fingerprint, derived copy); see `_derived`.
 _TRANSPOSED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_TRANSPOSED_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # the blocks' (`block_columns`)
+# groups -> linear module -> its weight as (groups, in, out / groups) (`block_columns`), as `_derived` keeps them
+_TRANSPOSED_WEIGHTS: dict[int, weakref.WeakKeyDictionary] = {}
 _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -311,15 +312,17 @@ BLOCK_COLUMNS_MAX_BYTES = 512 * 2**20
 
 
 def block_columns(model: torch.nn.Module) -> list[list[torch.Tensor]] | None:
-    """For one-row decoding steps (`model.DecodeStep`): each block's four projection weights stored
-    (in, out), where this CPU multiplies a vector by them faster than by the (out, in) weights, else None.
+    """For one-row decoding steps (`model.DecodeStep`): each block's four projection weights W (out, in)
+    stored as W^T's columns in k groups, (k, in, out / k), where this CPU multiplies a vector by them
+    faster than by W itself; else None.
 
-    A decoding step of one row reads every block weight once, and CPUs differ in which layout they
-    stream faster: a Zen 5 EPYC takes 1.8 ms for bpe-mini's 24 projections stored (in, out) against
-    2.9 ms for `F.linear` on the (out, in) ones, while for 8 rows the (out, in) layout is 10% faster
-    (docs/benchmarks.md). So this is measured once per machine and set of shapes (`_columns_pay`, kept
-    in the cache); the copies are made again when a weight changes (`_derived`), for fp32 weights on
-    the CPU up to `BLOCK_COLUMNS_MAX_BYTES`."""
+    A decoding step of one row reads every block weight once, and CPUs differ in how they stream it:
+    on a Zen 5 EPYC bpe-mini's 24 products of one row take 2.7-2.9 ms with `F.linear` on the (out, in)
+    weights (on one thread, whatever the thread count), 1.7-2.1 ms stored (in, out), and 1.2-1.5 ms as
+    (2, in, out / 2) groups, which `bmm` gives one thread each (docs/benchmarks.md). So the layout is
+    measured once per machine, thread count and set of shapes (`_one_row_groups`, kept in the cache);
+    the copies are made again when a weight changes (`_derived`), for fp32 weights on the CPU up to
+    `BLOCK_COLUMNS_MAX_BYTES`."""
     linears = [[b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj] for b in getattr(model, "blocks", ())]
     flat = [linear for layer in linears for linear in layer]
     if not flat or any(type(linear) is not torch.nn.Linear for linear in flat):
@@ -327,48 +330,62 @@ def block_columns(model: torch.nn.Module) -> list[list[torch.Tensor]] | None:
     weights = [linear.weight for linear in flat]
     if any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
         return None
-    if sum(w.numel() * w.element_size() for w in weights) > BLOCK_COLUMNS_MAX_BYTES or not _columns_pay(weights):
+    if sum(w.numel() * w.element_size() for w in weights) > BLOCK_COLUMNS_MAX_BYTES:
         return None
-    return [[_derived(_TRANSPOSED_WEIGHTS, linear, _columns) for linear in layer] for layer in linears]
+    groups = _one_row_groups(weights)
+    if groups == 0:
+        return None
+    copies = _TRANSPOSED_WEIGHTS.setdefault(groups, weakref.WeakKeyDictionary())
+    make = functools.partial(_columns, groups=groups)
+    return [[_derived(copies, linear, make) for linear in layer] for layer in linears]
 
 
-def _columns(weight: torch.Tensor) -> torch.Tensor:
-    return weight.t().contiguous()
+def _columns(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """W (out, in) as (k, in, out / k): W^T's columns in k groups of neighbours (one group where k does
+    not divide out); a row times group g gives outputs g * out / k onwards."""
+    k = groups if weight.shape[0] % groups == 0 else 1
+    return weight.t().reshape(weight.shape[1], k, weight.shape[0] // k).transpose(0, 1).contiguous()
 
 
-def _columns_pay(weights: list[torch.Tensor]) -> bool:
-    """Whether one row through these weights stored (in, out) beats `F.linear` on them by 5%, on this
-    machine (measured once per machine and set of shapes, kept in the cache)."""
+def _one_row_groups(weights: list[torch.Tensor]) -> int:
+    """In how many groups of columns one row multiplies these weights fastest on this machine (k, one a
+    thread), or 0 where `F.linear` on the weights themselves is as fast (within 5%): measured once per
+    machine, thread count and set of shapes, kept in the cache."""
     from gptlab.train import machine_key, remembered
 
     shapes = ",".join(f"{w.shape[0]}x{w.shape[1]}" for w in weights)
     key = f"{machine_key(weights[0].device)}|blocks {hashlib.sha256(shapes.encode()).hexdigest()[:16]}"
-    choice = remembered("decoding.json", key, lambda: _measure_columns(weights), _valid_columns_choice)
-    return choice["one_row_columns"]
+    choice = remembered("decoding.json", key, lambda: _measure_groups(weights), _valid_groups_choice)
+    return choice["one_row_groups"]
 
 
-def _measure_columns(weights: list[torch.Tensor], repeats: int = 15) -> dict:
-    columns = [_columns(w.detach()) for w in weights]
+def _measure_groups(weights: list[torch.Tensor], repeats: int = 15) -> dict:
+    """Times of one row through the weights as they are and in 1 and (with more threads) k groups."""
+    from gptlab.model import _project
+
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], generator=torch.Generator().manual_seed(3)) for w in weights}
+    candidates = {0: [(w, None) for w in weights]}
+    for groups in sorted({1, torch.get_num_threads()}):
+        candidates[groups] = [(w, _columns(w.detach(), groups)) for w in weights]
 
-    def by_rows():
-        for weight in weights:
-            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
-
-    def by_columns():
-        for column in columns:
-            inputs[column.shape[0]] @ column
+    def through(pairs):
+        for weight, columns in pairs:
+            _project(inputs[weight.shape[1]], weight, None, columns)
 
     with torch.no_grad():
-        times = _fastest({"(out, in) rows": by_rows, "(in, out) columns": by_columns}, repeats)[1]
+        times = _fastest({groups: functools.partial(through, pairs) for groups, pairs in candidates.items()}, repeats)[
+            1
+        ]
+    fastest = min(times, key=times.get)
     return {
-        "one_row_columns": times["(in, out) columns"] < 0.95 * times["(out, in) rows"],
-        "milliseconds": {name: round(t * 1e3, 4) for name, t in times.items()},
+        "one_row_groups": fastest if times[fastest] < 0.95 * times[0] else 0,
+        "milliseconds": {("F.linear" if k == 0 else f"{k} groups"): round(t * 1e3, 4) for k, t in times.items()},
     }
 
 
-def _valid_columns_choice(choice: object) -> bool:
-    return isinstance(choice, dict) and isinstance(choice.get("one_row_columns"), bool)
+def _valid_groups_choice(choice: object) -> bool:
+    groups = choice.get("one_row_groups") if isinstance(choice, dict) else None
+    return type(groups) is int and groups >= 0
 
 
 # A screen leaving more candidates than this per row computes the whole head in fp32 instead (a head of

@@ -827,12 +827,13 @@ class DecodeStep:
     fails otherwise). Each layer's tensors are looked up when the step is made, once per generation:
     in-place updates of the parameters are seen, parameters replaced by new tensors are not.
 
-    `one_row_columns`: for each block, its four projections' weights stored (in, out), which steps of
-    one row multiply instead of the (out, in) weights. Some CPUs stream a vector times such columns
-    1.6x faster (docs/benchmarks.md; `generate.block_columns` measures it and makes the copies); the
-    sums then run in another order, so those steps match the modules to fp32's rounding, not bit for
-    bit. The copies are the weights as they were when the step was made: the caller makes the step
-    again after changing them (decoding makes one per generation).
+    `one_row_columns`: for each block, its four projections' weights W stored as W^T's columns in k
+    groups, (k, in, out / k), which steps of one row multiply instead of W (`_project`). Some CPUs
+    stream a vector times such columns up to 2x faster, a group a thread (docs/benchmarks.md;
+    `generate.block_columns` measures it and makes the copies); the sums then run in another order, so
+    those steps match the modules to fp32's rounding, not bit for bit. The copies are the weights as
+    they were when the step was made: the caller makes the step again after changing them (decoding
+    makes one per generation).
     """
 
     def __init__(self, model: GPT, one_row_columns: Sequence[Sequence[torch.Tensor]] | None = None):
@@ -846,12 +847,12 @@ class DecodeStep:
 
     @staticmethod
     def _layer(block: Block, columns: Sequence[torch.Tensor] = (None,) * 4) -> tuple:
-        """A block's norms' arguments and its projections' (weight, bias, columns or None)."""
+        """A block's norms' arguments and its projections' (weight, bias, columns or None); with columns
+        (k, in, out / k), the bias as (k, 1, out / k), as `_project` adds it."""
+        linears = (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)
         qkv, attn_proj, fc, mlp_proj = (
-            (linear.weight, linear.bias, column)
-            for linear, column in zip(
-                (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj), columns, strict=True
-            )
+            (linear.weight, _grouped(linear.bias, column), column)
+            for linear, column in zip(linears, columns, strict=True)
         )
         return _norm_args(block.ln_1), qkv, attn_proj, _norm_args(block.ln_2), fc, mlp_proj
 
@@ -894,11 +895,22 @@ class DecodeStep:
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor | None):
-    """A linear layer of rows x (B, C_in): `F.linear` with the (out, in) weight, or x @ columns, the same
-    weight stored (in, out)."""
+    """A linear layer of rows x (B, C_in): `F.linear` with the (out, in) weight; or, for one row, x times
+    `columns`, the weight's transpose in k groups of columns (k, in, out / k), each group's product a
+    batch entry of `bmm` (which gives each its own thread), with the bias as (k, 1, out / k). The
+    groups' results (k, 1, out / k) lie in memory as the (1, out) row they make."""
     if columns is None:
         return F.linear(x, weight, bias)
-    return torch.addmm(bias, x, columns) if bias is not None else x @ columns
+    if len(columns) == 1:  # a plain product: `bmm` of one batch entry is slower (2.5-3.1 against 1.8-2.2 ms)
+        return x @ columns[0] if bias is None else torch.addmm(bias.view(1, -1), x, columns[0])
+    rows = x.view(1, 1, -1).expand(len(columns), 1, -1)
+    out = torch.bmm(rows, columns) if bias is None else torch.baddbmm(bias, rows, columns)
+    return out.view(1, -1)
+
+
+def _grouped(bias: torch.Tensor | None, columns: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias as `_project` adds it: as it is for `F.linear`, (k, 1, out / k) for k groups of columns."""
+    return bias if bias is None or columns is None else bias.view(len(columns), 1, -1)
 
 
 def _norm_args(norm: nn.LayerNorm) -> tuple:
