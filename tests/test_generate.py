@@ -618,7 +618,7 @@ def test_block_columns_are_the_blocks_weights_stored_in_out_where_that_pays(monk
     model = varied_gpt().eval()
     linears = [(b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj) for b in model.blocks]
 
-    def ungrouped(c):  # (k, in, out / k) back to (in, out)
+    def ungrouped(c):  # (k, in, n) back to (in, k n)
         return c.transpose(0, 1).reshape(c.shape[1], -1)
 
     monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 2)
@@ -631,8 +631,12 @@ def test_block_columns_are_the_blocks_weights_stored_in_out_where_that_pays(monk
     with torch.no_grad():
         model.blocks[0].mlp.fc.weight.data[3, 5] += 1.0  # `.data`: no version bump, the checksum sees it
     assert torch.equal(ungrouped(block_columns(model)[0][2]), model.blocks[0].mlp.fc.weight.t())
-    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 5)  # divides no width: one group
-    assert all(c.shape[0] == 1 for layer in block_columns(model) for c in layer)
+    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 5)  # divides no width: padded
+    for layer, copies in zip(linears, block_columns(model), strict=True):
+        for linear, c in zip(layer, copies, strict=True):
+            out = linear.out_features
+            assert c.shape == (5, linear.in_features, -(-out // 5))
+            assert torch.equal(ungrouped(c)[:, :out], linear.weight.t()) and not ungrouped(c)[:, out:].any()
     monkeypatch.setattr(gptlab.generate, "BLOCK_COLUMNS_MAX_BYTES", 1000)
     assert block_columns(model) is None  # copies too large to keep
     monkeypatch.undo()
@@ -661,10 +665,33 @@ def test_the_block_layout_is_measured_once_per_machine_and_kept(tmp_path, monkey
     assert measured == [4 * len(varied_gpt().blocks)]
     assert (first is None) == (second is None)
     (key, choice), *others = json.loads((tmp_path / "decoding.json").read_text()).items()
-    assert not others and "blocks " in key and choice["one_row_groups"] in (0, 1, 2)
+    assert not others and "float32 weights " in key and choice["one_row_groups"] in (0, 1, 2)
     assert set(choice["milliseconds"]) == {"F.linear", "1 groups", "2 groups"}
     fastest = min(choice["milliseconds"].values())
     assert choice["one_row_groups"] == 0 or choice["milliseconds"][f"{choice['one_row_groups']} groups"] == fastest
+
+
+@pytest.mark.parametrize("groups", [0, 1, 2, 3])
+def test_the_decoding_head_computes_the_logits_in_any_grouping(groups, monkeypatch):
+    """The head's columns in 1, 2 or 3 groups (of 257 tokens: the last group padded) give the head's
+    logits for one row and for several, and greedy decoding through them the same tokens as `F.linear`
+    (0 groups: the head module itself)."""
+    import gptlab.generate
+    import gptlab.train
+
+    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: False)  # the fp32 head, not the screen
+    model = varied_gpt().eval()
+    hidden = torch.randn(5, model.config.n_embd)
+    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 0)
+    plain = generate_ids(model, [[1, 2, 3], [7]], greedy(max_new_tokens=20))
+    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: groups)
+    head = decoding_head(model)
+    assert (head is model.lm_head) is (groups == 0)
+    for rows in (1, 5):
+        logits = head(hidden[:rows])
+        assert logits.shape == (rows, model.config.vocab_size)
+        assert torch.allclose(logits, model.lm_head(hidden[:rows]), atol=1e-5)
+    assert generate_ids(model, [[1, 2, 3], [7]], greedy(max_new_tokens=20)) == plain
 
 
 def test_decoding_one_row_through_block_columns_gives_the_same_tokens(monkeypatch):

@@ -175,6 +175,23 @@ def test_decode_step_of_one_row_through_the_weights_stored_in_out(bias, groups):
         DecodeStep(model, block_columns_of(model, groups)[:-1])
 
 
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_project_through_grouped_columns_equals_linear(groups):
+    """`_project` through W^T's columns in groups (7 outputs: 2 and 3 groups padded), with and without
+    a bias, for one row and for several."""
+    from gptlab.generate import _columns
+    from gptlab.model import _grouped, _project
+
+    weight, bias, x = torch.randn(7, 4), torch.randn(7), torch.randn(3, 4)
+    columns = _columns(weight, groups)
+    assert columns.shape == (groups, 4, -(-7 // groups))
+    for rows in (1, 3):
+        expected = torch.nn.functional.linear(x[:rows], weight, bias)
+        assert torch.allclose(_project(x[:rows], weight, _grouped(bias, columns), columns), expected, atol=1e-6)
+        assert torch.allclose(_project(x[:rows], weight, None, columns), x[:rows] @ weight.t(), atol=1e-6)
+    assert torch.equal(_project(x, weight, bias, None), torch.nn.functional.linear(x, weight, bias))
+
+
 def test_decode_step_fits_only_a_plain_model_in_evaluation():
     from gptlab.config import LoRAConfig
     from gptlab.lora import apply_lora

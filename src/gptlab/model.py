@@ -895,22 +895,28 @@ class DecodeStep:
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, columns: torch.Tensor | None):
-    """A linear layer of rows x (B, C_in): `F.linear` with the (out, in) weight; or, for one row, x times
-    `columns`, the weight's transpose in k groups of columns (k, in, out / k), each group's product a
-    batch entry of `bmm` (which gives each its own thread), with the bias as (k, 1, out / k). The
-    groups' results (k, 1, out / k) lie in memory as the (1, out) row they make."""
+    """A linear layer of rows x (B, C_in): `F.linear` with the (out, in) weight; or x times `columns`, the
+    weight's transpose in k groups of n columns (k, in, n; `generate._columns`, the last padded), each
+    group's product a batch entry of `bmm`, which gives each its own thread, with the bias as (k, 1, n).
+    For one row the groups' results (k, 1, n) lie in memory as the row they make."""
     if columns is None:
         return F.linear(x, weight, bias)
     if len(columns) == 1:  # a plain product: `bmm` of one batch entry is slower (2.5-3.1 against 1.8-2.2 ms)
-        return x @ columns[0] if bias is None else torch.addmm(bias.view(1, -1), x, columns[0])
-    rows = x.view(1, 1, -1).expand(len(columns), 1, -1)
-    out = torch.bmm(rows, columns) if bias is None else torch.baddbmm(bias, rows, columns)
-    return out.view(1, -1)
+        return x @ columns[0] if bias is None else torch.addmm(bias[0], x, columns[0])
+    rows = x[None].expand(len(columns), *x.shape)
+    out = torch.bmm(rows, columns) if bias is None else torch.baddbmm(bias, rows, columns)  # (k, B, n)
+    out = out.view(1, -1) if len(x) == 1 else out.transpose(0, 1).reshape(len(x), -1)
+    return out[:, : weight.shape[0]]
 
 
 def _grouped(bias: torch.Tensor | None, columns: torch.Tensor | None) -> torch.Tensor | None:
-    """The bias as `_project` adds it: as it is for `F.linear`, (k, 1, out / k) for k groups of columns."""
-    return bias if bias is None or columns is None else bias.view(len(columns), 1, -1)
+    """The bias as `_project` adds it: as it is for `F.linear`, (k, 1, n) for k groups of n columns."""
+    if bias is None or columns is None:
+        return bias
+    groups, _, n = columns.shape
+    if groups * n != len(bias):
+        bias = torch.cat([bias, bias.new_zeros(groups * n - len(bias))])
+    return bias.view(groups, 1, n)
 
 
 def _norm_args(norm: nn.LayerNorm) -> tuple:
