@@ -622,17 +622,20 @@ def test_block_columns_are_the_blocks_weights_stored_in_out_where_that_pays(monk
         return c.transpose(0, 1).reshape(c.shape[1], -1)
 
     monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 2)
-    columns = block_columns(model)
-    assert len(columns) == len(model.blocks)
+    monkeypatch.setattr(gptlab.generate, "_rows_take_groups", lambda weights: True)
+    columns, rows_too = block_columns(model)
+    assert len(columns) == len(model.blocks) and rows_too
     for layer, copies in zip(linears, columns, strict=True):
         for linear, c in zip(layer, copies, strict=True):
             assert c.shape == (2, linear.in_features, linear.out_features // 2) and c.is_contiguous()
             assert torch.equal(ungrouped(c), linear.weight.t())
     with torch.no_grad():
         model.blocks[0].mlp.fc.weight.data[3, 5] += 1.0  # `.data`: no version bump, the checksum sees it
-    assert torch.equal(ungrouped(block_columns(model)[0][2]), model.blocks[0].mlp.fc.weight.t())
+    assert torch.equal(ungrouped(block_columns(model).layers[0][2]), model.blocks[0].mlp.fc.weight.t())
     monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 5)  # divides no width: padded
-    for layer, copies in zip(linears, block_columns(model), strict=True):
+    monkeypatch.setattr(gptlab.generate, "_rows_take_groups", lambda weights: False)
+    assert not block_columns(model).rows_too
+    for layer, copies in zip(linears, block_columns(model).layers, strict=True):
         for linear, c in zip(layer, copies, strict=True):
             out = linear.out_features
             assert c.shape == (5, linear.in_features, -(-out // 5))
@@ -666,9 +669,12 @@ def test_the_block_layout_is_measured_once_per_machine_and_kept(tmp_path, monkey
     assert (first is None) == (second is None)
     (key, choice), *others = json.loads((tmp_path / "decoding.json").read_text()).items()
     assert not others and "float32 weights " in key and choice["one_row_groups"] in (0, 1, 2)
-    assert set(choice["milliseconds"]) == {"F.linear", "1 groups", "2 groups"}
-    fastest = min(choice["milliseconds"].values())
-    assert choice["one_row_groups"] == 0 or choice["milliseconds"][f"{choice['one_row_groups']} groups"] == fastest
+    one_row, rows = choice["milliseconds"]["one row"], choice["milliseconds"]["8 rows"]
+    assert set(one_row) == {"F.linear", "1 groups", "2 groups"}
+    groups = choice["one_row_groups"]
+    assert groups == 0 or one_row[f"{groups} groups"] == min(one_row.values())
+    assert set(rows) == {"F.linear"} | ({f"{groups} groups"} if groups else set())
+    assert choice["rows_too"] is (groups > 0 and rows[f"{groups} groups"] < 0.95 * rows["F.linear"])
 
 
 @pytest.mark.parametrize("groups", [0, 1, 2, 3])
@@ -694,7 +700,7 @@ def test_the_decoding_head_computes_the_logits_in_any_grouping(groups, monkeypat
     assert generate_ids(model, [[1, 2, 3], [7]], greedy(max_new_tokens=20)) == plain
 
 
-def test_decoding_one_row_through_block_columns_gives_the_same_tokens(monkeypatch):
+def test_decoding_through_block_columns_gives_the_same_tokens(monkeypatch):
     import gptlab.generate
 
     model = varied_gpt().eval()
@@ -703,11 +709,13 @@ def test_decoding_one_row_through_block_columns_gives_the_same_tokens(monkeypatc
     monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 0)
     plain = generate_ids(model, prompts, config)
     with torch.inference_mode():
-        assert LiveBatch(model, config).one_position.one_row_layers is None
-    for groups in (1, 2):
+        assert LiveBatch(model, config).one_position.column_layers is None
+    for groups, rows_too in ((1, False), (2, True), (3, True)):
         monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights, groups=groups: groups)
+        monkeypatch.setattr(gptlab.generate, "_rows_take_groups", lambda weights, rows_too=rows_too: rows_too)
         with torch.inference_mode():
-            assert LiveBatch(model, config).one_position.one_row_layers is not None
+            step = LiveBatch(model, config).one_position
+            assert step.column_layers is not None and step.rows_too is rows_too
         assert generate_ids(model, prompts, config) == plain
         assert generate_ids(model, prompts, dataclasses.replace(config, batch_size=2)) == plain
 

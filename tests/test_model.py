@@ -143,14 +143,16 @@ def test_decode_step_equals_the_modules_bit_for_bit(bias):
         assert torch.equal(steps.keys, modules.keys) and torch.equal(steps.next_position, modules.next_position)
 
 
-@pytest.mark.parametrize("bias, groups", [(True, 1), (False, 1), (True, 2), (False, 4)])
-def test_decode_step_of_one_row_through_the_weights_stored_in_out(bias, groups):
-    """With the blocks' weights also stored (in, out), in groups of columns, one-row steps multiply
-    those: the same hidden states to fp32's rounding, and the same cache; steps of several rows keep
-    the modules' bits."""
+@pytest.mark.parametrize(
+    "bias, groups, rows_too", [(True, 1, False), (False, 1, True), (True, 2, True), (False, 4, False), (True, 5, True)]
+)
+def test_decode_step_through_the_weights_stored_in_out(bias, groups, rows_too):
+    """With the blocks' weights also stored (in, out), in groups of columns (5 groups padded), one-row
+    steps, and with `rows_too` those of several rows, multiply those: the same hidden states to fp32's
+    rounding, and the same cache; steps of several rows without `rows_too` keep the modules' bits."""
     model = varied_decoder(bias)
     config = model.config
-    step, plain = DecodeStep(model, block_columns_of(model, groups)), DecodeStep(model)
+    step, plain = DecodeStep(model, block_columns_of(model, groups), rows_too), DecodeStep(model)
     with torch.inference_mode():
         for rows in (1, 3):
             prompt = torch.randint(0, config.vocab_size, (rows, 6))
@@ -160,17 +162,18 @@ def test_decode_step_of_one_row_through_the_weights_stored_in_out(bias, groups):
             for _ in range(8):
                 tokens = torch.randint(0, config.vocab_size, (rows,))
                 got, expected = step(tokens, caches[0]), plain(tokens, caches[1])
-                if rows == 1:
+                if rows == 1 or rows_too:
                     assert torch.allclose(got, expected, atol=1e-5)
                 else:
                     assert torch.equal(got, expected)
             assert torch.allclose(caches[0].keys, caches[1].keys, atol=1e-5)
-        # the copies are what one row multiplies: zeroed ones change its state, not that of 3 rows
-        zeroed = DecodeStep(model, [[torch.zeros_like(c) for c in layer] for layer in block_columns_of(model, groups)])
+        # the copies are what the steps multiply: zeroed ones change one row's state, and 3 rows' with rows_too
+        zeroed_columns = [[torch.zeros_like(c) for c in layer] for layer in block_columns_of(model, groups)]
+        zeroed = DecodeStep(model, zeroed_columns, rows_too)
         for rows in (1, 3):
             caches = [KVCache(config, rows, 8) for _ in range(2)]
             tokens = torch.randint(0, config.vocab_size, (rows,))
-            assert torch.equal(zeroed(tokens, caches[0]), plain(tokens, caches[1])) is (rows == 3)
+            assert torch.equal(zeroed(tokens, caches[0]), plain(tokens, caches[1])) is (rows == 3 and not rows_too)
     with pytest.raises(ValueError):  # a list for every block
         DecodeStep(model, block_columns_of(model, groups)[:-1])
 

@@ -32,6 +32,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -332,16 +333,17 @@ def _grouped_product(weight: torch.Tensor, module: torch.nn.Module | None = None
 BLOCK_COLUMNS_MAX_BYTES = 512 * 2**20
 
 
-def block_columns(model: torch.nn.Module) -> list[list[torch.Tensor]] | None:
-    """For one-row decoding steps (`model.DecodeStep`): each block's four projection weights W (out, in)
-    stored as W^T's columns in k groups, (k, in, out / k), where this CPU multiplies a vector by them
-    faster than by W itself; else None.
+def block_columns(model: torch.nn.Module) -> BlockColumns | None:
+    """For decoding steps (`model.DecodeStep`): each block's four projection weights W (out, in) stored
+    as W^T's columns in k groups, (k, in, n), where this CPU multiplies a vector by them faster than by
+    W itself (and whether 8 rows are faster so too); else None.
 
     A decoding step of one row reads every block weight once, and CPUs differ in how they stream it:
     on a Zen 5 EPYC bpe-mini's 24 products of one row take 2.7-2.9 ms with `F.linear` on the (out, in)
     weights (on one thread, whatever the thread count), 1.7-2.1 ms stored (in, out), and 1.2-1.5 ms as
-    (2, in, out / 2) groups, which `bmm` gives one thread each (docs/benchmarks.md). So the layout is
-    measured once per machine, thread count and set of shapes (`_one_row_groups`, kept in the cache);
+    (2, in, out / 2) groups, which `bmm` gives one thread each; 8 rows 3.2 -> 2.4 ms (docs/benchmarks.md).
+    So the layout is measured once per machine, thread count and set of shapes (`_groups_choice`, kept
+    in the cache);
     the copies are made again when a weight changes (`_derived`), for fp32 weights on the CPU up to
     `BLOCK_COLUMNS_MAX_BYTES`."""
     linears = [[b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj] for b in getattr(model, "blocks", ())]
@@ -358,7 +360,16 @@ def block_columns(model: torch.nn.Module) -> list[list[torch.Tensor]] | None:
         return None
     copies = _TRANSPOSED_WEIGHTS.setdefault(groups, weakref.WeakKeyDictionary())
     make = functools.partial(_columns, groups=groups)
-    return [[_derived(copies, linear, make) for linear in layer] for layer in linears]
+    layers = [[_derived(copies, linear, make) for linear in layer] for layer in linears]
+    return BlockColumns(layers, _rows_take_groups(weights))
+
+
+class BlockColumns(NamedTuple):
+    """The blocks' weights for decoding steps (`block_columns`): each block's four copies, W^T's columns
+    in groups (`_columns`), and whether steps of several rows take them too (one row always does)."""
+
+    layers: list[list[torch.Tensor]]
+    rows_too: bool
 
 
 def _columns(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -373,44 +384,64 @@ def _columns(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _one_row_groups(weights: list[torch.Tensor]) -> int:
     """In how many groups of columns one row multiplies these weights fastest on this machine (k, one a
-    thread), or 0 where `F.linear` on the weights themselves is as fast (within 5%): measured once per
-    machine, thread count and set of shapes, kept in the cache."""
+    thread), or 0 where `F.linear` on the weights themselves is as fast (within 5%) (`_groups_choice`)."""
+    return _groups_choice(weights)["one_row_groups"]
+
+
+def _rows_take_groups(weights: list[torch.Tensor]) -> bool:
+    """Whether 8 rows, too, multiply these weights faster (by 5%) in `_one_row_groups` groups than
+    through `F.linear` (`_groups_choice`)."""
+    return _groups_choice(weights)["rows_too"]
+
+
+def _groups_choice(weights: list[torch.Tensor]) -> dict:
+    """This machine's `_measure_groups` for these weights' shapes: measured once per machine, thread
+    count and set of shapes, and kept in the cache."""
     from gptlab.train import machine_key, remembered
 
     shapes = ",".join(f"{w.shape[0]}x{w.shape[1]}" for w in weights)
     key = f"{machine_key(weights[0].device)}|{weights[0].dtype} weights {hashlib.sha256(shapes.encode()).hexdigest()[:16]}"
-    choice = remembered("decoding.json", key, lambda: _measure_groups(weights), _valid_groups_choice)
-    return choice["one_row_groups"]
+    return remembered("decoding.json", key, lambda: _measure_groups(weights), _valid_groups_choice)
 
 
 def _measure_groups(weights: list[torch.Tensor], repeats: int = 15) -> dict:
-    """Times of one row through the weights as they are and in 1 and (with more threads) k groups."""
+    """Times of one row through the weights as they are (`F.linear`) and in 1 and (with more threads) k
+    groups of columns; then of 8 rows through `F.linear` and the groups one row takes, if any."""
     from gptlab.model import _project
 
     generator = torch.Generator().manual_seed(3)
-    inputs = {w.shape[1]: torch.randn(1, w.shape[1], generator=generator).to(w.dtype) for w in weights}
-    candidates = {0: [(w, None) for w in weights]}
+    inputs = {w.shape[1]: torch.randn(8, w.shape[1], generator=generator).to(w.dtype) for w in weights}
+    columns = {0: [None] * len(weights)}
     for groups in sorted({1, torch.get_num_threads()}):
-        candidates[groups] = [(w, _columns(w.detach(), groups)) for w in weights]
+        columns[groups] = [_columns(w.detach(), groups) for w in weights]
 
-    def through(pairs):
-        for weight, columns in pairs:
-            _project(inputs[weight.shape[1]], weight, None, columns)
+    def through(groups, rows):
+        for weight, grouped in zip(weights, columns[groups], strict=True):
+            _project(inputs[weight.shape[1]][:rows], weight, None, grouped)
+
+    def label(groups):
+        return "F.linear" if groups == 0 else f"{groups} groups"
 
     with torch.no_grad():
-        times = _fastest({groups: functools.partial(through, pairs) for groups, pairs in candidates.items()}, repeats)[
-            1
-        ]
-    fastest = min(times, key=times.get)
+        one_row = _fastest({k: functools.partial(through, k, 1) for k in columns}, repeats)[1]
+        fastest = min(one_row, key=one_row.get)
+        groups = fastest if one_row[fastest] < 0.95 * one_row[0] else 0
+        rows = _fastest({k: functools.partial(through, k, 8) for k in {0, groups}}, repeats)[1]
     return {
-        "one_row_groups": fastest if times[fastest] < 0.95 * times[0] else 0,
-        "milliseconds": {("F.linear" if k == 0 else f"{k} groups"): round(t * 1e3, 4) for k, t in times.items()},
+        "one_row_groups": groups,
+        "rows_too": groups > 0 and rows[groups] < 0.95 * rows[0],
+        "milliseconds": {
+            "one row": {label(k): round(t * 1e3, 4) for k, t in one_row.items()},
+            "8 rows": {label(k): round(t * 1e3, 4) for k, t in rows.items()},
+        },
     }
 
 
 def _valid_groups_choice(choice: object) -> bool:
-    groups = choice.get("one_row_groups") if isinstance(choice, dict) else None
-    return type(groups) is int and groups >= 0
+    if not isinstance(choice, dict):
+        return False
+    groups = choice.get("one_row_groups")
+    return type(groups) is int and groups >= 0 and isinstance(choice.get("rows_too"), bool)
 
 
 # A screen leaving more candidates than this per row computes the whole head in fp32 instead (a head of
@@ -795,7 +826,8 @@ class LiveBatch:
         self._choose_head([config])
         self.one_position = None
         if config.use_cache and DecodeStep.fits(model):
-            self.one_position = DecodeStep(model, block_columns(model))
+            columns = block_columns(model)
+            self.one_position = DecodeStep(model, *(columns or ()))
         self.rows: list[list[int]] = []  # each row's tokens, prompt and generated, but the newest
         self.settings: list[GenerationConfig] = []  # each row's sampling settings
         self.starts: list[int] = []  # where each row's window begins

@@ -827,22 +827,23 @@ class DecodeStep:
     fails otherwise). Each layer's tensors are looked up when the step is made, once per generation:
     in-place updates of the parameters are seen, parameters replaced by new tensors are not.
 
-    `one_row_columns`: for each block, its four projections' weights W stored as W^T's columns in k
-    groups, (k, in, out / k), which steps of one row multiply instead of W (`_project`). Some CPUs
-    stream a vector times such columns up to 2x faster, a group a thread (docs/benchmarks.md;
-    `generate.block_columns` measures it and makes the copies); the sums then run in another order, so
-    those steps match the modules to fp32's rounding, not bit for bit. The copies are the weights as
+    `columns`: for each block, its four projections' weights W stored as W^T's columns in k groups,
+    (k, in, n), which steps of one row (and of several with `rows_too`) multiply instead of W
+    (`_project`). Some CPUs stream a vector times such columns up to 2x faster, a group a thread
+    (docs/benchmarks.md; `generate.block_columns` measures it and makes the copies); the sums then run
+    in another order, so those steps match the modules to fp32's rounding, not bit for bit. The copies are the weights as
     they were when the step was made: the caller makes the step again after changing them (decoding
     makes one per generation).
     """
 
-    def __init__(self, model: GPT, one_row_columns: Sequence[Sequence[torch.Tensor]] | None = None):
+    def __init__(self, model: GPT, columns: Sequence[Sequence[torch.Tensor]] | None = None, rows_too: bool = False):
         self.model = model
         self.n_head, self.head_dim = model.config.n_head, model.config.head_dim
         self.layers = [self._layer(block) for block in model.blocks]
-        self.one_row_layers = None
-        if one_row_columns is not None:
-            self.one_row_layers = [self._layer(b, c) for b, c in zip(model.blocks, one_row_columns, strict=True)]
+        self.column_layers = None  # the layers with `columns`, for one row, and for more if `rows_too`
+        if columns is not None:
+            self.column_layers = [self._layer(b, c) for b, c in zip(model.blocks, columns, strict=True)]
+        self.rows_too = rows_too
         self.ln_f = _norm_args(model.ln_f)
 
     @staticmethod
@@ -883,9 +884,10 @@ class DecodeStep:
         x = F.embedding(tokens, model.token_embedding.weight) + F.embedding(
             positions.reshape(-1), model.position_embedding.weight
         )  # (B, C)
-        layers = self.one_row_layers if B == 1 and self.one_row_layers is not None else self.layers
+        by_columns = self.column_layers is not None and (B == 1 or self.rows_too)
+        layers = self.column_layers if by_columns else self.layers
         for layer, (ln_1, qkv, attn_proj, ln_2, fc, mlp_proj) in enumerate(layers):
-            q, k, v = _project(F.layer_norm(x, *ln_1), *qkv).view(B, 3, H, 1, D).unbind(1)  # 3 x (B, H, 1, D)
+            q, k, v = _project(F.layer_norm(x, *ln_1), *qkv).reshape(B, 3, H, 1, D).unbind(1)  # 3 x (B, H, 1, D)
             keys, values = cache.update(layer, k, v)  # (B, H, S, D)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)  # (B, H, 1, D)
             x = x + _project(y.reshape(B, H * D), *attn_proj)
