@@ -22,12 +22,12 @@ benchmarks/results/decode.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
 import weakref
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -68,60 +68,35 @@ def gptlab_cached(model, prompts: list[list[int]], new_tokens: int, temperature:
     return generate_ids(model, prompts, config)
 
 
-@contextlib.contextmanager
-def fp32_head():
-    """Decoding through the fp32 head, as on CPUs without bf16 units (the screen switched off)."""
-    screen = gptlab.generate.head_screen
-    gptlab.generate.head_screen = lambda model, config: None
-    try:
-        yield
-    finally:
-        gptlab.generate.head_screen = screen
-
-
 def gptlab_fp32_head(model, prompts: list[list[int]], new_tokens: int, temperature: float = 0.0) -> list[list[int]]:
-    with fp32_head():
+    """Decoding through the fp32 head, as on CPUs without bf16 units (the screen switched off)."""
+    with mock.patch.object(gptlab.generate, "head_screen", lambda model, config: None):
         return gptlab_cached(model, prompts, new_tokens, temperature)
 
 
 FORCED_SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # screens made to pay, kept apart
+_ADOPT = HeadScreen.adopt
 
 
-@contextlib.contextmanager
-def bf16_screen():
-    """Decoding through the bf16 screen even where gptlab measured the fp32 head faster."""
-    screens, adopt = gptlab.generate._SCREENS, HeadScreen.adopt
-
-    def paying(screen, choice):
-        adopt(screen, choice)
-        screen.pays_for = dict.fromkeys(screen.pays_for, True)
-
-    gptlab.generate._SCREENS, HeadScreen.adopt = FORCED_SCREENS, paying
-    try:
-        yield
-    finally:
-        gptlab.generate._SCREENS, HeadScreen.adopt = screens, adopt
+def _paying(screen: HeadScreen, choice: dict) -> None:
+    _ADOPT(screen, choice)
+    screen.pays_for = dict.fromkeys(screen.pays_for, True)
 
 
 def gptlab_bf16_screen(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    with bf16_screen():
+    """Decoding through the bf16 screen even where gptlab measured the fp32 head faster (its screens kept
+    apart from gptlab's own)."""
+    with (
+        mock.patch.object(gptlab.generate, "_SCREENS", FORCED_SCREENS),
+        mock.patch.object(HeadScreen, "adopt", _paying),
+    ):
         return gptlab_cached(model, prompts, new_tokens)
 
 
-@contextlib.contextmanager
-def out_in_blocks():
-    """One-row steps through the blocks' (out, in) weights, as `F.linear` takes them, even where gptlab
-    measured the (in, out) copies faster (`generate.block_columns`)."""
-    columns = gptlab.generate.block_columns
-    gptlab.generate.block_columns = lambda model: None
-    try:
-        yield
-    finally:
-        gptlab.generate.block_columns = columns
-
-
 def gptlab_out_in_blocks(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    with out_in_blocks():
+    """Decoding steps through the blocks' (out, in) weights, as `F.linear` takes them, even where gptlab
+    measured its grouped copies faster (`generate.block_columns`)."""
+    with mock.patch.object(gptlab.generate, "block_columns", lambda model: None):
         return gptlab_cached(model, prompts, new_tokens)
 
 

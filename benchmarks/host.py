@@ -10,29 +10,15 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the units these benchmarks' kernels use
-
-
-def cpu_fields() -> dict[str, str]:
-    """The first processor's `field: value` lines of /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    fields = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        name, _, value = line.partition(":")
-        fields[name.strip()] = value.strip()
-    return fields
 
 
 def describe() -> dict:
     """CPU model, family/model numbers, vector units, cores, bf16 units, torch and Python versions."""
     import torch
 
-    from gptlab.train import cpu_has_bf16
+    from gptlab.train import cpu_fields, cpu_has_bf16
 
     fields = cpu_fields()
     flags = set(fields.get("flags", "").split())

@@ -328,7 +328,7 @@ def _grouped_product(weight: torch.Tensor, module: torch.nn.Module | None = None
     return lambda hidden: _project(hidden, weight, None, columns)
 
 
-# The most memory the (in, out) copies of the blocks' weights may take (`block_columns`): GPT-2 small's
+# The most memory the grouped copies of the blocks' weights may take (`block_columns`): GPT-2 small's
 # take 340 MB, gpt2-medium's 1.2 GB, which a laptop would rather keep.
 BLOCK_COLUMNS_MAX_BYTES = 512 * 2**20
 
@@ -343,9 +343,8 @@ def block_columns(model: torch.nn.Module) -> BlockColumns | None:
     weights (on one thread, whatever the thread count), 1.7-2.1 ms stored (in, out), and 1.2-1.5 ms as
     (2, in, out / 2) groups, which `bmm` gives one thread each; 8 rows 3.2 -> 2.4 ms (docs/benchmarks.md).
     So the layout is measured once per machine, thread count and set of shapes (`_groups_choice`, kept
-    in the cache);
-    the copies are made again when a weight changes (`_derived`), for fp32 weights on the CPU up to
-    `BLOCK_COLUMNS_MAX_BYTES`."""
+    in the cache); the copies are made again when a weight changes (`_derived`), for fp32 weights on the
+    CPU up to `BLOCK_COLUMNS_MAX_BYTES`."""
     linears = [[b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj] for b in getattr(model, "blocks", ())]
     flat = [linear for layer in linears for linear in layer]
     if not flat or any(type(linear) is not torch.nn.Linear for linear in flat):

@@ -831,9 +831,9 @@ class DecodeStep:
     (k, in, n), which steps of one row (and of several with `rows_too`) multiply instead of W
     (`_project`). Some CPUs stream a vector times such columns up to 2x faster, a group a thread
     (docs/benchmarks.md; `generate.block_columns` measures it and makes the copies); the sums then run
-    in another order, so those steps match the modules to fp32's rounding, not bit for bit. The copies are the weights as
-    they were when the step was made: the caller makes the step again after changing them (decoding
-    makes one per generation).
+    in another order, so those steps match the modules to fp32's rounding, not bit for bit. The copies
+    are the weights as they were when the step was made: the caller makes the step again after
+    changing them (decoding makes one per generation).
     """
 
     def __init__(self, model: GPT, columns: Sequence[Sequence[torch.Tensor]] | None = None, rows_too: bool = False):
@@ -849,7 +849,7 @@ class DecodeStep:
     @staticmethod
     def _layer(block: Block, columns: Sequence[torch.Tensor] = (None,) * 4) -> tuple:
         """A block's norms' arguments and its projections' (weight, bias, columns or None); with columns
-        (k, in, out / k), the bias as (k, 1, out / k), as `_project` adds it."""
+        (k, in, n), the bias as (k, 1, n), as `_project` adds it (`_grouped`)."""
         linears = (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)
         qkv, attn_proj, fc, mlp_proj = (
             (linear.weight, _grouped(linear.bias, column), column)

@@ -99,13 +99,23 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 @functools.cache
+def cpu_fields() -> dict[str, str]:
+    """The first processor's `field: value` lines of /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+    return fields
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AMX or AVX-512 BF16); otherwise bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+    flags = cpu_fields().get("flags", "").split()
+    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
 
 
 def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -193,11 +203,7 @@ def cpu_name() -> str:
     and so one cache of measurements, may serve machines of several kinds (a cluster's nodes)."""
     import platform
 
-    fields: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
-            name, _, value = line.partition(":")
-            fields[name.strip()] = value.strip()
+    fields = cpu_fields()
     if "model name" not in fields:
         return platform.processor() or platform.machine() or "cpu"
     return f"{fields['model name']} ({fields.get('cpu family', '?')}/{fields.get('model', '?')})"
