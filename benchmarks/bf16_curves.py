@@ -221,7 +221,8 @@ def main() -> None:
 
     import torch
 
-    from gptlab.train import configure_threads, cpu_has_bf16, resolve_device
+    from gptlab.machine import configure_threads, cpu_has_bf16
+    from gptlab.train import resolve_device
 
     device = resolve_device(args.device)
     threads = configure_threads(0) if device.type == "cpu" else torch.get_num_threads()

@@ -48,7 +48,7 @@ def peak_flops(device, dtype) -> tuple[float, str]:
     """The device's peak FLOP/s for `dtype` and where the number comes from."""
     import torch
 
-    from gptlab.train import measure_peak_flops
+    from gptlab.machine import measure_peak_flops
 
     if device.type == "cuda" and dtype == torch.bfloat16:
         name = torch.cuda.get_device_name(device)
@@ -64,9 +64,10 @@ def measure(args: argparse.Namespace) -> dict:
 
     from gptlab.config import GPTConfig, TrainConfig
     from gptlab.distributed import checkpoint_blocks
+    from gptlab.machine import configure_threads
     from gptlab.model import GPT
     from gptlab.sizing import train_flops_per_token
-    from gptlab.train import build_optimizer, configure_threads
+    from gptlab.train import build_optimizer
 
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")

@@ -18,7 +18,7 @@ def describe() -> dict:
     """CPU model, family/model numbers, vector units, cores, bf16 units, torch and Python versions."""
     import torch
 
-    from gptlab.train import cpu_fields, cpu_has_bf16
+    from gptlab.machine import cpu_fields, cpu_has_bf16
 
     fields = cpu_fields()
     flags = set(fields.get("flags", "").split())

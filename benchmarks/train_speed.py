@@ -13,7 +13,7 @@ rounds moves less.
 Variants: fp32; fp32+compile (torch.compile, its compile time reported apart); bf16 (what the
 library does: bf16 autocast where the CPU has bf16 units, else the fp32 fallback, reported as such);
 bf16-emulated (autocast forced on, to show what a CPU without bf16 units would get). gptlab's rows run
-with the malloc settings its training sets (`train.configure_allocator`: freed memory kept for the
+with the malloc settings its training sets (`machine.configure_allocator`: freed memory kept for the
 next step); transformers' fp32 row, the base of the ratios, with the C library's defaults, as a plain
 transformers loop runs, and its fp32+allocator row with gptlab's settings, to show what they are worth
 to it.
@@ -106,7 +106,8 @@ def measure(impl: str, variant: str, shape: str, steps: int, warmup: int) -> dic
     """One configuration, in this process: median step time, tokens/s and peak memory."""
     import torch
 
-    from gptlab.train import configure_allocator, configure_threads, cpu_has_bf16, resolve_autocast
+    from gptlab.machine import configure_allocator, configure_threads, cpu_has_bf16
+    from gptlab.train import resolve_autocast
 
     threads = configure_threads(0)
     if impl == "gptlab" or variant.endswith("+allocator"):
@@ -248,7 +249,7 @@ def main() -> None:
 
     import torch
 
-    from gptlab.train import configure_threads
+    from gptlab.machine import configure_threads
 
     configure_threads(0)
     rates = {name: matmul_flops(name) for name in ("float32", "bfloat16")}

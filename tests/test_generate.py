@@ -238,9 +238,9 @@ def test_rows_with_their_own_sampling_settings_decode_as_they_would_alone():
 def test_the_screen_returns_when_the_rows_that_needed_logits_leave(monkeypatch):
     """A sampled row switches a greedy batch to the full logits; once it has left, the bf16 screen is
     used again, and the greedy rows decode as they would alone throughout."""
-    import gptlab.train
+    import gptlab.machine
 
-    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: True)
     model = varied_gpt().eval()
     plain, sampled = greedy(max_new_tokens=12), greedy(max_new_tokens=12, temperature=1.0, top_p=0.9)
     alone = generate_ids(model, [[1, 2, 3]], plain)[0]
@@ -339,9 +339,9 @@ def test_decoding_head_equals_the_model_head_after_weight_updates(model):
 
 
 def test_decoding_follows_a_fused_optimizer_step_which_leaves_the_version_unchanged(model, monkeypatch):
-    import gptlab.train
+    import gptlab.machine
 
-    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)  # the screen too, wherever this runs
+    monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: True)  # the screen too, wherever this runs
     model.train()
     hidden = torch.randn(3, 32)
     decoding_head(model)(hidden), head_screen(model, greedy()).greedy(hidden)  # both copies made and kept
@@ -559,10 +559,10 @@ def test_the_head_choice_is_measured_once_per_machine_and_kept_in_the_cache(tmp_
     """`head_screen` measures a head shape once and keeps the choice in GPTLAB_CACHE; a later process
     (a fresh screen) adopts it without measuring; an entry this version cannot read is measured again."""
     import gptlab.generate
-    import gptlab.train
+    import gptlab.machine
 
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
-    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: True)
     measured = []
 
     def counted(screen, repeats=5):
@@ -585,9 +585,9 @@ def test_the_head_choice_is_measured_once_per_machine_and_kept_in_the_cache(tmp_
 def test_a_batch_takes_the_screen_for_the_row_counts_where_it_pays(monkeypatch):
     """Where the screen pays for several rows only (as on a Zen 5 EPYC), one row decodes through the fp32
     head, two through the screen, and one again after the other leaves; the tokens as if alone."""
-    import gptlab.train
+    import gptlab.machine
 
-    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: True)
 
     def for_rows_only(screen, choice):
         REAL_ADOPT(screen, choice)
@@ -683,9 +683,9 @@ def test_the_decoding_head_computes_the_logits_in_any_grouping(groups, monkeypat
     logits for one row and for several, and greedy decoding through them the same tokens as `F.linear`
     (0 groups: the head module itself)."""
     import gptlab.generate
-    import gptlab.train
+    import gptlab.machine
 
-    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: False)  # the fp32 head, not the screen
+    monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: False)  # the fp32 head, not the screen
     model = varied_gpt().eval()
     hidden = torch.randn(5, model.config.n_embd)
     monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 0)
@@ -798,14 +798,14 @@ def test_screen_serves_rows_with_settings_of_their_own():
 
 
 def test_sampled_decoding_takes_the_screen_and_draws_as_fp32_with_top_k(monkeypatch):
-    import gptlab.train
+    import gptlab.machine
 
     model = varied_gpt()
     prompts = [[1, 2, 3], [9], [40, 41, 42, 43]]
     config = GenerationConfig(temperature=3.0, top_k=8, max_new_tokens=25, stop_at_eot=False, seed=11)
-    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: False)
     plain = generate_ids(model, prompts, config)
-    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: True)
     with torch.inference_mode():
         assert LiveBatch(model.eval(), GenerationConfig(temperature=0.8)).screen is not None
         assert LiveBatch(model.eval(), GenerationConfig(temperature=0.8, top_p=0.95)).screen is None
@@ -818,7 +818,7 @@ def test_screen_applies_the_repetition_penalty_as_fp32_does(penalty, monkeypatch
     """The penalty moves the bf16 and fp32 logits alike, and the bound by max(p, 1/p): greedy and top-k
     decoding through the screen give fp32's tokens, and plain sampling still follows fp32's distribution."""
     import gptlab.generate
-    import gptlab.train
+    import gptlab.machine
 
     model = varied_gpt()
     prompts = [[1, 2, 3, 1, 2], [9], [40, 41, 42, 43, 40]]
@@ -828,9 +828,9 @@ def test_screen_applies_the_repetition_penalty_as_fp32_does(penalty, monkeypatch
             temperature=2.0, top_k=6, repetition_penalty=penalty, max_new_tokens=20, stop_at_eot=False, seed=3
         ),
     ):
-        monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: False)
+        monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: False)
         plain = generate_ids(model, prompts, config)
-        monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+        monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: True)
         with torch.inference_mode():
             assert LiveBatch(model.eval(), config).screen is not None
         assert generate_ids(model, prompts, config) == plain
@@ -852,13 +852,13 @@ def test_screen_applies_the_repetition_penalty_as_fp32_does(penalty, monkeypatch
 
 
 def test_greedy_decoding_through_the_screen_equals_fp32(model, monkeypatch):
-    import gptlab.train
+    import gptlab.machine
 
     prompts = [[1, 2, 3], [9], [40, 41, 42, 43]]
-    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: False)
     assert head_screen(model, greedy()) is None
     plain = generate_ids(model, prompts, greedy(max_new_tokens=30))
-    monkeypatch.setattr(gptlab.train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: True)
     assert isinstance(head_screen(model, greedy()), HeadScreen)
     assert head_screen(model, GenerationConfig(temperature=0.7, top_p=0.9)) is None  # the nucleus needs every logit
     assert generate_ids(model, prompts, greedy(max_new_tokens=30)) == plain

@@ -29,7 +29,7 @@ from gptlab import checkpoint as ckpt
 from gptlab import distributed
 from gptlab.config import ClassifyConfig, GPTConfig, LoRAConfig, TrainConfig, finetuning_model_values
 from gptlab.errors import GptlabError
-from gptlab.model import GPT
+from gptlab.model import GPT, Linear
 from gptlab.sizing import ALL_TRAINS, Trainable, trainable_parts
 
 SPLITS = ("train", "validation", "test")
@@ -282,7 +282,7 @@ class GPTClassifier(GPT):
 
     def __init__(self, config: GPTConfig, num_labels: int, pooling: str = "last"):
         super().__init__(config)
-        self.lm_head = nn.Linear(config.n_embd, num_labels, bias=False)
+        self.lm_head = Linear(config.n_embd, num_labels, bias=False)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
         self.num_labels = num_labels
         self.pooling = pooling

@@ -251,7 +251,9 @@ def _plain_head(model: torch.nn.Module) -> torch.nn.Module | None:
 
 def _plain_cpu_weight(head: torch.nn.Module | None) -> torch.Tensor | None:
     """The weight of a bias-free linear head on the CPU, which decoding may replace by a derived copy."""
-    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.device.type != "cpu":
+    from gptlab.model import plain_linear
+
+    if not plain_linear(head) or head.bias is not None or head.weight.device.type != "cpu":
         return None
     return head.weight
 
@@ -345,9 +347,11 @@ def block_columns(model: torch.nn.Module) -> BlockColumns | None:
     So the layout is measured once per machine, thread count and set of shapes (`_groups_choice`, kept
     in the cache); the copies are made again when a weight changes (`_derived`), for fp32 weights on the
     CPU up to `BLOCK_COLUMNS_MAX_BYTES`."""
+    from gptlab.model import plain_linear
+
     linears = [[b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj] for b in getattr(model, "blocks", ())]
     flat = [linear for layer in linears for linear in layer]
-    if not flat or any(type(linear) is not torch.nn.Linear for linear in flat):
+    if not flat or not all(plain_linear(linear) for linear in flat):
         return None
     weights = [linear.weight for linear in flat]
     if any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
@@ -396,7 +400,7 @@ def _rows_take_groups(weights: list[torch.Tensor]) -> bool:
 def _groups_choice(weights: list[torch.Tensor]) -> dict:
     """This machine's `_measure_groups` for these weights' shapes: measured once per machine, thread
     count and set of shapes, and kept in the cache."""
-    from gptlab.train import machine_key, remembered
+    from gptlab.machine import machine_key, remembered
 
     shapes = ",".join(f"{w.shape[0]}x{w.shape[1]}" for w in weights)
     key = f"{machine_key(weights[0].device)}|{weights[0].dtype} weights {hashlib.sha256(shapes.encode()).hexdigest()[:16]}"
@@ -748,7 +752,7 @@ def screens(config: GenerationConfig) -> bool:
 def head_screen(model: torch.nn.Module, config: GenerationConfig) -> HeadScreen | None:
     """The model's `HeadScreen` when `config` `screens` and the model has a plain fp32 head on a CPU with
     bf16 units (elsewhere bf16 is emulated and slower than fp32); None to compute the logits."""
-    from gptlab.train import cpu_has_bf16
+    from gptlab.machine import cpu_has_bf16
 
     head = _plain_head(model)
     weight = _plain_cpu_weight(head)
@@ -760,7 +764,7 @@ def head_screen(model: torch.nn.Module, config: GenerationConfig) -> HeadScreen 
 def _checked_screen(weight: torch.Tensor) -> HeadScreen | None:
     """A screen of `weight` with this machine's choice of kernels (measured once per machine and head
     shape, `HeadScreen.measure`), or None where it pays for no row count or leaves the bound."""
-    from gptlab.train import machine_key, remembered
+    from gptlab.machine import machine_key, remembered
 
     screen = HeadScreen(weight)
     key = f"{machine_key(weight.device)}|head {weight.shape[0]}x{weight.shape[1]}"

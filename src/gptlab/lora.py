@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptlab import machine
 from gptlab.config import GPTConfig, LoRAConfig, config_to_dict
 from gptlab.errors import GptlabError
+from gptlab.model import Linear
 
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 
@@ -48,7 +50,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., rank) -> (..., out)
-        return F.linear(x, self.weight, self.bias) + update * self.scaling
+        return machine.linear(x, self.weight, self.bias) + update * self.scaling
 
     def matmul_operands(self, x):
         """(inputs, weight) whose product inputs @ weight^T is this layer's output less its bias, for a loss
@@ -60,9 +62,9 @@ class LoRALinear(nn.Module):
         """The update as a full matrix (out, in), computed in fp32."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear with the update folded into a new weight; this layer's weight is not touched."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+    def merged(self) -> Linear:
+        """A plain linear layer with the update folded into a new weight; this layer's weight is not touched."""
+        linear = Linear(self.in_features, self.out_features, bias=False, device="meta")
         weight = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
         linear.weight = nn.Parameter(weight.detach())
         linear.bias = self.bias

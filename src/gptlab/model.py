@@ -14,8 +14,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptlab import machine
 from gptlab.config import GPTConfig
 from gptlab.errors import GptlabError
+
+
+class Linear(nn.Linear):
+    """`nn.Linear`, whose fp32 products on a CPU run on the kernel this machine runs fastest
+    (`machine.linear`: oneDNN where torch's MKL runs AVX2 code, as on AMD processors)."""
+
+    def forward(self, x):
+        return machine.linear(x, self.weight, self.bias)
+
+
+def plain_linear(module: nn.Module | None) -> bool:
+    """Whether `module` computes exactly `F.linear` with its weight and bias: this `Linear` or torch's."""
+    return type(module) in (Linear, nn.Linear)
 
 
 class CausalSelfAttention(nn.Module):
@@ -26,8 +40,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.head_dim
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.qkv = Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, mask=None, causal=True, cache=None, layer=0):
@@ -88,8 +102,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -122,7 +136,7 @@ class GPT(nn.Module):
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         # Positions as a buffer so decoding slices it instead of allocating each step.
@@ -247,7 +261,7 @@ class GPT(nn.Module):
             return False
         if weight.device.type != "cpu" or self.lm_head.weight is not weight or not weight.requires_grad:
             return False
-        if not weight.is_leaf or type(embedding) is not nn.Embedding or type(self.lm_head) is not nn.Linear:
+        if not weight.is_leaf or type(embedding) is not nn.Embedding or not plain_linear(self.lm_head):
             return False
         if type(self).hidden_states is not GPT.hidden_states:  # a subclass's own may not take `tied`
             return False
@@ -871,8 +885,10 @@ class DecodeStep:
         for block in model.blocks:
             kinds += [(block, Block), (block.attn, CausalSelfAttention), (block.mlp, MLP)]
             kinds += [(block.ln_1, nn.LayerNorm), (block.ln_2, nn.LayerNorm)]
-            kinds += [(linear, nn.Linear) for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)]
+        linears = [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)]
         if any(type(module) is not kind or "forward" in vars(module) for module, kind in kinds):
+            return False
+        if any(not plain_linear(linear) or "forward" in vars(linear) for linear in linears):
             return False
         return not any(m.training or _hooked(m) for m in model.modules())
 

@@ -9,7 +9,6 @@ progress lines, metrics as JSON lines with a loss-curve PNG, atomic checkpoints,
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -29,6 +28,14 @@ from gptlab import checkpoint as ckpt
 from gptlab import distributed
 from gptlab.config import TASK_DEFAULTS, TrainConfig
 from gptlab.errors import GptlabError
+from gptlab.machine import (
+    configure_allocator,
+    configure_threads,
+    cpu_has_bf16,
+    measure_peak_flops,
+    physical_cores,
+    synchronize,
+)
 from gptlab.model import release_loss_buffers
 
 METRICS_FILE = "metrics.jsonl"
@@ -98,26 +105,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-@functools.cache
-def cpu_fields() -> dict[str, str]:
-    """The first processor's `field: value` lines of /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    fields = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        name, _, value = line.partition(":")
-        fields[name.strip()] = value.strip()
-    return fields
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX or AVX-512 BF16); otherwise bf16 is emulated and slow."""
-    flags = cpu_fields().get("flags", "").split()
-    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
-
-
 def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `dtype` on `device`, or None for plain fp32.
 
@@ -135,141 +122,12 @@ def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def physical_cores() -> int:
-    """Physical CPU cores available to this process (hyper-threads slow matrix kernels down)."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:
-        available = os.cpu_count() or 1
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        siblings = [int(line.split(":")[1]) for line in cpuinfo.splitlines() if line.startswith("siblings")]
-        cores = [int(line.split(":")[1]) for line in cpuinfo.splitlines() if line.startswith("cpu cores")]
-        if siblings and cores and siblings[0] > cores[0]:
-            return max(1, available * cores[0] // siblings[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    return max(1, available)
-
-
-def configure_threads(threads: int = 0) -> int:
-    n = threads or physical_cores()
-    torch.set_num_threads(n)
-    return n
-
-
-# glibc's malloc hands blocks above a threshold (128 KiB, raised as such blocks are freed, up to 32 MiB)
-# to the kernel one mmap each and gives freed memory at the top of its heap back beyond another. A
-# training step frees its activations in backward and makes them again in the next forward: the kernel
-# then zero-fills every page anew (a bpe-mini bf16 step faulted in 40-53 thousand pages, 160-210 MB,
-# about 90 ms of CPU time). These keep that memory in the process: blocks up to 32 MiB (the most glibc
-# takes) come from the heap, and up to 1 GiB freed at its top stays there for the next step.
-MALLOC_MMAP_THRESHOLD = 32 * 2**20
-MALLOC_TRIM_THRESHOLD = 2**30
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-
-
-def configure_allocator() -> bool:
-    """Have glibc's malloc keep the memory a training step frees for the next step (see above); returns
-    whether it did (Linux with glibc; elsewhere the C library's defaults stay). For the whole process,
-    like the thread count, and left so when training ends: a process that trained once may train again."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # glibc's own: musl's mallopt does nothing
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
-    )
-
-
 def seed_everything(seed: int) -> None:
     import numpy as np
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def cpu_name() -> str:
-    """This CPU's model name with its family and model numbers ("AMD EPYC (25/17)"): one home folder,
-    and so one cache of measurements, may serve machines of several kinds (a cluster's nodes)."""
-    import platform
-
-    fields = cpu_fields()
-    if "model name" not in fields:
-        return platform.processor() or platform.machine() or "cpu"
-    return f"{fields['model name']} ({fields.get('cpu family', '?')}/{fields.get('model', '?')})"
-
-
-def machine_key(device: torch.device) -> str:
-    """What a speed measured on `device` depends on: the device (a CPU's model and threads) and torch."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{cpu_name() if device.type == 'cpu' else device.type}, {torch.get_num_threads()} threads"
-    return f"{name}|torch-{torch.__version__}"
-
-
-def remembered(file_name: str, key: str, measure: Callable[[], object], valid: Callable[[object], bool] = bool):
-    """`measure()` for `key`, measured once and kept in the cache's `file_name` (JSON): measurements of
-    this machine's speed that would cost time at every start. An entry that is not `valid` is measured
-    again; a cache that cannot be written only costs the next run the measurement."""
-    from gptlab.download import cache_dir
-
-    cache_file = cache_dir() / file_name
-    try:
-        cached = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if not isinstance(cached, dict):
-        cached = {}
-    if key in cached and valid(cached[key]):
-        return cached[key]
-    cached[key] = value = measure()
-    with contextlib.suppress(OSError):
-        ckpt.atomic_write_text(cache_file, json.dumps(cached, indent=1))
-    return value
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
-    """The matrix-multiply FLOP/s this device reaches (measured once, cached), the base of MFU."""
-    dtype = dtype or torch.float32
-    key = f"{machine_key(device)}|{dtype}"
-    return float(remembered("peak_flops.json", key, lambda: _matmul_flops(device, dtype), _positive_number))
-
-
-def _positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and value > 0
-
-
-def _matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
-    n = 4096 if device.type == "cuda" else 1024
-    # A private generator: measuring must not move the global RNG (exact resume depends on it).
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
-    best = math.inf
-    for _ in range(5):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        _sync(device)
-        best = min(best, (time.perf_counter() - start) / 4)
-    return 2 * n**3 / best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -910,7 +768,7 @@ def _train_loop(
         window_losses.append(train_loss)
 
         if runtime.is_main and (step % config.log_interval == 0 or step == config.max_steps):
-            _sync(runtime.device)
+            synchronize(runtime.device)
             now = time.perf_counter()
             tokens_per_second = window_tokens / max(now - window_time, 1e-9)
             mfu = tokens_per_second * objective.flops_per_token / (peak_flops * runtime.world_size)
