@@ -246,9 +246,14 @@ def _onednn_input_grad(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 
 def _onednn_weight_grad(rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
-    """d loss / d W = d_y^T (out, M) @ x (M, in). oneDNN wants its first operand contiguous: d_y^T is
-    copied (the call does it), x^T is read strided."""
-    return torch.ops.mkldnn._linear_pointwise(rows.t(), x_rows.t(), None, "none", [], "")
+    """d loss / d W = d_y^T (out, M) @ x (M, in). oneDNN wants its first operand contiguous and reads the
+    second strided, and torch's transposing copies are slow (768 x 512 floats: 280 us against 21 for a
+    plain copy on a Zen 5). So the narrower of d_y and x is the one copied transposed: d_y^T @ x, or
+    (x^T @ d_y)^T for a layer wider out than in (then the (in, out) result is transposed, a smaller copy).
+    Zen 5, (768, 128) -> 512: 470 -> 370 us."""
+    if rows.shape[1] <= x_rows.shape[1]:
+        return torch.ops.mkldnn._linear_pointwise(rows.t(), x_rows.t(), None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x_rows.t(), rows.t(), None, "none", [], "").t().contiguous()
 
 
 class _OneDNNLinear(torch.autograd.Function):
