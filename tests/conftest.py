@@ -35,6 +35,21 @@ def _own_cache(tmp_path_factory):
         os.environ["GPTLAB_CACHE"] = previous
 
 
+@pytest.fixture
+def onednn(monkeypatch):
+    """oneDNN for every fp32 product, however small, whatever this machine measured; the list of its calls."""
+    from gptlab import machine
+
+    if not machine._onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(machine, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(machine, "onednn_pays", lambda: True)
+    calls = []
+    apply = machine._OneDNNLinear.apply
+    monkeypatch.setattr(machine._OneDNNLinear, "apply", lambda *args: calls.append(1) or apply(*args))
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

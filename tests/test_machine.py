@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from gptlab import machine
 from gptlab.config import GPTConfig
-from gptlab.model import GPT, Linear
+from gptlab.model import GPT
 
 
 def _glibc() -> bool:
@@ -75,19 +75,6 @@ def test_machine_key_names_the_cpu_its_threads_and_torch():
         assert cpu_name().endswith(")") and "/" in cpu_name()  # "AMD EPYC (25/17)": family and model
 
 
-@pytest.fixture
-def onednn(monkeypatch):
-    """oneDNN for every fp32 product, however small, whatever this machine measured."""
-    if not machine._onednn_available():
-        pytest.skip("this torch has no oneDNN")
-    monkeypatch.setattr(machine, "ONEDNN_MIN_MACS", 0)
-    monkeypatch.setattr(machine, "onednn_pays", lambda: True)
-    calls = []
-    apply = machine._OneDNNLinear.apply
-    monkeypatch.setattr(machine._OneDNNLinear, "apply", lambda *args: calls.append(1) or apply(*args))
-    return calls
-
-
 def _gradients(function, x, weight, bias):
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
     out = function(*leaves[:2], leaves[2] if bias is not None else None)
@@ -143,23 +130,20 @@ def test_f_linear_serves_what_onednn_should_not(monkeypatch, onednn):
     assert not onednn
 
 
-def test_a_gpt_trains_the_same_through_onednn(onednn):
+def test_a_gpt_trains_the_same_through_onednn(onednn, monkeypatch):
     config = GPTConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     idx = torch.randint(0, 50, (3, 16))
 
-    def step(force):
+    def step(through_onednn):
+        monkeypatch.setattr(machine, "onednn_pays", lambda: through_onednn)
         torch.manual_seed(0)
         model = GPT(config)
-        if not force:
-            for module in model.modules():
-                if isinstance(module, Linear):
-                    module.forward = lambda x, m=module: F.linear(x, m.weight, m.bias)
         loss = model(idx, idx)
         loss.backward()
         return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
-    (ours, our_grads), (expected, grads) = step(True), step(False)
-    assert len(onednn) == 2 * 4  # every block's four linear layers
+    (expected, grads), (ours, our_grads) = step(False), step(True)
+    assert len(onednn) == 2 * 4 + 1  # every block's four linear layers and the head
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -354,11 +354,15 @@ def test_training_loss_and_gradients_are_the_same_through_products_and_sdpa(monk
     )
 
 
+@pytest.mark.parametrize("kernel", ["torch", "onednn"])
 @pytest.mark.parametrize("chunk_elements", [64, 1 << 24])
-def test_chunked_loss_and_gradients_equal_full_cross_entropy(monkeypatch, chunk_elements):
+def test_chunked_loss_and_gradients_equal_full_cross_entropy(monkeypatch, request, chunk_elements, kernel):
     import gptlab.model as model_module
 
     monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+    if kernel == "onednn":  # the logits are each chunk's fresh result, in chunks of at most 4 rows here
+        calls = request.getfixturevalue("onednn")
+        monkeypatch.setattr(model_module, "ONEDNN_LOGITS_ELEMENTS", 11 * 4)
     hidden = torch.randn(37, 16, requires_grad=True)
     weight = torch.randn(11, 16, requires_grad=True)
     targets = torch.randint(0, 11, (37,))
@@ -371,6 +375,9 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy(monkeypatch, chunk_
     assert torch.allclose(loss, expected, atol=1e-6)
     assert torch.allclose(hidden.grad, h2.grad, atol=1e-6)
     assert torch.allclose(weight.grad, w2.grad, atol=1e-6)
+    if kernel == "onednn":
+        # the 29 targeted rows' logits and d-hidden in chunks of 4, or the logits of plain cross-entropy
+        assert len(calls) == (2 * 8 if chunk_elements == 64 else 1)
 
 
 def test_a_tied_heads_gradient_takes_the_embeddings_rows_in_place(monkeypatch):

@@ -192,12 +192,13 @@ _onednn_choice: dict[int, bool] = {}  # threads -> whether oneDNN serves, for th
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, with fp32 products on a CPU (and their gradients) through oneDNN
     where this machine measured it faster than torch's MKL (`onednn_pays`)."""
-    if _onednn_serves(x, weight, bias):
+    if onednn_serves(x, weight, bias):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-def _onednn_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def onednn_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear(x, weight, bias)` runs on oneDNN."""
     plain = (torch.Tensor, torch.nn.Parameter)  # not DTensors, fake or other subclasses
     if type(x) not in plain or type(weight) not in plain or (bias is not None and type(bias) not in plain):
         return False

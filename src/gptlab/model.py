@@ -348,7 +348,7 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index: int = IGNORE_IND
     chunk_rows = loss_chunk_rows(weight)
     if hidden.shape[0] <= chunk_rows:
         dtype = _compute_dtype(hidden)
-        logits = (hidden.to(dtype) @ weight.to(dtype).t()).float()
+        logits = machine.linear(hidden.to(dtype), weight.to(dtype)).float()
         count = (targets != ignore_index).sum().clamp(min=1)  # all ignored: 0, not NaN, as in chunks
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / count
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
@@ -397,7 +397,7 @@ def token_losses(hidden, weight, targets, ignore_index: int = IGNORE_INDEX):
 
 def _chunk_losses(hidden, weight, targets):
     dtype = _compute_dtype(hidden)
-    logits = (hidden.to(dtype) @ weight.to(dtype).t()).float()
+    logits = machine.linear(hidden.to(dtype), weight.to(dtype)).float()
     return F.cross_entropy(logits, targets, reduction="none")
 
 
@@ -411,6 +411,10 @@ def _compute_dtype(tensor):
 # product into the fp32 gradient costs a conversion and an add of the whole (V, C) a chunk, more than
 # the product itself (docs/benchmarks.md).
 LOSS_STORED_GRAD_ELEMENTS = 1 << 27
+# Where oneDNN computes the fp32 logits (a fresh tensor each chunk), chunks stay under glibc's largest
+# mmap threshold (32 MiB), so that each one reuses the memory the last one freed instead of new pages
+# (64 MiB of them cost 25 ms to fault in on a Zen 5). On a CPU.
+ONEDNN_LOGITS_ELEMENTS = ((32 << 20) - (64 << 10)) // 4
 LOGPROB_BLOCK_ROWS = 32  # rows of low-precision logits converted to fp32 at a time: 6 MiB for GPT-2's vocabulary
 
 
@@ -470,14 +474,20 @@ def _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, grads):
     dtype = _compute_dtype(hidden)
     columns = _head_columns(weight, dtype)  # (C, V)
     N, V = hidden.shape[0], weight.shape[0]
+    # Where oneDNN serves this machine's fp32 products (machine.linear), each chunk's logits are its
+    # fresh result, at most 32 MiB, which malloc then serves from memory the last chunk freed.
+    fresh_logits = dtype == torch.float32 and machine.onednn_serves(hidden[:chunk_rows], columns.t())
+    if fresh_logits:
+        chunk_rows = max(1, min(chunk_rows, ONEDNN_LOGITS_ELEMENTS // V))
     grad_hidden, grad_weight = grads if grads is not None else (None, None)
     count = (targets != ignore_index).sum().clamp(min=1)
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     rows = min(chunk_rows, N)
-    stored_rows = rows
-    if grad_weight is not None and grad_weight.dtype != dtype:
-        stored_rows = min(N, max(rows, LOSS_STORED_GRAD_ELEMENTS // V // rows * rows))
-    d_logits = _loss_buffer("d_logits", (stored_rows, V), dtype, hidden.device)  # logits, then d loss / d logits
+    # Under mixed precision the d-logits of several chunks wait for one weight-gradient product; in fp32
+    # each chunk's is added at once.
+    deferred = grad_weight is not None and grad_weight.dtype != dtype
+    stored_rows = min(N, max(rows, LOSS_STORED_GRAD_ELEMENTS // V // rows * rows)) if deferred else rows
+    d_logits = None if fresh_logits else _loss_buffer("d_logits", (stored_rows, V), dtype, hidden.device)
     scaled_hidden = hidden.new_empty((stored_rows, hidden.shape[1]), dtype=dtype) if grad_weight is not None else None
     block_rows = min(rows, LOGPROB_BLOCK_ROWS)
     low_precision = dtype.itemsize < 4  # bf16, fp16: the softmax goes through fp32 blocks
@@ -492,8 +502,10 @@ def _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, grads):
         if stored + n > stored_rows:
             _add_weight_gradient(grad_weight, d_logits[:stored], scaled_hidden[:stored], first_product)
             stored, first_product = 0, False
-        chunk = d_logits[stored : stored + n]
-        torch.mm(h, columns, out=chunk)  # (n, V) logits
+        if fresh_logits:
+            chunk = machine.linear(h, columns.t())  # (n, V) logits
+        else:
+            chunk = torch.mm(h, columns, out=d_logits[stored : stored + n])
         # The softmax and the loss in fp32 whatever the matmul's dtype: in place, or for low-precision
         # logits a few rows at a time in an fp32 block that stays in the core's cache (converting into an
         # fp32 buffer first is 3x faster on a CPU than log_softmax's own dtype argument).
@@ -514,10 +526,14 @@ def _chunked_loss(hidden, weight, targets, ignore_index, chunk_rows, grads):
         chunk.index_put_((torch.arange(n, device=chunk.device), safe_t[:, 0]), (target_logprobs.exp() - 1).to(dtype))
         scale = (keep.float() / count)[:, None]
         if grad_hidden is not None:
-            torch.mul(chunk @ columns.t(), scale, out=grad_hidden[start : start + n])
+            torch.mul(machine.linear(chunk, columns), scale, out=grad_hidden[start : start + n])  # chunk @ W
         if grad_weight is not None:
             torch.mul(h, scale, out=scaled_hidden[stored : stored + n])
-            stored += n
+            if deferred:
+                stored += n
+            else:
+                _add_weight_gradient(grad_weight, chunk, scaled_hidden[:n], first_product)
+                first_product = False
     if grad_weight is not None and stored:
         _add_weight_gradient(grad_weight, d_logits[:stored], scaled_hidden[:stored], first_product)
     elif grad_weight is not None and first_product:  # no rows at all
