@@ -3,8 +3,9 @@
 Each (shape, implementation, variant) runs in its own subprocess so its peak memory is its own; a step
 is forward, loss, backward, AdamW step and zero_grad, as in the training loop, on the same random
 tokens for every implementation. Prints a table (median tokens/s over the timed steps, ratio to
-transformers fp32, MFU against the fp32 matmul rate measured at the start of the run, peak RSS of the
-process and the step's own growth over the built model) and writes benchmarks/results/train_speed.json.
+transformers fp32, MFU against the fastest fp32 matmul rate measured at the start of the run: torch's
+own product (MKL) or oneDNN's; peak RSS of the process and the step's own growth over the built model)
+and writes benchmarks/results/train_speed.json.
 The steps are split into rounds that take every configuration in turn, so that the machine's drift
 falls on all of them alike; besides the ratio of the medians, the median of the rounds' own ratios
 (each round's median step against transformers' in the same round) is reported, which drift between
@@ -86,18 +87,22 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def matmul_flops(dtype_name: str, n: int = 1024, repeats: int = 7) -> float:
-    """Best FLOP/s of an n x n matrix product (the base of MFU), measured fresh, not cached."""
+def matmul_flops(dtype_name: str, kernel: str = "torch", n: int = 1024, repeats: int = 7) -> float:
+    """Best FLOP/s of an n x n matrix product (the base of MFU), measured fresh, not cached: torch's own
+    (MKL on a CPU) or oneDNN's, which gptlab's fp32 linear layers take where it is faster."""
     import torch
+
+    from gptlab.machine import _onednn_forward
 
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+    product = (lambda: a @ b) if kernel == "torch" else (lambda: _onednn_forward(a, b, None))
+    product()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(3):
-            a @ b
+            product()
         best = min(best, (time.perf_counter() - start) / 3)
     return 2 * n**3 / best
 
@@ -123,6 +128,10 @@ def measure(impl: str, variant: str, shape: str, steps: int, warmup: int) -> dic
     model, optimizer, loss_fn, labels_are_inputs = build(impl, fields)
     model.train()
     if variant.endswith("+compile"):
+        if impl == "gptlab":  # as its training loop does: the kernel chosen before the graphs are compiled
+            from gptlab.machine import onednn_pays
+
+            onednn_pays()
         loss_fn = torch.compile(loss_fn)
     T, V = fields["context_length"], fields["vocab_size"]
     generator = torch.Generator().manual_seed(0)
@@ -252,7 +261,12 @@ def main() -> None:
     from gptlab.machine import configure_threads
 
     configure_threads(0)
-    rates = {name: matmul_flops(name) for name in ("float32", "bfloat16")}
+    from gptlab.machine import _onednn_available
+
+    rates = {"float32 torch": matmul_flops("float32"), "bfloat16": matmul_flops("bfloat16")}
+    if _onednn_available():
+        rates["float32 oneDNN"] = matmul_flops("float32", "onednn")
+    rates["float32"] = max(rates["float32 torch"], rates.get("float32 oneDNN", 0.0))  # MFU's base
     variants = args.variants.split(",")
     runs, results = [], {}
     for shape in args.shapes.split(","):
@@ -287,7 +301,11 @@ def main() -> None:
         )
     results = {key: results[key] for key in sorted(results, key=lambda k: order(k, runs))}
     add_round_ratios(results)
-    print(f"matmul 1024^3: fp32 {rates['float32'] / 1e9:,.0f} GFLOP/s, bf16 {rates['bfloat16'] / 1e9:,.0f} GFLOP/s")
+    onednn = f", oneDNN's {rates['float32 oneDNN'] / 1e9:,.0f}" if "float32 oneDNN" in rates else ""
+    print(
+        f"matmul 1024^3: fp32 torch's {rates['float32 torch'] / 1e9:,.0f} GFLOP/s{onednn} (MFU's base the faster), "
+        f"bf16 {rates['bfloat16'] / 1e9:,.0f} GFLOP/s"
+    )
     print(table(results, rates))
     loads = [r["load_average"] for r in results.values() if "load_average" in r]
     if loads and max(loads) > (os.cpu_count() or 1) + 0.5:  # the benchmark itself keeps every core busy

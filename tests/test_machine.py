@@ -173,3 +173,37 @@ def test_onednn_that_disagrees_with_mkl_is_not_taken(monkeypatch):
     assert machine._measure_kernels() == {"onednn": False, "reason": "oneDNN's fp32 products disagree with MKL's"}
     monkeypatch.setattr(machine, "_onednn_available", lambda: False)
     assert machine._measure_kernels()["onednn"] is False
+
+
+def test_compiled_graphs_keep_the_onednn_linear_and_its_gradients(onednn, monkeypatch):
+    """torch.compile traces the layer (its products are an operator of their own, with shapes for the
+    compiler), taking the choice the process made before compiling: it measures nothing in a graph."""
+    import torch._dynamo
+    from torch.profiler import profile
+
+    monkeypatch.setattr(machine, "_onednn_compiled", [True])
+    x, weight, bias = torch.randn(2, 6, 40), torch.randn(24, 40), torch.randn(24)
+    function = torch.compile(machine.linear, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        _gradients(function, x, weight, bias)  # compiled here
+        with profile() as run:
+            ours = _gradients(function, x, weight, bias)
+    finally:
+        torch._dynamo.reset()
+    # the forward and both gradients, at run time
+    assert sum(event.count for event in run.key_averages() if event.key == "gptlab::onednn_linear") == 3
+    for got, expected in zip(ours, _gradients(F.linear, x, weight, bias), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mfu_s_base_is_the_faster_fp32_kernel(monkeypatch):
+    if not machine._onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    calls = []
+    forward = machine._onednn_forward
+    monkeypatch.setattr(machine, "_onednn_forward", lambda *args: calls.append(1) or forward(*args))
+    assert machine._matmul_flops(torch.device("cpu"), torch.float32) > 0 and calls  # both kernels timed
+    calls.clear()
+    machine._matmul_flops(torch.device("cpu"), torch.bfloat16)
+    assert not calls  # bf16 products are torch's (oneDNN's own under the hood)

@@ -141,9 +141,10 @@ def remembered(file_name: str, key: str, measure: Callable[[], object], valid: C
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
-    """The matrix-multiply FLOP/s this device reaches (measured once, cached), the base of MFU."""
+    """The matrix-multiply FLOP/s this device reaches (measured once, cached), the base of MFU: on a CPU
+    in fp32 the faster of torch's product (MKL) and oneDNN's, which `linear` may take."""
     dtype = dtype or torch.float32
-    key = f"{machine_key(device)}|{dtype}"
+    key = f"{machine_key(device)}|{dtype}|fastest kernel"
     return float(remembered("peak_flops.json", key, lambda: _matmul_flops(device, dtype), _positive_number))
 
 
@@ -157,14 +158,18 @@ def _matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    products = [lambda: a @ b]
+    if device.type == "cpu" and dtype == torch.float32 and _onednn_available():
+        products.append(lambda: _onednn_forward(a, b, None))
     best = math.inf
     for _ in range(5):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / 4)
+        for product in products:
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(4):
+                product()
+            synchronize(device)
+            best = min(best, (time.perf_counter() - start) / 4)
     return 2 * n**3 / best
 
 
@@ -187,6 +192,7 @@ ONEDNN_PAYS_BELOW = 0.9
 # forward, input gradient and weight gradient.
 KERNEL_SHAPES = ((768, 128, 384), (512, 384, 1536))
 _onednn_choice: dict[int, bool] = {}  # threads -> whether oneDNN serves, for this process
+_onednn_compiled = [False]  # the choice last made outside a graph: what compiled graphs, which measure nothing, take
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,9 +214,10 @@ def onednn_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return False
     if x.dim() == 0 or x.numel() // max(1, x.shape[-1]) * weight.numel() < ONEDNN_MIN_MACS:
         return False
-    # Autocast's bf16 products are oneDNN's already; the compiler and torch.func want torch's own ops.
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled("cpu"):  # autocast's bf16 products are oneDNN's already
         return False
+    if torch.compiler.is_compiling():  # the choice this process made before compiling; a graph measures nothing
+        return _onednn_compiled[0]
     return not torch._C._are_functorch_transforms_active() and onednn_pays()
 
 
@@ -222,7 +229,8 @@ def onednn_pays() -> bool:
         key = f"{machine_key(torch.device('cpu'))}|fp32 linear"
         choice = remembered("kernels.json", key, _measure_kernels, _valid_kernel_choice)
         _onednn_choice[threads] = choice["onednn"]
-    return _onednn_choice[threads]
+    _onednn_compiled[0] = _onednn_choice[threads]
+    return _onednn_compiled[0]
 
 
 def _valid_kernel_choice(value: object) -> bool:
@@ -237,13 +245,24 @@ def _onednn_available() -> bool:
     )
 
 
-def _onednn_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+@torch.library.custom_op("gptlab::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T + bias on oneDNN: an operator of its own, which torch.compile keeps as it is."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _onednn_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.gptlab.onednn_linear(x, weight, bias)
 
 
 def _onednn_input_grad(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """d loss / d x = d_y (M, out) @ W (out, in): W^T as the (in, out) "weight", which oneDNN reads strided."""
-    return torch.ops.mkldnn._linear_pointwise(rows, weight.t(), None, "none", [], "")
+    return _onednn_forward(rows, weight.t(), None)
 
 
 def _onednn_weight_grad(rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
@@ -253,8 +272,8 @@ def _onednn_weight_grad(rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tenso
     (x^T @ d_y)^T for a layer wider out than in (then the (in, out) result is transposed, a smaller copy).
     Zen 5, (768, 128) -> 512: 470 -> 370 us."""
     if rows.shape[1] <= x_rows.shape[1]:
-        return torch.ops.mkldnn._linear_pointwise(rows.t(), x_rows.t(), None, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise(x_rows.t(), rows.t(), None, "none", [], "").t().contiguous()
+        return _onednn_forward(rows.t(), x_rows.t(), None)
+    return _onednn_forward(x_rows.t(), rows.t(), None).t().contiguous()
 
 
 class _OneDNNLinear(torch.autograd.Function):

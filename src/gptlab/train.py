@@ -33,6 +33,7 @@ from gptlab.machine import (
     configure_threads,
     cpu_has_bf16,
     measure_peak_flops,
+    onednn_pays,
     physical_cores,
     synchronize,
 )
@@ -711,6 +712,8 @@ def _train_loop(
             "learning rate never reaches its peak; lower train.warmup_steps"
         )
     peak_flops = config.peak_flops or measure_peak_flops(runtime.device, runtime.autocast_dtype)
+    if wrap_model is not None and runtime.device.type == "cpu":
+        onednn_pays()  # chosen here, outside the compiled graphs, which take the choice as it stands
     stepper = wrap_model(stepper) if wrap_model else stepper
     if runtime.is_main:
         pyplot()  # now, not in the first evaluation: matplotlib's import swallows an interrupt that lands in it
