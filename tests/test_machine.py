@@ -95,11 +95,55 @@ def test_onednn_linear_gives_f_linear_and_its_gradients(onednn, shape, out_featu
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_onednn_linear_takes_only_the_gradients_asked_for(onednn):
+def test_onednn_linear_takes_only_the_gradients_asked_for(onednn, monkeypatch):
+    products = []
+    for name in ("_onednn_input_grad", "_onednn_weight_grad"):
+        product = getattr(machine, name)
+        monkeypatch.setattr(machine, name, lambda *args, n=name, p=product: products.append(n) or p(*args))
     x, weight = torch.randn(16, 32), torch.randn(24, 32, requires_grad=True)
     machine.linear(x, weight).sum().backward()  # x needs no gradient: only the weight's product runs
     torch.testing.assert_close(weight.grad, torch.ones(16, 24).t() @ x)
-    assert x.grad is None
+    assert products == ["_onednn_weight_grad"]
+    x.requires_grad_()
+    weight.requires_grad_(False)
+    machine.linear(x, weight).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(16, 24) @ weight)
+    assert products == ["_onednn_weight_grad", "_onednn_input_grad"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's forward_ad internals
+def test_forward_mode_derivatives_take_f_linear(onednn):
+    import torch.autograd.forward_ad as fwAD
+
+    x, weight, bias = torch.randn(6, 10), torch.randn(4, 10), torch.randn(4)
+    tangents = torch.randn(6, 10), torch.randn(4, 10), torch.randn(4)
+    results = []
+    for function in (machine.linear, F.linear):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(p, t) for p, t in zip((x, weight, bias), tangents, strict=True)]
+            results.append(fwAD.unpack_dual(function(*duals)).tangent)
+    torch.testing.assert_close(results[0], results[1])
+    assert not onednn  # dual tensors take torch's own layer
+
+
+def test_what_onednn_cannot_read_goes_to_f_linear(onednn):
+    """Biases it would read as a plain vector (strided, broadcast), empty inputs and wrong shapes are
+    F.linear's: its results and its error messages."""
+    x, weight = torch.randn(5, 8), torch.randn(6, 8)
+    for bias in (torch.randn(12)[::2], torch.randn(1).expand(6), torch.randn(()), torch.randn(1)):
+        torch.testing.assert_close(machine.linear(x, weight, bias), F.linear(x, weight, bias))
+    assert machine.linear(torch.randn(0, 8), weight).shape == (0, 6)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        machine.linear(torch.randn(5, 7), weight)
+    assert not onednn
+    torch.backends.mkldnn.enabled = False  # the user's switch for oneDNN
+    try:
+        machine.linear(x, weight)
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert not onednn
+    machine.linear(x, weight, torch.randn(6))
+    assert len(onednn) == 1
 
 
 def test_onednn_linear_has_second_derivatives(onednn):
@@ -152,6 +196,7 @@ def test_a_gpt_trains_the_same_through_onednn(onednn, monkeypatch):
 def test_the_kernel_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
     monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
     monkeypatch.setattr(machine, "_onednn_choice", {})
+    monkeypatch.setattr(machine, "_choice_for_graphs", [False])
     calls = []
     measure = machine._measure_kernels
     monkeypatch.setattr(machine, "_measure_kernels", lambda: calls.append(1) or measure())
@@ -181,7 +226,7 @@ def test_compiled_graphs_keep_the_onednn_linear_and_its_gradients(onednn, monkey
     import torch._dynamo
     from torch.profiler import profile
 
-    monkeypatch.setattr(machine, "_onednn_compiled", [True])
+    monkeypatch.setattr(machine, "_choice_for_graphs", [True])
     x, weight, bias = torch.randn(2, 6, 40), torch.randn(24, 40), torch.randn(24)
     function = torch.compile(machine.linear, backend="aot_eager", fullgraph=True)
     torch._dynamo.reset()

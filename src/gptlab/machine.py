@@ -50,14 +50,13 @@ def physical_cores() -> int:
         available = len(os.sched_getaffinity(0))
     except AttributeError:
         available = os.cpu_count() or 1
+    fields = cpu_fields()
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        siblings = [int(line.split(":")[1]) for line in cpuinfo.splitlines() if line.startswith("siblings")]
-        cores = [int(line.split(":")[1]) for line in cpuinfo.splitlines() if line.startswith("cpu cores")]
-        if siblings and cores and siblings[0] > cores[0]:
-            return max(1, available * cores[0] // siblings[0])
-    except (OSError, ValueError, IndexError):
-        pass
+        siblings, cores = int(fields["siblings"]), int(fields["cpu cores"])
+    except (KeyError, ValueError):
+        return max(1, available)
+    if siblings > cores:
+        return max(1, available * cores // siblings)
     return max(1, available)
 
 
@@ -192,7 +191,9 @@ ONEDNN_PAYS_BELOW = 0.9
 # forward, input gradient and weight gradient.
 KERNEL_SHAPES = ((768, 128, 384), (512, 384, 1536))
 _onednn_choice: dict[int, bool] = {}  # threads -> whether oneDNN serves, for this process
-_onednn_compiled = [False]  # the choice last made outside a graph: what compiled graphs, which measure nothing, take
+# The choice last made outside a compiled graph, for the graphs, which cannot measure (a cell, so that
+# the compiler reads its value).
+_choice_for_graphs = [False]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,21 +205,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def onednn_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether `linear(x, weight, bias)` runs on oneDNN."""
+    """Whether `linear(x, weight, bias)` runs on oneDNN: fp32 on a CPU, shapes `F.linear` takes without
+    broadcasting a bias (oneDNN reads it as a plain vector), enough work, and this machine's choice (in a
+    compiled graph, the one made before compiling)."""
     plain = (torch.Tensor, torch.nn.Parameter)  # not DTensors, fake or other subclasses
     if type(x) not in plain or type(weight) not in plain or (bias is not None and type(bias) not in plain):
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2:
         return False
-    if bias is not None and bias.dtype != torch.float32:
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.numel() == 0:
         return False
-    if x.dim() == 0 or x.numel() // max(1, x.shape[-1]) * weight.numel() < ONEDNN_MIN_MACS:
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != weight.shape[:1] or not bias.is_contiguous()):
+        return False
+    if x.numel() // x.shape[-1] * weight.numel() < ONEDNN_MIN_MACS or not torch.backends.mkldnn.enabled:
         return False
     if torch.is_autocast_enabled("cpu"):  # autocast's bf16 products are oneDNN's already
         return False
     if torch.compiler.is_compiling():  # the choice this process made before compiling; a graph measures nothing
-        return _onednn_compiled[0]
-    return not torch._C._are_functorch_transforms_active() and onednn_pays()
+        return _choice_for_graphs[0]
+    # torch.func's transforms and forward-mode derivatives (dual tensors) take torch's own layer.
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    return onednn_pays()
 
 
 def onednn_pays() -> bool:
@@ -229,8 +237,8 @@ def onednn_pays() -> bool:
         key = f"{machine_key(torch.device('cpu'))}|fp32 linear"
         choice = remembered("kernels.json", key, _measure_kernels, _valid_kernel_choice)
         _onednn_choice[threads] = choice["onednn"]
-    _onednn_compiled[0] = _onednn_choice[threads]
-    return _onednn_compiled[0]
+    _choice_for_graphs[0] = _onednn_choice[threads]
+    return _choice_for_graphs[0]
 
 
 def _valid_kernel_choice(value: object) -> bool:

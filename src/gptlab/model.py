@@ -20,15 +20,16 @@ from gptlab.errors import GptlabError
 
 
 class Linear(nn.Linear):
-    """`nn.Linear`, whose fp32 products on a CPU run on the kernel this machine runs fastest
-    (`machine.linear`: oneDNN where torch's MKL runs AVX2 code, as on AMD processors)."""
+    """`nn.Linear`, whose fp32 products on a CPU run on the kernel this machine measured fastest
+    (`machine.linear`: oneDNN or torch's MKL, which runs AVX2 code on AMD processors)."""
 
     def forward(self, x):
         return machine.linear(x, self.weight, self.bias)
 
 
 def plain_linear(module: nn.Module | None) -> bool:
-    """Whether `module` computes exactly `F.linear` with its weight and bias: this `Linear` or torch's."""
+    """Whether `module` computes `F.linear` with its weight and bias (to fp32's rounding, whichever kernel
+    runs it) and nothing else: this `Linear` or torch's."""
     return type(module) in (Linear, nn.Linear)
 
 
