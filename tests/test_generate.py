@@ -611,6 +611,12 @@ def test_a_batch_takes_the_screen_for_the_row_counts_where_it_pays(monkeypatch):
     assert tokens == alone
 
 
+def grouping(groups: int, rows_too: bool = False) -> dict:
+    """A measured `_groups_choice`: one row through `groups` groups of columns (0: `F.linear`), and
+    whether several rows take them too."""
+    return {"one_row_groups": groups, "rows_too": rows_too}
+
+
 def test_block_columns_are_the_blocks_weights_stored_in_out_where_that_pays(monkeypatch):
     import gptlab.generate
     from gptlab.generate import block_columns
@@ -621,8 +627,7 @@ def test_block_columns_are_the_blocks_weights_stored_in_out_where_that_pays(monk
     def ungrouped(c):  # (k, in, n) back to (in, k n)
         return c.transpose(0, 1).reshape(c.shape[1], -1)
 
-    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 2)
-    monkeypatch.setattr(gptlab.generate, "_rows_take_groups", lambda weights: True)
+    monkeypatch.setattr(gptlab.generate, "_groups_choice", lambda weights: grouping(2, True))
     columns, rows_too = block_columns(model)
     assert len(columns) == len(model.blocks) and rows_too
     for layer, copies in zip(linears, columns, strict=True):
@@ -632,8 +637,9 @@ def test_block_columns_are_the_blocks_weights_stored_in_out_where_that_pays(monk
     with torch.no_grad():
         model.blocks[0].mlp.fc.weight.data[3, 5] += 1.0  # `.data`: no version bump, the checksum sees it
     assert torch.equal(ungrouped(block_columns(model).layers[0][2]), model.blocks[0].mlp.fc.weight.t())
-    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 5)  # divides no width: padded
-    monkeypatch.setattr(gptlab.generate, "_rows_take_groups", lambda weights: False)
+    monkeypatch.setattr(
+        gptlab.generate, "_groups_choice", lambda weights: grouping(5, False)
+    )  # divides no width: padded
     assert not block_columns(model).rows_too
     for layer, copies in zip(linears, block_columns(model).layers, strict=True):
         for linear, c in zip(layer, copies, strict=True):
@@ -643,9 +649,9 @@ def test_block_columns_are_the_blocks_weights_stored_in_out_where_that_pays(monk
     monkeypatch.setattr(gptlab.generate, "BLOCK_COLUMNS_MAX_BYTES", 1000)
     assert block_columns(model) is None  # copies too large to keep
     monkeypatch.undo()
-    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 0)
+    monkeypatch.setattr(gptlab.generate, "_groups_choice", lambda weights: grouping(0))
     assert block_columns(model) is None  # not faster on this CPU
-    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 2)
+    monkeypatch.setattr(gptlab.generate, "_groups_choice", lambda weights: grouping(2))
     assert block_columns(model.to(torch.bfloat16)) is None  # fp32 weights only
 
 
@@ -688,9 +694,9 @@ def test_the_decoding_head_computes_the_logits_in_any_grouping(groups, monkeypat
     monkeypatch.setattr(gptlab.machine, "cpu_has_bf16", lambda: False)  # the fp32 head, not the screen
     model = varied_gpt().eval()
     hidden = torch.randn(5, model.config.n_embd)
-    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 0)
+    monkeypatch.setattr(gptlab.generate, "_groups_choice", lambda weights: grouping(0))
     plain = generate_ids(model, [[1, 2, 3], [7]], greedy(max_new_tokens=20))
-    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: groups)
+    monkeypatch.setattr(gptlab.generate, "_groups_choice", lambda weights: grouping(groups))
     head = decoding_head(model)
     assert (head is model.lm_head) is (groups == 0)
     for rows in (1, 5):
@@ -706,13 +712,13 @@ def test_decoding_through_block_columns_gives_the_same_tokens(monkeypatch):
     model = varied_gpt().eval()
     prompts = [[1, 2, 3], [9, 8, 7, 6]]
     config = greedy(max_new_tokens=30, batch_size=1)
-    monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights: 0)
+    monkeypatch.setattr(gptlab.generate, "_groups_choice", lambda weights: grouping(0))
     plain = generate_ids(model, prompts, config)
     with torch.inference_mode():
         assert LiveBatch(model, config).one_position.column_layers is None
     for groups, rows_too in ((1, False), (2, True), (3, True)):
-        monkeypatch.setattr(gptlab.generate, "_one_row_groups", lambda weights, groups=groups: groups)
-        monkeypatch.setattr(gptlab.generate, "_rows_take_groups", lambda weights, rows_too=rows_too: rows_too)
+        choice = grouping(groups, rows_too)
+        monkeypatch.setattr(gptlab.generate, "_groups_choice", lambda weights, choice=choice: choice)
         with torch.inference_mode():
             step = LiveBatch(model, config).one_position
             assert step.column_layers is not None and step.rows_too is rows_too

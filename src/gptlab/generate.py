@@ -301,7 +301,7 @@ def decoding_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tens
     head is most of a decoding step's work on small models; such a product of one row runs on one
     thread, and split into groups of columns, one a thread, it is faster again (2.8 -> 1.6 ms on a Zen 5
     EPYC's 2 threads; 8 rows 6.4 -> 4.2 ms). So a plain bias-free head gets a copy in the layout this
-    machine measured fastest (`_one_row_groups`, `_columns`), made again when the weight changes
+    machine measured fastest (`_groups_choice`, `_columns`), made again when the weight changes
     (`_derived`); other heads, and a head that `F.linear` serves as fast, are used as they are.
     """
     head = _plain_head(model)
@@ -316,7 +316,7 @@ def _grouped_product(weight: torch.Tensor, module: torch.nn.Module | None = None
     `module` while it lives, else a fresh one); None where `F.linear` on W is as fast."""
     from gptlab.model import _project
 
-    groups = _one_row_groups([weight])
+    groups = _groups_choice([weight])["one_row_groups"]
     if groups == 0:
         return None
     if module is None:
@@ -358,13 +358,14 @@ def block_columns(model: torch.nn.Module) -> BlockColumns | None:
         return None
     if sum(w.numel() * w.element_size() for w in weights) > BLOCK_COLUMNS_MAX_BYTES:
         return None
-    groups = _one_row_groups(weights)
+    choice = _groups_choice(weights)
+    groups = choice["one_row_groups"]
     if groups == 0:
         return None
     copies = _TRANSPOSED_WEIGHTS.setdefault(groups, weakref.WeakKeyDictionary())
     make = functools.partial(_columns, groups=groups)
     layers = [[_derived(copies, linear, make) for linear in layer] for layer in linears]
-    return BlockColumns(layers, _rows_take_groups(weights))
+    return BlockColumns(layers, choice["rows_too"])
 
 
 class BlockColumns(NamedTuple):
@@ -385,21 +386,11 @@ def _columns(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return weight.t().reshape(width, groups, n).transpose(0, 1).contiguous()
 
 
-def _one_row_groups(weights: list[torch.Tensor]) -> int:
-    """In how many groups of columns one row multiplies these weights fastest on this machine (k, one a
-    thread), or 0 where `F.linear` on the weights themselves is as fast (within 5%) (`_groups_choice`)."""
-    return _groups_choice(weights)["one_row_groups"]
-
-
-def _rows_take_groups(weights: list[torch.Tensor]) -> bool:
-    """Whether 8 rows, too, multiply these weights faster (by 5%) in `_one_row_groups` groups than
-    through `F.linear` (`_groups_choice`)."""
-    return _groups_choice(weights)["rows_too"]
-
-
 def _groups_choice(weights: list[torch.Tensor]) -> dict:
-    """This machine's `_measure_groups` for these weights' shapes: measured once per machine, thread
-    count and set of shapes, and kept in the cache."""
+    """This machine's `_measure_groups` for these weights' shapes, measured once per machine, thread
+    count and set of shapes, and kept in the cache: "one_row_groups", in how many groups of columns one
+    row multiplies them fastest (k, one a thread; 0 where `F.linear` on the weights is as fast, within
+    5%), and "rows_too", whether 8 rows are faster (by 5%) in those groups as well."""
     from gptlab.machine import machine_key, remembered
 
     shapes = ",".join(f"{w.shape[0]}x{w.shape[1]}" for w in weights)
