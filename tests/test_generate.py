@@ -501,22 +501,11 @@ def test_every_bf16_kernel_the_screen_may_take_stays_within_the_bound(rows):
         assert torch.equal(screen.greedy(hidden), (hidden @ weight.t()).argmax(dim=-1)), name
 
 
-def test_fastest_picks_the_candidate_with_the_shortest_median_time():
-    import time
-
-    from gptlab.generate import _fastest
-
-    calls = []
-    name, medians = _fastest({"slow": lambda: time.sleep(0.004), "fast": lambda: calls.append(1)}, repeats=3)
-    assert name == "fast" and len(calls) == 4  # one warm-up, then the repeats
-    assert medians["slow"] >= 0.004 > medians["fast"]
-
-
 @pytest.mark.parametrize("screen_share, pays", [(0.5, True), (0.97, False), (1.3, False)])
 def test_measure_keeps_the_screen_only_where_it_beats_the_fp32_head(screen_share, pays, monkeypatch):
     """The kernel is the fastest candidate; the screen pays where it takes under 0.9 of the head's time
     (close calls go to the fp32 head), for one row and for more rows alike."""
-    import gptlab.generate
+    import gptlab.machine
 
     def fake_fastest(candidates, repeats):
         if "fp32 head" in candidates:
@@ -525,7 +514,7 @@ def test_measure_keeps_the_screen_only_where_it_beats_the_fp32_head(screen_share
             times = {name: 1.0 - 0.1 * i for i, name in enumerate(candidates)}
         return min(times, key=times.get), times
 
-    monkeypatch.setattr(gptlab.generate, "_fastest", fake_fastest)
+    monkeypatch.setattr(gptlab.machine, "fastest", fake_fastest)
     screen = HeadScreen(near_tie_head())
     choice = screen.measure()
     assert screen.one_row_product == screen.rows_product == "rows"

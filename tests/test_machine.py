@@ -252,3 +252,12 @@ def test_mfu_s_base_is_the_faster_fp32_kernel(monkeypatch):
     calls.clear()
     machine._matmul_flops(torch.device("cpu"), torch.bfloat16)
     assert not calls  # bf16 products are torch's (oneDNN's own under the hood)
+
+
+def test_fastest_picks_the_candidate_with_the_shortest_median_time():
+    import time
+
+    calls = []
+    name, medians = machine.fastest({"slow": lambda: time.sleep(0.004), "fast": lambda: calls.append(1)}, repeats=3)
+    assert name == "fast" and len(calls) == 4  # one warm-up, then the repeats
+    assert medians["slow"] >= 0.004 > medians["fast"]

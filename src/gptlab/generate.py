@@ -28,7 +28,6 @@ import math
 import numbers
 import os
 import sys
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -36,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 
+from gptlab import machine
 from gptlab.config import GenerationConfig
 from gptlab.errors import GptlabError
 
@@ -391,11 +391,9 @@ def _groups_choice(weights: list[torch.Tensor]) -> dict:
     count and set of shapes, and kept in the cache: "one_row_groups", in how many groups of columns one
     row multiplies them fastest (k, one a thread; 0 where `F.linear` on the weights is as fast, within
     5%), and "rows_too", whether 8 rows are faster (by 5%) in those groups as well."""
-    from gptlab.machine import machine_key, remembered
-
     shapes = ",".join(f"{w.shape[0]}x{w.shape[1]}" for w in weights)
-    key = f"{machine_key(weights[0].device)}|{weights[0].dtype} weights {hashlib.sha256(shapes.encode()).hexdigest()[:16]}"
-    return remembered("decoding.json", key, lambda: _measure_groups(weights), _valid_groups_choice)
+    key = f"{machine.machine_key(weights[0].device)}|{weights[0].dtype} weights {hashlib.sha256(shapes.encode()).hexdigest()[:16]}"
+    return machine.remembered("decoding.json", key, lambda: _measure_groups(weights), _valid_groups_choice)
 
 
 def _measure_groups(weights: list[torch.Tensor], repeats: int = 15) -> dict:
@@ -417,10 +415,10 @@ def _measure_groups(weights: list[torch.Tensor], repeats: int = 15) -> dict:
         return "F.linear" if groups == 0 else f"{groups} groups"
 
     with torch.no_grad():
-        one_row = _fastest({k: functools.partial(through, k, 1) for k in columns}, repeats)[1]
+        one_row = machine.fastest({k: functools.partial(through, k, 1) for k in columns}, repeats)[1]
         fastest = min(one_row, key=one_row.get)
         groups = fastest if one_row[fastest] < 0.95 * one_row[0] else 0
-        rows = _fastest({k: functools.partial(through, k, 8) for k in {0, groups}}, repeats)[1]
+        rows = machine.fastest({k: functools.partial(through, k, 8) for k in {0, groups}}, repeats)[1]
     return {
         "one_row_groups": groups,
         "rows_too": groups > 0 and rows[groups] < 0.95 * rows[0],
@@ -511,13 +509,13 @@ class HeadScreen:
                 for name, product in _BF16_PRODUCTS.items()
                 if len(rows) == 1 or name != "vector"
             }
-            fastest, kernel_times = _fastest(kernels, repeats)
+            fastest, kernel_times = machine.fastest(kernels, repeats)
             setattr(self, attribute, fastest)
             screen_or_head = {
                 "screen": functools.partial(self.greedy, rows),
                 "fp32 head": functools.partial(_fp32_argmax, rows, fp32_head),
             }
-            times = _fastest(screen_or_head, repeats)[1]
+            times = machine.fastest(screen_or_head, repeats)[1]
             # a margin for the noise of timing: where the two are close, the fp32 head (no second path)
             count = "one row" if len(rows) == 1 else "rows"
             self.pays_for[count] = times["screen"] < 0.95 * times["fp32 head"]
@@ -687,21 +685,6 @@ def _fp32_argmax(hidden: torch.Tensor, fp32_head: Callable) -> torch.Tensor:
     return fp32_head(hidden).argmax(dim=-1)
 
 
-def _fastest(candidates: dict[str, Callable[[], object]], repeats: int) -> tuple[str, dict[str, float]]:
-    """The candidate with the shortest median time (the times interleaved, after one warm-up each) and
-    every candidate's median seconds."""
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for work in candidates.values():
-        work()
-    for _ in range(repeats):
-        for name in times:
-            start = time.perf_counter()
-            candidates[name]()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
-    return min(medians, key=medians.get), medians
-
-
 class _ScreenRows:
     """Rows a `HeadScreen` serves with one config: their hidden states, bf16 logits l' and bounds E, with
     the repetition penalty (if any) applied to l' and to the fp32 logits it computes. The penalty divides
@@ -743,11 +726,9 @@ def screens(config: GenerationConfig) -> bool:
 def head_screen(model: torch.nn.Module, config: GenerationConfig) -> HeadScreen | None:
     """The model's `HeadScreen` when `config` `screens` and the model has a plain fp32 head on a CPU with
     bf16 units (elsewhere bf16 is emulated and slower than fp32); None to compute the logits."""
-    from gptlab.machine import cpu_has_bf16
-
     head = _plain_head(model)
     weight = _plain_cpu_weight(head)
-    if weight is None or weight.dtype != torch.float32 or not screens(config) or not cpu_has_bf16():
+    if weight is None or weight.dtype != torch.float32 or not screens(config) or not machine.cpu_has_bf16():
         return None
     return _derived(_SCREENS, head, _checked_screen)
 
@@ -755,11 +736,9 @@ def head_screen(model: torch.nn.Module, config: GenerationConfig) -> HeadScreen 
 def _checked_screen(weight: torch.Tensor) -> HeadScreen | None:
     """A screen of `weight` with this machine's choice of kernels (measured once per machine and head
     shape, `HeadScreen.measure`), or None where it pays for no row count or leaves the bound."""
-    from gptlab.machine import machine_key, remembered
-
     screen = HeadScreen(weight)
-    key = f"{machine_key(weight.device)}|head {weight.shape[0]}x{weight.shape[1]}"
-    screen.adopt(remembered("decoding.json", key, screen.measure, HeadScreen.valid_choice))
+    key = f"{machine.machine_key(weight.device)}|head {weight.shape[0]}x{weight.shape[1]}"
+    screen.adopt(machine.remembered("decoding.json", key, screen.measure, HeadScreen.valid_choice))
     # after the kernels are chosen: `holds` checks the ones decoding will use
     return screen if any(screen.pays_for.values()) and screen.holds() else None
 

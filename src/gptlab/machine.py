@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +136,21 @@ def remembered(file_name: str, key: str, measure: Callable[[], object], valid: C
     with contextlib.suppress(OSError):
         ckpt.atomic_write_text(cache_file, json.dumps(cached, indent=1))
     return value
+
+
+def fastest(candidates: dict[str, Callable[[], object]], repeats: int) -> tuple[str, dict[str, float]]:
+    """The candidate with the shortest median time (the times interleaved, after one warm-up each) and
+    every candidate's median seconds."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for work in candidates.values():
+        work()
+    for _ in range(repeats):
+        for name in times:
+            start = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+    return min(medians, key=medians.get), medians
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
@@ -318,8 +332,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _measure_kernels() -> dict:
-    """Times of `KERNEL_SHAPES`' products through MKL (torch's own) and oneDNN, interleaved, medians of
-    9; oneDNN is taken only where its results agree with MKL's to fp32's precision."""
+    """Times of `KERNEL_SHAPES`' products through MKL (torch's own) and oneDNN (`fastest`: interleaved,
+    medians of 9); oneDNN is taken only where its results agree with MKL's to fp32's precision."""
     if not _onednn_available():
         return {"onednn": False, "reason": "torch has no oneDNN here"}
     generator = torch.Generator().manual_seed(0)
@@ -339,12 +353,6 @@ def _measure_kernels() -> dict:
                     return {"onednn": False, "reason": "oneDNN's fp32 products disagree with MKL's"}
     except RuntimeError as error:
         return {"onednn": False, "reason": f"oneDNN failed: {error}"[:200]}
-    times = {name: [] for name in kernels}
-    for _ in range(9):
-        for name, products in kernels.items():
-            start = time.perf_counter()
-            for x, w, dy in operands:
-                products(x, w, dy)
-            times[name].append(time.perf_counter() - start)
-    mkl_s, onednn_s = statistics.median(times["mkl"]), statistics.median(times["onednn"])
+    medians = fastest({name: lambda p=products: [p(*o) for o in operands] for name, products in kernels.items()}, 9)[1]
+    mkl_s, onednn_s = medians["mkl"], medians["onednn"]
     return {"mkl_s": mkl_s, "onednn_s": onednn_s, "onednn": onednn_s < ONEDNN_PAYS_BELOW * mkl_s}

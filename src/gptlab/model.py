@@ -415,7 +415,7 @@ LOSS_STORED_GRAD_ELEMENTS = 1 << 27
 # Where oneDNN computes the fp32 logits (a fresh tensor each chunk), chunks stay under glibc's largest
 # mmap threshold (32 MiB), so that each one reuses the memory the last one freed instead of new pages
 # (64 MiB of them cost 25 ms to fault in on a Zen 5). On a CPU.
-ONEDNN_LOGITS_ELEMENTS = ((32 << 20) - (64 << 10)) // 4
+ONEDNN_LOGITS_ELEMENTS = (machine.MALLOC_MMAP_THRESHOLD - (64 << 10)) // 4  # less malloc's own header room
 LOGPROB_BLOCK_ROWS = 32  # rows of low-precision logits converted to fp32 at a time: 6 MiB for GPT-2's vocabulary
 
 
